@@ -1,0 +1,1 @@
+"""DistServe serving runtime: prefill and decode workers, KV transfer, the OpenAI-compatible router."""
