@@ -1,0 +1,67 @@
+"""The DistServeDeployment API: pydantic models are the single source; the CRD is generated from them."""
+
+from .errors import SpecError, format_errors
+from .resource import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    PLURAL,
+    SHORT_NAMES,
+    VERSION,
+    DistServeDeployment,
+    ObjectMeta,
+    load_manifest,
+    parse_resource,
+    parse_spec,
+)
+from .spec import (
+    Affinity,
+    Architecture,
+    ArrivalProcess,
+    Autoscaling,
+    AutoscalingMode,
+    Cluster,
+    DistServeDeploymentSpec,
+    DType,
+    GangScheduling,
+    GpuSpec,
+    GpuType,
+    LengthDistribution,
+    MetricsSource,
+    ModelSource,
+    ModelSpec,
+    Placement,
+    ReplanScope,
+    Slo,
+    SourceKind,
+    StageLayout,
+    TokenLengths,
+    Workload,
+)
+from .status import (
+    Bottleneck,
+    Candidate,
+    ColocatedPlan,
+    Condition,
+    ConditionStatus,
+    ConditionType,
+    DistServeDeploymentStatus,
+    Estimate,
+    PhasePlan,
+    PlacementAffinity,
+    PlanStatus,
+    Replan,
+    RoleStatus,
+    WorkloadSnapshot,
+)
+
+__all__ = [
+    "API_VERSION", "GROUP", "KIND", "PLURAL", "SHORT_NAMES", "VERSION",
+    "Affinity", "Architecture", "ArrivalProcess", "Autoscaling", "AutoscalingMode", "Bottleneck", "Candidate",
+    "Cluster", "ColocatedPlan", "Condition", "ConditionStatus", "ConditionType", "DType",
+    "DistServeDeployment", "DistServeDeploymentSpec", "DistServeDeploymentStatus", "Estimate",
+    "GangScheduling", "GpuSpec", "GpuType", "LengthDistribution", "MetricsSource", "ModelSource", "ModelSpec",
+    "ObjectMeta", "PhasePlan", "PlacementAffinity", "PlanStatus", "Placement", "Replan", "ReplanScope",
+    "RoleStatus", "Slo", "SourceKind", "SpecError", "StageLayout", "TokenLengths", "Workload",
+    "WorkloadSnapshot", "format_errors", "load_manifest", "parse_resource", "parse_spec",
+]

@@ -1,0 +1,140 @@
+"""`DistServeDeployment.status`: what the operator decided and saw. Only our schema; kopf keeps its
+bookkeeping in annotations. Floats appear here (estimates, observations), never in spec."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import Field
+
+from .base import ApiModel
+
+
+class ConditionType(StrEnum):
+    PLANNED = "Planned"
+    READY = "Ready"
+    PROGRESSING = "Progressing"
+    DEGRADED = "Degraded"
+    PLAN_DRIFT = "PlanDrift"
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(ApiModel):
+    type: ConditionType = Field(..., description="Planned, Ready, Progressing, Degraded or PlanDrift.")
+    status: ConditionStatus = Field(..., description="True, False or Unknown.")
+    reason: str = Field(..., min_length=1, description="One CamelCase word for machines.")
+    message: str = Field("", description="What happened and, on failure, the fix.")
+    last_transition_time: str = Field(..., description="RFC 3339 time the status last changed.")
+    observed_generation: int | None = Field(None, ge=0, description="The spec generation this reflects.")
+
+
+class Bottleneck(StrEnum):
+    TTFT = "TTFT"
+    TPOT = "TPOT"
+    MEMORY = "Memory"
+    TRANSFER = "Transfer"
+    NONE = "None"
+
+
+class PhasePlan(ApiModel):
+    tp: int = Field(..., ge=1, description="Tensor-parallel degree (GPUs per stage).")
+    pp: int = Field(..., ge=1, description="Pipeline-parallel degree (stages per instance).")
+    replicas: int = Field(..., ge=0, description="Instances.")
+    max_rate_per_instance: float | None = Field(
+        None, ge=0, description="Requests/s one instance sustains at the SLO attainment target."
+    )
+
+    @property
+    def gpus_per_instance(self) -> int:
+        return self.tp * self.pp
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.replicas
+
+
+class Estimate(ApiModel):
+    goodput_per_gpu: float = Field(..., alias="goodputPerGPU", ge=0, description="Requests/s per GPU at the SLO.")
+    goodput: float | None = Field(None, ge=0, description="Requests/s of the whole deployment at the SLO.")
+    attainment_percent: float | None = Field(
+        None, ge=0, le=100, description="Predicted SLO attainment at the workload's rate."
+    )
+    ttft_p90_millis: float | None = Field(None, ge=0, description="Predicted p90 TTFT at the workload's rate.")
+    tpot_p90_millis: float | None = Field(None, ge=0, description="Predicted p90 TPOT at the workload's rate.")
+
+
+class Candidate(ApiModel):
+    prefill: PhasePlan = Field(..., description="Prefill parallelism and replicas.")
+    decode: PhasePlan = Field(..., description="Decode parallelism and replicas.")
+    gpus: int = Field(..., ge=0, description="GPUs the candidate uses.")
+    goodput_per_gpu: float = Field(..., alias="goodputPerGPU", ge=0, description="Requests/s per GPU at the SLO.")
+    bottleneck: Bottleneck = Field(..., description="What limits it first: TTFT, TPOT, Memory or Transfer.")
+
+
+class ColocatedPlan(ApiModel):
+    tp: int = Field(..., ge=1, description="Tensor-parallel degree.")
+    pp: int = Field(..., ge=1, description="Pipeline-parallel degree.")
+    replicas: int = Field(..., ge=0, description="Instances.")
+    goodput_per_gpu: float = Field(..., alias="goodputPerGPU", ge=0, description="Requests/s per GPU at the SLO.")
+
+
+class PlacementAffinity(StrEnum):
+    HIGH = "High"
+    LOW = "Low"
+
+
+class PlanStatus(ApiModel):
+    prefill: PhasePlan = Field(..., description="Prefill instances.")
+    decode: PhasePlan = Field(..., description="Decode instances.")
+    affinity: PlacementAffinity = Field(..., description="Placement algorithm used (High or Low node affinity).")
+    node_span: int = Field(1, ge=1, description="Nodes one pipeline spans (Low affinity); 1 otherwise.")
+    gpus: int = Field(..., ge=0, description="GPUs the plan uses.")
+    summary: str = Field(..., description="One line, e.g. 'prefill TP2x1 ×2 | decode TP1x1 ×3'.")
+    estimated: Estimate = Field(..., description="Predicted performance.")
+    bottleneck: Bottleneck = Field(Bottleneck.NONE, description="What limits the chosen plan first.")
+    feasible: bool = Field(True, description="False when no candidate meets the SLO; the plan is the closest one.")
+    candidates: list[Candidate] = Field(default_factory=list, description="Top candidates by goodput per GPU.")
+    colocated: ColocatedPlan | None = Field(None, description="Best colocated (prefill+decode in one instance).")
+    disaggregation_pays: bool | None = Field(
+        None, description="True when the disaggregated plan's goodput per GPU beats the colocated one."
+    )
+    verdict: str = Field("", description="Plain-language verdict and why.")
+    profile: str = Field("", description="Latency model the plan used (analytical, profile file, DistServe import).")
+    search_seconds: float | None = Field(None, ge=0, description="Planner wall time.")
+
+
+class WorkloadSnapshot(ApiModel):
+    requests_per_second: float = Field(..., ge=0, description="Arrival rate.")
+    input_tokens_mean: float | None = Field(None, ge=0, description="Mean prompt tokens.")
+    input_tokens_p90: float | None = Field(None, ge=0, description="p90 prompt tokens.")
+    output_tokens_mean: float | None = Field(None, ge=0, description="Mean output tokens.")
+    output_tokens_p90: float | None = Field(None, ge=0, description="p90 output tokens.")
+    attainment_percent: float | None = Field(None, ge=0, le=100, description="Share meeting both SLOs.")
+    window_seconds: int | None = Field(None, ge=0, description="Window measured over.")
+    time: str | None = Field(None, description="RFC 3339 time of the observation.")
+
+
+class RoleStatus(ApiModel):
+    name: str = Field(..., description="Role (prefill, decode, router) and stage, e.g. prefill-s0.")
+    replicas: int = Field(..., ge=0, description="Desired replicas.")
+    ready_replicas: int = Field(0, ge=0, description="Ready replicas.")
+
+
+class Replan(ApiModel):
+    time: str = Field(..., description="RFC 3339 time of the last re-plan.")
+    reason: str = Field(..., description="Why it re-planned.")
+
+
+class DistServeDeploymentStatus(ApiModel):
+    observed_generation: int | None = Field(None, ge=0, description="Spec generation the status reflects.")
+    conditions: list[Condition] = Field(default_factory=list, description="Planned, Ready, Progressing, ...")
+    plan: PlanStatus | None = Field(None, description="The current plan.")
+    assumptions: WorkloadSnapshot | None = Field(None, description="Workload the plan was sized for.")
+    observed: WorkloadSnapshot | None = Field(None, description="Workload measured from traffic.")
+    roles: list[RoleStatus] = Field(default_factory=list, description="Replicas per role.")
+    last_replan: Replan | None = Field(None, description="Last traffic-driven re-plan.")

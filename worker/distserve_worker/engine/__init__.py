@@ -1,0 +1,1 @@
+"""The model-facing engine: sequences, scheduling, sampling and batched forwards."""

@@ -1,0 +1,94 @@
+"""Runs the model: a batched prefill over whole prompts and a batched single-token decode step.
+
+Everything here is synchronous torch code; the workers call it from one executor thread so the
+event loop keeps serving gRPC while a forward runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from distserve_worker.engine.kvcache import BatchedKV, SequenceKV, build_batch, cache_to_layers
+
+
+@dataclass
+class PrefillOutput:
+    last_logits: torch.Tensor  # [vocab], logits after the prompt's last token
+    kv: SequenceKV
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, threads: int | None = None) -> None:
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        if threads:
+            torch.set_num_threads(threads)
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]]) -> list[PrefillOutput]:
+        """One forward over the prompts, right-padded to the longest (causal attention never looks at
+        the padding after a prompt, so each prompt's keys/values are those of the prompt alone)."""
+        length = max(len(p) for p in prompts)
+        input_ids = torch.zeros(len(prompts), length, dtype=torch.long)
+        mask = torch.zeros(len(prompts), length, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, : len(prompt)] = 1
+        positions = torch.arange(length).unsqueeze(0).expand(len(prompts), -1)
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            use_cache=True,
+        )
+        layers = cache_to_layers(out.past_key_values)
+        results = []
+        for row, prompt in enumerate(prompts):
+            n = len(prompt)
+            # .clone() so one request's cache does not pin the whole batch's tensors in memory.
+            kv = SequenceKV([(k[row, :, :n].clone(), v[row, :, :n].clone()) for k, v in layers])
+            results.append(PrefillOutput(out.logits[row, n - 1].float().clone(), kv))
+        return results
+
+    @torch.inference_mode()
+    def decode_step(self, batch: BatchedKV, last_tokens: list[int], lengths: list[int]) -> torch.Tensor:
+        """One forward of one new token for every row; appends to `batch` in place. Returns [rows, vocab].
+
+        `lengths[i]` is row i's real cached length, which is also the position of its new token."""
+        input_ids = torch.tensor(last_tokens, dtype=torch.long).unsqueeze(1)
+        positions = torch.tensor(lengths, dtype=torch.long).unsqueeze(1)
+        mask = batch.attention_mask(new_tokens=1)
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            past_key_values=batch.cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1].float()
+
+    def batch(self, sequences: list[SequenceKV]) -> BatchedKV:
+        return build_batch([_to_device(s, self.device) for s in sequences])
+
+
+def _to_device(kv: SequenceKV, device: torch.device) -> SequenceKV:
+    return SequenceKV([(k.to(device), v.to(device)) for k, v in kv.layers])
+
+
+@torch.inference_mode()
+def reference_greedy(model: torch.nn.Module, prompt: list[int], max_tokens: int, eos: set[int]) -> list[int]:
+    """The single-process, single-sequence greedy loop the disaggregated stack must match token for token."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    ids = torch.tensor([prompt], dtype=torch.long)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    tokens: list[int] = []
+    while True:
+        token = int(torch.argmax(out.logits[0, -1]).item())
+        tokens.append(token)
+        if token in eos or len(tokens) >= max_tokens:
+            return tokens
+        out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
