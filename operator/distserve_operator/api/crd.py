@@ -64,6 +64,11 @@ def _structural(node: Any) -> Any:
         node.setdefault("type", "object")
     if "const" in node:
         node["enum"] = [node.pop("const")]
+    # JSON Schema's numeric exclusive bounds are OpenAPI 3.0's boolean flags beside minimum/maximum.
+    for exclusive, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(node.get(exclusive), int | float) and not isinstance(node[exclusive], bool):
+            node[plain] = node.pop(exclusive)
+            node[exclusive] = True
     if node.get("x-kubernetes-int-or-string"):
         node.pop("type", None)
         node.pop("anyOf", None)
@@ -159,7 +164,10 @@ def main(argv: list[str]) -> int:
     if mode == "check":
         stale = [str(p) for p in CRD_PATHS if not p.exists() or p.read_text() != text]
         if stale:
-            print(f"CRD YAML is stale: {', '.join(stale)}. Run `make crds` and commit the result.", file=sys.stderr)
+            print(
+                f"CRD YAML is stale: {', '.join(stale)}. Run `make crds` and commit the result.",
+                file=sys.stderr,
+            )
             return 1
         print("CRD YAML is up to date")
         return 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -38,7 +38,7 @@ def _known_fields(model: type[BaseModel] | None, loc: Sequence[int | str]) -> li
     return []
 
 
-def _fix(err: dict[str, Any], model: type[BaseModel] | None) -> str:
+def _fix(err: Mapping[str, Any], model: type[BaseModel] | None) -> str:
     kind = err["type"]
     ctx = err.get("ctx") or {}
     loc = err["loc"]
@@ -51,8 +51,12 @@ def _fix(err: dict[str, Any], model: type[BaseModel] | None) -> str:
         allowed = f"; allowed here: {', '.join(sorted(known))}" if known else ""
         return f"remove this unknown field{hint}{allowed}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        bounds = {"greater_than": "above", "greater_than_equal": "at least", "less_than": "below",
-                  "less_than_equal": "at most"}
+        bounds = {
+            "greater_than": "above",
+            "greater_than_equal": "at least",
+            "less_than": "below",
+            "less_than_equal": "at most",
+        }
         limit = next(iter(ctx.values()), "?")
         return f"use a value {bounds[kind]} {limit}"
     if kind in ("enum", "literal_error"):
@@ -74,7 +78,9 @@ def _fix(err: dict[str, Any], model: type[BaseModel] | None) -> str:
     return ""
 
 
-def format_errors(exc: ValidationError, root: str = "spec", model: type[BaseModel] | None = None) -> list[str]:
+def format_errors(
+    exc: ValidationError, root: str = "spec", model: type[BaseModel] | None = None
+) -> list[str]:
     """One line per problem: `spec.slo.ttftMillis: Input should be greater than 0 (got -5); fix: ...`."""
     lines = []
     for err in exc.errors(include_url=False):

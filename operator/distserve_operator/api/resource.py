@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from .base import ApiModel
 from .errors import SpecError, format_errors
@@ -25,7 +25,7 @@ SHORT_NAMES = ["dsd"]
 class ObjectMeta(ApiModel):
     """The fields of metadata we read; the rest passes through untouched."""
 
-    model_config = {**ApiModel.model_config, "extra": "allow"}
+    model_config = ConfigDict(**{**ApiModel.model_config, "extra": "allow"})
     name: str = Field(..., min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     namespace: str | None = None
     generation: int | None = None
@@ -34,8 +34,8 @@ class ObjectMeta(ApiModel):
 
 
 class DistServeDeployment(ApiModel):
-    api_version: Literal["distserve.io/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
-    kind: Literal["DistServeDeployment"] = KIND
+    api_version: Literal["distserve.io/v1alpha1"] = Field("distserve.io/v1alpha1", alias="apiVersion")
+    kind: Literal["DistServeDeployment"] = "DistServeDeployment"
     metadata: ObjectMeta
     spec: DistServeDeploymentSpec
     status: DistServeDeploymentStatus | None = None

@@ -13,7 +13,7 @@ from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, WithJsonSchema, model_validator
+from pydantic import BeforeValidator, Field, PlainSerializer, WithJsonSchema, model_validator
 
 from .base import ApiModel
 
@@ -25,15 +25,13 @@ _QUANTITY = re.compile(r"^(?P<num>[0-9]+(\.[0-9]+)?)(?P<milli>m?)$")
 def parse_rate(value: Any) -> float:
     """Parse "12", 12, "0.5" or "500m" (milli-requests per second) into requests per second."""
     if isinstance(value, bool):
-        raise ValueError("must be a number of requests per second such as 10, \"0.5\" or \"500m\"")
+        raise ValueError('must be a number of requests per second such as 10, "0.5" or "500m"')
     if isinstance(value, int):
         if value < 0:
             raise ValueError("must not be negative; use 0 for an idle deployment")
         return float(value)
     if isinstance(value, float):
-        raise ValueError(
-            'floats are not allowed in spec; write the rate as a string such as "0.5" or "500m"'
-        )
+        raise ValueError('floats are not allowed in spec; write the rate as a string such as "0.5" or "500m"')
     if isinstance(value, str):
         match = _QUANTITY.match(value.strip())
         if match:
@@ -46,9 +44,15 @@ def parse_rate(value: Any) -> float:
     raise ValueError(f'{value!r} is not a rate; write requests per second such as 10, "0.5" or "500m"')
 
 
+def format_rate(value: float) -> int | str:
+    """The inverse of parse_rate: an integer when whole, else a decimal string ("0.5")."""
+    return int(value) if float(value).is_integer() else format(Decimal(repr(value)).normalize(), "f")
+
+
 RequestRate = Annotated[
     float,
     BeforeValidator(parse_rate),
+    PlainSerializer(format_rate, return_type=int | str),
     WithJsonSchema(
         {
             "x-kubernetes-int-or-string": True,
@@ -108,11 +112,15 @@ class ModelSource(ApiModel):
     @model_validator(mode="after")
     def _source_fields(self) -> ModelSource:
         if self.kind in (SourceKind.PATH, SourceKind.GGUF) and not self.path:
-            raise ValueError(f"source.kind {self.kind.value} needs source.path: set it to the model's location")
+            raise ValueError(
+                f"source.kind {self.kind.value} needs source.path: set it to the model's location"
+            )
         if self.kind is SourceKind.GGUF and self.path and not self.path.endswith(".gguf"):
             raise ValueError("source.kind GGUF needs source.path ending in .gguf: point it at the .gguf file")
         if self.kind is SourceKind.PVC and not self.claim_name:
-            raise ValueError("source.kind PVC needs source.claimName: set it to the PersistentVolumeClaim name")
+            raise ValueError(
+                "source.kind PVC needs source.claimName: set it to the PersistentVolumeClaim name"
+            )
         if self.kind is not SourceKind.PVC and self.claim_name:
             raise ValueError("source.claimName is only used with source.kind PVC: remove it or set kind: PVC")
         return self
@@ -127,10 +135,13 @@ class Architecture(ApiModel):
     kv_heads: int | None = Field(
         None, ge=1, le=1024, description="Key/value heads (num_key_value_heads); defaults to heads (no GQA)."
     )
-    intermediate_size: int = Field(..., ge=8, le=1048576, description="MLP width (intermediate_size / ffn_dim).")
+    intermediate_size: int = Field(
+        ..., ge=8, le=1048576, description="MLP width (intermediate_size / ffn_dim)."
+    )
     vocab_size: int = Field(..., ge=2, le=4194304, description="Vocabulary size.")
     gated_mlp: bool = Field(
-        True, description="True for SwiGLU-style MLPs with three matrices (Llama), false for two (OPT, GPT-2)."
+        True,
+        description="True for SwiGLU-style MLPs with three matrices (Llama), false for two (OPT, GPT-2).",
     )
     max_position_embeddings: int | None = Field(
         None, ge=16, le=10_485_760, description="Longest context the model supports."
@@ -168,7 +179,10 @@ class ModelSpec(ApiModel):
         ),
     )
     max_context_tokens: int | None = Field(
-        None, ge=16, le=10_485_760, description="Longest prompt+output accepted; defaults to the model's limit."
+        None,
+        ge=16,
+        le=10_485_760,
+        description="Longest prompt+output accepted; defaults to the model's limit.",
     )
 
 
@@ -199,7 +213,10 @@ class TokenLengths(ApiModel):
 
     mean: int = Field(..., ge=1, le=10_485_760, description="Mean token count.")
     p90: int | None = Field(
-        None, ge=1, le=10_485_760, description="90th percentile token count (LogNormal uses it for the spread)."
+        None,
+        ge=1,
+        le=10_485_760,
+        description="90th percentile token count (LogNormal uses it for the spread).",
     )
     max: int | None = Field(None, ge=1, le=10_485_760, description="Longest token count sampled.")
     distribution: LengthDistribution | None = Field(
@@ -216,7 +233,9 @@ class TokenLengths(ApiModel):
         if self.max is not None and self.max < max(self.mean, self.p90 or 0):
             raise ValueError(f"max ({self.max}) is below mean/p90: raise max or lower mean and p90")
         if self.distribution is LengthDistribution.FIXED and self.p90 not in (None, self.mean):
-            raise ValueError("a Fixed distribution has no spread: remove p90 or choose distribution LogNormal")
+            raise ValueError(
+                "a Fixed distribution has no spread: remove p90 or choose distribution LogNormal"
+            )
         if self.distribution is LengthDistribution.LOG_NORMAL and self.p90 is None:
             raise ValueError("distribution LogNormal needs p90 to fix its spread: add p90")
         return self
@@ -267,9 +286,15 @@ class GpuType(StrEnum):
 class GpuSpec(ApiModel):
     """The accelerator. Built-in types carry their own figures; Custom needs all three."""
 
-    type: GpuType = Field(GpuType.A100_80GB, description="Accelerator model; CPU runs workers on cores (local).")
+    type: GpuType = Field(
+        GpuType.A100_80GB, description="Accelerator model; CPU runs workers on cores (local)."
+    )
     memory_gi_b: int | None = Field(
-        None, alias="memoryGiB", ge=1, le=4096, description="Device memory, GiB (overrides the built-in figure)."
+        None,
+        alias="memoryGiB",
+        ge=1,
+        le=4096,
+        description="Device memory, GiB (overrides the built-in figure).",
     )
     tflops: int | None = Field(None, ge=1, le=100_000, description="Dense bf16/fp16 TFLOP/s.")
     hbm_g_bps: int | None = Field(
@@ -283,7 +308,12 @@ class GpuSpec(ApiModel):
     def _custom(self) -> GpuSpec:
         if self.type is GpuType.CUSTOM:
             missing = [
-                n for n, v in (("memoryGiB", self.memory_gi_b), ("tflops", self.tflops), ("hbmGBps", self.hbm_g_bps))
+                n
+                for n, v in (
+                    ("memoryGiB", self.memory_gi_b),
+                    ("tflops", self.tflops),
+                    ("hbmGBps", self.hbm_g_bps),
+                )
                 if v is None
             ]
             if missing:
@@ -295,10 +325,18 @@ class GpuSpec(ApiModel):
 
 class Interconnect(ApiModel):
     intra_node_g_bps: int = Field(
-        300, alias="intraNodeGBps", ge=1, le=100_000, description="GPU-to-GPU bandwidth inside a node (NVLink), GB/s."
+        300,
+        alias="intraNodeGBps",
+        ge=1,
+        le=100_000,
+        description="GPU-to-GPU bandwidth inside a node (NVLink), GB/s.",
     )
     inter_node_g_bps: int = Field(
-        25, alias="interNodeGBps", ge=1, le=100_000, description="Bandwidth between nodes per GPU (IB/RoCE), GB/s."
+        25,
+        alias="interNodeGBps",
+        ge=1,
+        le=100_000,
+        description="Bandwidth between nodes per GPU (IB/RoCE), GB/s.",
     )
 
     @model_validator(mode="after")
@@ -335,10 +373,16 @@ class Cluster(ApiModel):
     gpus_per_node: int = Field(8, alias="gpusPerNode", ge=1, le=64, description="Accelerators per node.")
     nodes: int = Field(1, ge=1, le=10_000, description="Nodes available to this deployment.")
     max_gpus: int | None = Field(
-        None, alias="maxGPUs", ge=1, le=640_000, description="Cap on accelerators; defaults to nodes*gpusPerNode."
+        None,
+        alias="maxGPUs",
+        ge=1,
+        le=640_000,
+        description="Cap on accelerators; defaults to nodes*gpusPerNode.",
     )
     interconnect: Interconnect = Field(default_factory=Interconnect, description="Link bandwidths.")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels worker pods require.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels worker pods require."
+    )
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for worker pods.")
 
     @model_validator(mode="after")
@@ -384,7 +428,8 @@ class Placement(ApiModel):
         ),
     )
     gang_scheduling: GangScheduling = Field(
-        GangScheduling.NONE, description="PodGroup: one scheduler-plugins PodGroup per instance (all or nothing)."
+        GangScheduling.NONE,
+        description="PodGroup: one scheduler-plugins PodGroup per instance (all or nothing).",
     )
     stage_layout: StageLayout = Field(
         StageLayout.SHARED_POD,
@@ -412,17 +457,25 @@ class ReplanScope(StrEnum):
 
 
 class AutoscalingMetrics(ApiModel):
-    source: MetricsSource = Field(MetricsSource.ROUTER, description="Read the router's /metrics, or Prometheus.")
-    prometheus_url: str | None = Field(
-        None, alias="prometheusURL", description="Prometheus base URL (source Prometheus), e.g. http://prometheus:9090."
+    source: MetricsSource = Field(
+        MetricsSource.ROUTER, description="Read the router's /metrics, or Prometheus."
     )
-    window_seconds: int = Field(300, ge=10, le=86_400, description="Window the observed workload is averaged over.")
+    prometheus_url: str | None = Field(
+        None,
+        alias="prometheusURL",
+        description="Prometheus base URL (source Prometheus), e.g. http://prometheus:9090.",
+    )
+    window_seconds: int = Field(
+        300, ge=10, le=86_400, description="Window the observed workload is averaged over."
+    )
 
     @model_validator(mode="after")
     def _url(self) -> AutoscalingMetrics:
         if self.source is MetricsSource.PROMETHEUS:
             if not self.prometheus_url:
-                raise ValueError("metrics.source Prometheus needs metrics.prometheusURL: set the server's base URL")
+                raise ValueError(
+                    "metrics.source Prometheus needs metrics.prometheusURL: set the server's base URL"
+                )
             if not re.match(r"^https?://[^\s/]+", self.prometheus_url):
                 raise ValueError(
                     f"metrics.prometheusURL {self.prometheus_url!r} is not an http(s) URL: use e.g. http://prometheus:9090"
@@ -444,13 +497,24 @@ class Autoscaling(ApiModel):
     )
     interval_seconds: int = Field(60, ge=5, le=3600, description="How often observed traffic is read.")
     drift_percent: int = Field(
-        20, ge=1, le=1000, description="Re-plan when rate or lengths differ from the plan's assumptions by more."
+        20,
+        ge=1,
+        le=1000,
+        description="Re-plan when rate or lengths differ from the plan's assumptions by more.",
     )
-    cooldown_seconds: int = Field(300, ge=0, le=86_400, description="Minimum time between two scaling changes.")
+    cooldown_seconds: int = Field(
+        300, ge=0, le=86_400, description="Minimum time between two scaling changes."
+    )
     scope: ReplanScope = Field(ReplanScope.REPLICAS, description="What a re-plan may change.")
-    metrics: AutoscalingMetrics = Field(default_factory=AutoscalingMetrics, description="Where traffic is read.")
+    metrics: AutoscalingMetrics = Field(
+        default_factory=AutoscalingMetrics, description="Where traffic is read."
+    )
     max_gpus: int | None = Field(
-        None, alias="maxGPUs", ge=1, le=640_000, description="Cap on accelerators when scaling up (default cluster cap)."
+        None,
+        alias="maxGPUs",
+        ge=1,
+        le=640_000,
+        description="Cap on accelerators when scaling up (default cluster cap).",
     )
     min_replicas: int = Field(1, ge=0, le=10_000, description="Fewest instances kept per role.")
 
@@ -468,7 +532,9 @@ class Autoscaling(ApiModel):
 
 
 class EnvVar(ApiModel):
-    name: str = Field(..., min_length=1, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Variable name.")
+    name: str = Field(
+        ..., min_length=1, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Variable name."
+    )
     value: str = Field("", description="Value.")
 
 
@@ -532,7 +598,9 @@ class DistServeDeploymentSpec(ApiModel):
     workload: Workload = Field(..., description="Expected traffic (the plan's assumptions).")
     cluster: Cluster = Field(default_factory=Cluster, description="Accelerators and links available.")
     placement: Placement = Field(default_factory=Placement, description="Node affinity and scheduling.")
-    autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Re-planning on observed traffic.")
+    autoscaling: Autoscaling = Field(
+        default_factory=Autoscaling, description="Re-planning on observed traffic."
+    )
     worker: WorkerSpec = Field(default_factory=WorkerSpec, description="Worker pods.")
     router: RouterSpec = Field(default_factory=RouterSpec, description="The OpenAI-compatible front.")
     planner: PlannerSpec = Field(default_factory=PlannerSpec, description="Planner knobs.")
@@ -543,9 +611,11 @@ class DistServeDeploymentSpec(ApiModel):
             self.model.architecture.max_position_embeddings if self.model.architecture else None
         )
         if limit is not None:
-            longest = (self.workload.input_tokens.max or self.workload.input_tokens.p90 or self.workload.input_tokens.mean) + (
-                self.workload.output_tokens.mean
-            )
+            longest = (
+                self.workload.input_tokens.max
+                or self.workload.input_tokens.p90
+                or self.workload.input_tokens.mean
+            ) + (self.workload.output_tokens.mean)
             if longest > limit:
                 raise ValueError(
                     f"workload prompt+output ({longest} tokens) exceeds the model context ({limit}): lower "

@@ -59,20 +59,28 @@ class PhasePlan(ApiModel):
 
 
 class Estimate(ApiModel):
-    goodput_per_gpu: float = Field(..., alias="goodputPerGPU", ge=0, description="Requests/s per GPU at the SLO.")
+    goodput_per_gpu: float = Field(
+        ..., alias="goodputPerGPU", ge=0, description="Requests/s per GPU at the SLO."
+    )
     goodput: float | None = Field(None, ge=0, description="Requests/s of the whole deployment at the SLO.")
     attainment_percent: float | None = Field(
         None, ge=0, le=100, description="Predicted SLO attainment at the workload's rate."
     )
-    ttft_p90_millis: float | None = Field(None, ge=0, description="Predicted p90 TTFT at the workload's rate.")
-    tpot_p90_millis: float | None = Field(None, ge=0, description="Predicted p90 TPOT at the workload's rate.")
+    ttft_p90_millis: float | None = Field(
+        None, ge=0, description="Predicted p90 TTFT at the workload's rate."
+    )
+    tpot_p90_millis: float | None = Field(
+        None, ge=0, description="Predicted p90 TPOT at the workload's rate."
+    )
 
 
 class Candidate(ApiModel):
     prefill: PhasePlan = Field(..., description="Prefill parallelism and replicas.")
     decode: PhasePlan = Field(..., description="Decode parallelism and replicas.")
     gpus: int = Field(..., ge=0, description="GPUs the candidate uses.")
-    goodput_per_gpu: float = Field(..., alias="goodputPerGPU", ge=0, description="Requests/s per GPU at the SLO.")
+    goodput_per_gpu: float = Field(
+        ..., alias="goodputPerGPU", ge=0, description="Requests/s per GPU at the SLO."
+    )
     bottleneck: Bottleneck = Field(..., description="What limits it first: TTFT, TPOT, Memory or Transfer.")
 
 
@@ -80,7 +88,9 @@ class ColocatedPlan(ApiModel):
     tp: int = Field(..., ge=1, description="Tensor-parallel degree.")
     pp: int = Field(..., ge=1, description="Pipeline-parallel degree.")
     replicas: int = Field(..., ge=0, description="Instances.")
-    goodput_per_gpu: float = Field(..., alias="goodputPerGPU", ge=0, description="Requests/s per GPU at the SLO.")
+    goodput_per_gpu: float = Field(
+        ..., alias="goodputPerGPU", ge=0, description="Requests/s per GPU at the SLO."
+    )
 
 
 class PlacementAffinity(StrEnum):
@@ -91,20 +101,30 @@ class PlacementAffinity(StrEnum):
 class PlanStatus(ApiModel):
     prefill: PhasePlan = Field(..., description="Prefill instances.")
     decode: PhasePlan = Field(..., description="Decode instances.")
-    affinity: PlacementAffinity = Field(..., description="Placement algorithm used (High or Low node affinity).")
+    affinity: PlacementAffinity = Field(
+        ..., description="Placement algorithm used (High or Low node affinity)."
+    )
     node_span: int = Field(1, ge=1, description="Nodes one pipeline spans (Low affinity); 1 otherwise.")
     gpus: int = Field(..., ge=0, description="GPUs the plan uses.")
     summary: str = Field(..., description="One line, e.g. 'prefill TP2x1 ×2 | decode TP1x1 ×3'.")
     estimated: Estimate = Field(..., description="Predicted performance.")
     bottleneck: Bottleneck = Field(Bottleneck.NONE, description="What limits the chosen plan first.")
-    feasible: bool = Field(True, description="False when no candidate meets the SLO; the plan is the closest one.")
-    candidates: list[Candidate] = Field(default_factory=list, description="Top candidates by goodput per GPU.")
-    colocated: ColocatedPlan | None = Field(None, description="Best colocated (prefill+decode in one instance).")
+    feasible: bool = Field(
+        True, description="False when no candidate meets the SLO; the plan is the closest one."
+    )
+    candidates: list[Candidate] = Field(
+        default_factory=list, description="Top candidates by goodput per GPU."
+    )
+    colocated: ColocatedPlan | None = Field(
+        None, description="Best colocated (prefill+decode in one instance)."
+    )
     disaggregation_pays: bool | None = Field(
         None, description="True when the disaggregated plan's goodput per GPU beats the colocated one."
     )
     verdict: str = Field("", description="Plain-language verdict and why.")
-    profile: str = Field("", description="Latency model the plan used (analytical, profile file, DistServe import).")
+    profile: str = Field(
+        "", description="Latency model the plan used (analytical, profile file, DistServe import)."
+    )
     search_seconds: float | None = Field(None, ge=0, description="Planner wall time.")
 
 

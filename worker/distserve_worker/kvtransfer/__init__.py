@@ -1,0 +1,1 @@
+"""KV cache transfer: codec (tensors <-> chunk messages), the prefill-side buffer, the gRPC transport."""
