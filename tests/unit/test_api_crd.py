@@ -74,7 +74,7 @@ def test_crd_names_and_columns() -> None:
 
 def test_crd_is_a_valid_kubernetes_object() -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    kubernetes_validate.validate(crd.build_crd(), "1.31", strict=True)
+    kubernetes_validate.validate(crd.build_crd(), "1.35", strict=True)
 
 
 def _spec_validator() -> jsonschema.Draft4Validator:

@@ -21,7 +21,7 @@ from .spec import DistServeDeploymentSpec
 from .status import DistServeDeploymentStatus
 
 CRD_PATHS = (
-    Path("deploy/crds/distserve.io_distservedeployments.yaml"),
+    Path("deploy/10-crd-distservedeployments.yaml"),
     Path("charts/distserve/crds/distserve.io_distservedeployments.yaml"),
 )
 

@@ -1,0 +1,78 @@
+{{/* Names and labels shared by every template. */}}
+
+{{- define "distserve.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "distserve.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "distserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "distserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "distserve.labels" -}}
+{{ include "distserve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: distserve
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "distserve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "distserve.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The namespaces watched, as a list; empty means all namespaces. */}}
+{{- define "distserve.watchNamespaces" -}}
+{{- if eq .Values.watch.scope "ReleaseNamespace" -}}
+{{- list .Release.Namespace | toJson -}}
+{{- else if eq .Values.watch.scope "Namespaces" -}}
+{{- .Values.watch.namespaces | toJson -}}
+{{- else -}}
+{{- list | toJson -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Least privilege: exactly what the operator reads and writes.
+- distservedeployments: watched by kopf, which patches annotations (progress) and status.
+- children it renders and adopts: ConfigMaps, Services, StatefulSets, Deployments, NetworkPolicies.
+- events: plan and re-plan Events.
+*/}}
+{{- define "distserve.rules" -}}
+- apiGroups: ["distserve.io"]
+  resources: ["distservedeployments"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["distserve.io"]
+  resources: ["distservedeployments/status"]
+  verbs: ["get", "patch"]
+- apiGroups: [""]
+  resources: ["configmaps", "services"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["apps"]
+  resources: ["statefulsets", "deployments"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["", "events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- if .Values.podGroups.enabled }}
+- apiGroups: ["scheduling.x-k8s.io"]
+  resources: ["podgroups"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+{{- end }}
+{{- end -}}

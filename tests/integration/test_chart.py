@@ -1,0 +1,222 @@
+"""The Helm chart, as `helm lint` / `helm template` (helm v4 from .tools) render it.
+
+Runs the real helm binary that `make tools` installs; every rendered manifest is validated
+against the Kubernetes 1.35 schemas with kubernetes-validate.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).parents[2]
+HELM = ROOT / ".tools" / "helm"
+CHART = ROOT / "charts" / "distserve"
+K8S_VERSION = "1.35"
+
+pytestmark = pytest.mark.skipif(not HELM.exists(), reason="helm not installed: run `make tools`")
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(HELM), *args], capture_output=True, text=True, check=check)
+
+
+def template(*sets: str, namespace: str = "ml-serving") -> list[dict[str, Any]]:
+    args = ["template", "rel", str(CHART), "--namespace", namespace, "--include-crds"]
+    for s in sets:
+        args += ["--set", s]
+    return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
+
+
+def kinds(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (deployment,) = kinds(docs, "Deployment")
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def test_helm_lint_strict() -> None:
+    result = helm("lint", "--strict", str(CHART), check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        (),
+        ("watch.scope=ReleaseNamespace",),
+        ("watch.scope=Namespaces", "watch.namespaces={team-a,team-b}", "podGroups.enabled=true"),
+        ("metrics.serviceMonitor.enabled=true", "logLevel=Debug"),
+    ],
+    ids=["default", "release-namespace", "namespaces+podgroups", "servicemonitor"],
+)
+def test_every_rendered_manifest_validates(sets: tuple[str, ...]) -> None:
+    import kubernetes_validate
+
+    docs = template(*sets)
+    assert docs
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com"):
+            # A CRD kind outside the core schemas: check its shape by hand.
+            assert doc["spec"]["endpoints"][0]["port"] == "metrics"
+            continue
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def _rules(doc: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    table: dict[tuple[str, str], set[str]] = {}
+    for rule in doc["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                table[(group, resource)] = set(rule["verbs"])
+    return table
+
+
+EXPECTED_RULES = {
+    ("distserve.io", "distservedeployments"): {"get", "list", "watch", "patch"},
+    ("distserve.io", "distservedeployments/status"): {"get", "patch"},
+    ("", "configmaps"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("networking.k8s.io", "networkpolicies"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "events"): {"create", "patch"},
+    ("events.k8s.io", "events"): {"create", "patch"},
+}
+
+
+def test_default_watches_all_namespaces_with_a_least_privilege_cluster_role() -> None:
+    docs = template()
+    (role,) = kinds(docs, "ClusterRole")
+    (binding,) = kinds(docs, "ClusterRoleBinding")
+    assert not kinds(docs, "Role") and not kinds(docs, "RoleBinding")
+    assert _rules(role) == EXPECTED_RULES
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "rel-distserve", "namespace": "ml-serving"}
+    ]
+    assert "--all-namespaces" in container(docs)["args"]
+
+
+def test_release_namespace_scope_uses_a_namespaced_role() -> None:
+    docs = template("watch.scope=ReleaseNamespace")
+    assert not kinds(docs, "ClusterRole") and not kinds(docs, "ClusterRoleBinding")
+    (role,) = kinds(docs, "Role")
+    assert role["metadata"]["namespace"] == "ml-serving"
+    assert _rules(role) == EXPECTED_RULES
+    args = container(docs)["args"]
+    assert "--namespace=ml-serving" in args and "--all-namespaces" not in args
+
+
+def test_listed_namespaces_get_one_role_each_and_podgroups_when_enabled() -> None:
+    docs = template("watch.scope=Namespaces", "watch.namespaces={team-a,team-b}", "podGroups.enabled=true")
+    roles = kinds(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in kinds(docs, "RoleBinding")) == ["team-a", "team-b"]
+    assert _rules(roles[0])[("scheduling.x-k8s.io", "podgroups")] == {
+        "get",
+        "list",
+        "watch",
+        "create",
+        "patch",
+        "delete",
+    }
+    args = container(docs)["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args
+
+
+def test_values_are_wired_into_the_deployment() -> None:
+    docs = template(
+        "image.repository=registry.example/distserve-operator",
+        "image.tag=9.9.9",
+        "metrics.port=9300",
+        "resources.limits.memory=2Gi",
+        "extraArgs={--peering=ops}",
+        "nodeSelector.pool=system",
+    )
+    c = container(docs)
+    assert c["image"] == "registry.example/distserve-operator:9.9.9"
+    assert {"name": "metrics", "containerPort": 9300, "protocol": "TCP"} in c["ports"]
+    assert {"name": "DISTSERVE_OPERATOR_METRICS_PORT", "value": "9300"} in c["env"]
+    assert c["resources"]["limits"]["memory"] == "2Gi"
+    assert c["args"][-1] == "--peering=ops"
+    (svc,) = kinds(docs, "Service")
+    assert svc["spec"]["ports"][0]["port"] == 9300
+    (deployment,) = kinds(docs, "Deployment")
+    assert deployment["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "system"}
+    assert not kinds(docs, "ServiceMonitor")
+    assert kinds(template("metrics.serviceMonitor.enabled=true"), "ServiceMonitor")
+
+
+def test_default_image_tag_is_the_app_version() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert container(template())["image"] == f"ghcr.io/distserve/operator:{chart['appVersion']}"
+
+
+def test_operator_pod_is_hardened() -> None:
+    docs = template()
+    (deployment,) = kinds(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    c = container(docs)
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["resources"]["limits"]["memory"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "needle"),
+    [
+        ("imageTag=1.0", "imageTag"),
+        ("watch.scope=Everywhere", "scope"),
+        ("metrics.port=80", "port"),
+        ("metrics.serviceMonitor.interval=soon", "interval"),
+    ],
+)
+def test_schema_rejects_unknown_keys_and_bad_values(bad: str, needle: str) -> None:
+    result = helm("template", "rel", str(CHART), "--set", bad, check=False)
+    assert result.returncode != 0
+    assert needle in result.stderr
+
+
+def test_namespaces_scope_needs_a_namespace() -> None:
+    result = helm("template", "rel", str(CHART), "--set", "watch.scope=Namespaces", check=False)
+    assert result.returncode != 0
+
+
+def test_chart_crd_is_the_generated_one() -> None:
+    (crd,) = [p for p in (CHART / "crds").iterdir()]
+    assert crd.read_text() == (ROOT / "deploy" / "10-crd-distservedeployments.yaml").read_text()
+
+
+def _render_module() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "render_manifests", ROOT / "scripts" / "render_manifests.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["render_manifests"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plain_manifests_are_rendered_from_the_chart_and_valid() -> None:
+    import kubernetes_validate
+
+    assert _render_module().main(["check"]) == 0
+    for path in sorted((ROOT / "deploy").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
