@@ -54,9 +54,11 @@ typecheck: install
 
 crds: install
 	$(BIN)/python -m distserve_operator.api.crd write
+	$(BIN)/python -m distserve_operator.api.reference write
 
 check-crds: install
 	$(BIN)/python -m distserve_operator.api.crd check
+	$(BIN)/python -m distserve_operator.api.reference check
 
 protos: install
 	$(BIN)/python -m distserve_worker.protogen write

@@ -98,3 +98,14 @@ def test_crd_schema_rejects_wrong_enum_and_bounds() -> None:
     doc["spec"]["placement"]["affinity"] = "Medium"
     messages = [e.message for e in _spec_validator().iter_errors(doc)]
     assert any("Medium" in m for m in messages) and any("0" in m for m in messages)
+
+
+def test_committed_reference_is_fresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    from distserve_operator.api import reference
+
+    monkeypatch.chdir(ROOT)
+    assert reference.main(["check"]) == 0, "docs/crd-reference.md is stale: run `make crds`"
+    text = reference.render()
+    # every spec field a user can set appears, with its bounds
+    assert "| `ttftMillis` | integer | **required** | > 0, ≤ 600000 |" in text
+    assert "enum: `Auto`, `High`, `Low`" in text

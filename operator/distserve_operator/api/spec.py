@@ -163,6 +163,8 @@ class Architecture(ApiModel):
 
 
 class ModelSpec(ApiModel):
+    """The model to serve and how to load it."""
+
     name: str = Field(
         ...,
         min_length=1,
@@ -324,6 +326,8 @@ class GpuSpec(ApiModel):
 
 
 class Interconnect(ApiModel):
+    """Link bandwidths; Auto affinity compares them to decide whether KV may cross nodes."""
+
     intra_node_g_bps: int = Field(
         300,
         alias="intraNodeGBps",
@@ -361,6 +365,8 @@ class TaintEffect(StrEnum):
 
 
 class Toleration(ApiModel):
+    """A toleration for worker pods (as in a PodSpec)."""
+
     key: str | None = Field(None, description="Taint key; empty with operator Exists matches every taint.")
     operator: TolerationOperator = Field(TolerationOperator.EQUAL, description="Exists or Equal.")
     value: str | None = Field(None, description="Taint value (operator Equal).")
@@ -369,6 +375,8 @@ class Toleration(ApiModel):
 
 
 class Cluster(ApiModel):
+    """The accelerators available to this deployment and how they are connected."""
+
     gpu: GpuSpec = Field(default_factory=GpuSpec, description="Accelerator every worker uses.")
     gpus_per_node: int = Field(8, alias="gpusPerNode", ge=1, le=64, description="Accelerators per node.")
     nodes: int = Field(1, ge=1, le=10_000, description="Nodes available to this deployment.")
@@ -420,6 +428,8 @@ class StageLayout(StrEnum):
 
 
 class Placement(ApiModel):
+    """How instances are placed on nodes."""
+
     affinity: Affinity = Field(
         Affinity.AUTO,
         description=(
@@ -457,6 +467,8 @@ class ReplanScope(StrEnum):
 
 
 class AutoscalingMetrics(ApiModel):
+    """Where observed traffic is read from."""
+
     source: MetricsSource = Field(
         MetricsSource.ROUTER, description="Read the router's /metrics, or Prometheus."
     )
@@ -491,6 +503,8 @@ def _mode_not_bool(value: Any) -> Any:
 
 
 class Autoscaling(ApiModel):
+    """Traffic-driven re-planning: when and how replica counts change."""
+
     mode: Annotated[AutoscalingMode, BeforeValidator(_mode_not_bool)] = Field(
         AutoscalingMode.PLANNER,
         description="Planner: re-plan on drift and set replicas. External: leave replicas to HPA/KEDA. Off: never scale.",
@@ -532,6 +546,8 @@ class Autoscaling(ApiModel):
 
 
 class EnvVar(ApiModel):
+    """An environment variable for worker pods."""
+
     name: str = Field(
         ..., min_length=1, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Variable name."
     )
@@ -539,6 +555,8 @@ class EnvVar(ApiModel):
 
 
 class Resources(ApiModel):
+    """CPU and memory for worker pods; the planner adds the GPUs."""
+
     requests: dict[str, str] = Field(default_factory=dict, description="cpu, memory... (the GPU is added).")
     limits: dict[str, str] = Field(default_factory=dict, description="cpu, memory... (the GPU is added).")
 
@@ -550,6 +568,8 @@ class PullPolicy(StrEnum):
 
 
 class WorkerSpec(ApiModel):
+    """Prefill and decode worker pods."""
+
     image: str = Field("ghcr.io/distserve/worker:0.1.0", min_length=1, description="Worker container image.")
     image_pull_policy: PullPolicy = Field(PullPolicy.IF_NOT_PRESENT, description="Image pull policy.")
     resources: Resources = Field(
@@ -575,6 +595,8 @@ class ServiceType(StrEnum):
 
 
 class RouterSpec(ApiModel):
+    """The OpenAI-compatible router pods and the Service users call."""
+
     replicas: int = Field(2, ge=1, le=100, description="Router pods.")
     image: str | None = Field(None, description="Router image; defaults to worker.image.")
     port: int = Field(8000, ge=1024, le=65535, description="HTTP port of the OpenAI-compatible API.")
@@ -582,6 +604,8 @@ class RouterSpec(ApiModel):
 
 
 class PlannerSpec(ApiModel):
+    """Planner knobs; defaults suit most deployments."""
+
     profile_config_map: str | None = Field(
         None, description="ConfigMap with key profile.json: fitted latency coefficients (distserve profile)."
     )
@@ -593,6 +617,8 @@ class PlannerSpec(ApiModel):
 
 
 class DistServeDeploymentSpec(ApiModel):
+    """What to serve, the SLOs, the expected workload and the cluster to plan for."""
+
     model: ModelSpec = Field(..., description="The model to serve.")
     slo: Slo = Field(..., description="Latency objectives.")
     workload: Workload = Field(..., description="Expected traffic (the plan's assumptions).")

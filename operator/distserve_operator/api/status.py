@@ -25,6 +25,8 @@ class ConditionStatus(StrEnum):
 
 
 class Condition(ApiModel):
+    """A Kubernetes-style condition."""
+
     type: ConditionType = Field(..., description="Planned, Ready, Progressing, Degraded or PlanDrift.")
     status: ConditionStatus = Field(..., description="True, False or Unknown.")
     reason: str = Field(..., min_length=1, description="One CamelCase word for machines.")
@@ -42,6 +44,8 @@ class Bottleneck(StrEnum):
 
 
 class PhasePlan(ApiModel):
+    """Parallelism and replica count of one phase (prefill or decode)."""
+
     tp: int = Field(..., ge=1, description="Tensor-parallel degree (GPUs per stage).")
     pp: int = Field(..., ge=1, description="Pipeline-parallel degree (stages per instance).")
     replicas: int = Field(..., ge=0, description="Instances.")
@@ -59,6 +63,8 @@ class PhasePlan(ApiModel):
 
 
 class Estimate(ApiModel):
+    """What the simulator predicts for the plan."""
+
     goodput_per_gpu: float = Field(
         ..., alias="goodputPerGPU", ge=0, description="Requests/s per GPU at the SLO."
     )
@@ -75,6 +81,8 @@ class Estimate(ApiModel):
 
 
 class Candidate(ApiModel):
+    """A configuration the planner scored."""
+
     prefill: PhasePlan = Field(..., description="Prefill parallelism and replicas.")
     decode: PhasePlan = Field(..., description="Decode parallelism and replicas.")
     gpus: int = Field(..., ge=0, description="GPUs the candidate uses.")
@@ -85,6 +93,8 @@ class Candidate(ApiModel):
 
 
 class ColocatedPlan(ApiModel):
+    """The best colocated alternative: both phases in one instance (vLLM-style)."""
+
     tp: int = Field(..., ge=1, description="Tensor-parallel degree.")
     pp: int = Field(..., ge=1, description="Pipeline-parallel degree.")
     replicas: int = Field(..., ge=0, description="Instances.")
@@ -99,6 +109,8 @@ class PlacementAffinity(StrEnum):
 
 
 class PlanStatus(ApiModel):
+    """The plan the operator deployed."""
+
     prefill: PhasePlan = Field(..., description="Prefill instances.")
     decode: PhasePlan = Field(..., description="Decode instances.")
     affinity: PlacementAffinity = Field(
@@ -129,6 +141,8 @@ class PlanStatus(ApiModel):
 
 
 class WorkloadSnapshot(ApiModel):
+    """A workload: the plan's assumptions or what was observed."""
+
     requests_per_second: float = Field(..., ge=0, description="Arrival rate.")
     input_tokens_mean: float | None = Field(None, ge=0, description="Mean prompt tokens.")
     input_tokens_p90: float | None = Field(None, ge=0, description="p90 prompt tokens.")
@@ -140,17 +154,23 @@ class WorkloadSnapshot(ApiModel):
 
 
 class RoleStatus(ApiModel):
+    """Replicas of one role and stage."""
+
     name: str = Field(..., description="Role (prefill, decode, router) and stage, e.g. prefill-s0.")
     replicas: int = Field(..., ge=0, description="Desired replicas.")
     ready_replicas: int = Field(0, ge=0, description="Ready replicas.")
 
 
 class Replan(ApiModel):
+    """The last traffic-driven re-plan."""
+
     time: str = Field(..., description="RFC 3339 time of the last re-plan.")
     reason: str = Field(..., description="Why it re-planned.")
 
 
 class DistServeDeploymentStatus(ApiModel):
+    """The plan, conditions and observed workload, written by the operator."""
+
     observed_generation: int | None = Field(None, ge=0, description="Spec generation the status reflects.")
     conditions: list[Condition] = Field(default_factory=list, description="Planned, Ready, Progressing, ...")
     plan: PlanStatus | None = Field(None, description="The current plan.")
