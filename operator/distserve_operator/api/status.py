@@ -90,6 +90,9 @@ class Candidate(ApiModel):
         ..., alias="goodputPerGPU", ge=0, description="Requests/s per GPU at the SLO."
     )
     bottleneck: Bottleneck = Field(..., description="What limits it first: TTFT, TPOT, Memory or Transfer.")
+    attainment_percent: float | None = Field(
+        None, ge=0, le=100, description="Predicted SLO attainment of the candidate at the workload's rate."
+    )
 
 
 class ColocatedPlan(ApiModel):

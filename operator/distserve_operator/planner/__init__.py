@@ -1,0 +1,48 @@
+"""The planner: choose prefill/decode parallelism and replicas that maximise goodput per GPU under
+TTFT/TPOT SLOs (DistServe, arXiv 2401.09670). Pure Python: no kopf, kubernetes or torch imports.
+
+    report = plan_deployment(dsd_or_spec, profile=None, trace=None)
+    report.plan.prefill.replicas, report.to_json(), report.table()
+
+`plan(PlanInput)` is the pure core; `plan_deployment` adapts a manifest to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from distserve_operator import api
+
+from .core import PlanInput, WorkloadModel, plan
+from .report import PlanReport
+
+
+def plan_deployment(
+    dsd_or_spec: api.DistServeDeployment | api.DistServeDeploymentSpec,
+    *,
+    profile: str | Path | None = None,
+    trace: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+    rate_override: float | None = None,
+    workload_override: api.WorkloadSnapshot | None = None,
+    colocated_profile: str | Path | None = None,
+) -> PlanReport:
+    """Plan a deployment. ValueError names the spec field and the fix when it cannot be planned
+    (unknown architecture, unreadable profile or trace); an SLO no candidate meets is not an error:
+    the report has `feasible: false` and the closest candidate."""
+    from .inputs import plan_input
+
+    spec = dsd_or_spec.spec if isinstance(dsd_or_spec, api.DistServeDeployment) else dsd_or_spec
+    inp = plan_input(
+        spec,
+        profile=profile,
+        trace=trace,
+        rate_override=rate_override,
+        workload_override=workload_override,
+        colocated_profile=colocated_profile,
+    )
+    return plan(inp, progress=progress)
+
+
+__all__ = ["PlanInput", "PlanReport", "WorkloadModel", "plan", "plan_deployment"]

@@ -1,0 +1,327 @@
+"""`plan(PlanInput) -> PlanReport`: pure. No clock but the one injected, no I/O, no global state."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from distserve_operator import api
+
+from . import simulator as sim
+from .architecture import ModelArchitecture
+from .hardware import DeviceSpec, Links
+from .latency import InstanceTiming, LatencyModel, kv_transfer_ms, stage_hop_ms
+from .memory import Fit, check_fit
+from .report import PlanReport, build_report
+from .search import (
+    ClusterShape,
+    Context,
+    PhaseResult,
+    Placement,
+    Progress,
+    SloTargets,
+    colocated,
+    exhaustive_one_to_one,
+    high_affinity,
+    low_affinity,
+    stage_link,
+)
+from .workload import Lengths, generate
+
+# Prefill batches stop growing at this many tokens (or one prompt, if longer): beyond it a GPU is
+# compute-bound and a bigger batch only delays the requests at its head.
+DEFAULT_TOKEN_BUDGET = 2048
+MAX_JOINT_REQUESTS = 4000
+
+
+@dataclass(frozen=True)
+class WorkloadModel:
+    rate: float  # requests/s the plan is sized for
+    inputs: Lengths
+    outputs: Lengths
+    arrival: api.ArrivalProcess = api.ArrivalProcess.POISSON
+    cv: float = 1.0
+    trace: tuple[tuple[int, int], ...] | None = None
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    architecture: ModelArchitecture
+    device: DeviceSpec
+    links: Links
+    latency: LatencyModel
+    slo: SloTargets
+    workload: WorkloadModel
+    cluster: ClusterShape
+    affinity: api.Affinity = api.Affinity.AUTO
+    seed: int = 0
+    n_requests: int = 300
+    top_candidates: int = 5
+    token_budget: int = DEFAULT_TOKEN_BUDGET
+    method: str = "goodput"  # or "paper": exhaustive 1:1 pairs (the benchmark's same-run baseline)
+    # The colocated baseline may run on another engine's profile (the paper scores vLLM with its own).
+    colocated_latency: LatencyModel | None = None
+    assumptions: dict[str, object] = field(default_factory=dict, compare=False)
+
+
+def plan(
+    inp: PlanInput, progress: Progress | None = None, clock: Callable[[], float] = time.perf_counter
+) -> PlanReport:
+    started = clock()
+    w = inp.workload
+    requests = generate(
+        inp.n_requests, inp.seed, w.inputs, w.outputs, w.arrival, w.cv, list(w.trace) if w.trace else None
+    )
+    budget = max(inp.token_budget, max(requests.inputs))
+    ctx = Context(inp.architecture, inp.device, inp.links, inp.latency, inp.slo, requests, budget, progress)
+    shape = inp.cluster
+    rate = w.rate if w.rate > 0 else 1.0  # an idle deployment is sized for a trickle
+
+    if inp.method == "paper":
+        return _paper_report(inp, ctx, shape, rate, started, clock)
+
+    affinity, why = choose_affinity(inp)
+    high: list[Placement] = []
+    low: list[Placement] = []
+    seen: list[PhaseResult] = []
+    if affinity in ("High", "Auto"):
+        high, s = high_affinity(ctx, shape, rate)
+        seen += s
+    if affinity in ("Low", "Auto"):
+        low, s = low_affinity(ctx, shape, rate)
+        seen += s
+    if affinity == "Auto":
+        best_high = high[0].per_gpu if high else 0.0
+        best_low = low[0].per_gpu if low else 0.0
+        affinity = "High" if best_high >= best_low else "Low"
+        why += f"; High gives {best_high:.2f}, Low {best_low:.2f} req/s per GPU"
+    plans = high if affinity == "High" else low
+    coloc = colocated(_colocated_context(inp, ctx), shape)
+    seen += coloc
+    estimate = None
+    if plans:
+        chosen, estimate, note = joint_check(inp, ctx, plans[0], rate)
+        plans = [chosen, *plans[1:]]
+        if note:
+            why += f"; {note}"
+    elapsed = clock() - started
+    return build_report(
+        inp=inp,
+        ctx=ctx,
+        affinity=affinity,
+        affinity_reason=why,
+        plans=plans,
+        colocated=coloc,
+        seen=seen,
+        rate=rate,
+        estimate=estimate,
+        search_seconds=elapsed,
+    )
+
+
+def choose_affinity(inp: PlanInput) -> tuple[str, str]:
+    """Auto: one node needs no cross-node traffic (High); otherwise both algorithms run and the
+    better goodput per GPU wins, which is where the inter-node bandwidth decides."""
+    if inp.affinity is api.Affinity.HIGH:
+        return "High", "placement.affinity High"
+    if inp.affinity is api.Affinity.LOW:
+        return "Low", "placement.affinity Low"
+    if inp.cluster.budget <= inp.cluster.gpus_per_node:
+        return "High", "Auto: the whole budget fits in one node, so every link is NVLink"
+    return "Auto", f"Auto: {inp.links.inter_node / 1e9:.0f} GB/s between nodes, both placements simulated"
+
+
+MAX_JOINT_BUMPS = 4
+
+
+def joint_check(
+    inp: PlanInput, ctx: Context, chosen: Placement, rate: float
+) -> tuple[Placement, sim.Outcome, str]:
+    """Phases were sized apart, each to the attainment target; a request must meet both SLOs, so
+    the whole plan is simulated at the workload's rate and, while it misses the target and the
+    budget allows, the phase missing its own SLO more often gets one more replica."""
+    slo = inp.slo
+    outcome = simulate_plan(inp, ctx, chosen, rate)
+    added = {"prefill": 0, "decode": 0}
+    for _ in range(MAX_JOINT_BUMPS):
+        meets = outcome.attainment(slo.ttft_ms, slo.tpot_ms) >= slo.attainment
+        if (meets and outcome.prefill_memory_peak <= 1) or not chosen.serves(rate):
+            break
+        ttft_ok = sim.attainment(outcome.ttft, slo.ttft_ms)
+        tpot_ok = sim.attainment(outcome.tpot, slo.tpot_ms)
+        # Overflowing prefill memory means decode drains too slowly: decode gets the replica.
+        phase = "prefill" if meets is False and ttft_ok <= tpot_ok else "decode"
+        if phase == "prefill":
+            bigger = replace(chosen, prefill_replicas=chosen.prefill_replicas + 1)
+        else:
+            bigger = replace(chosen, decode_replicas=chosen.decode_replicas + 1)
+        if bigger.gpus > inp.cluster.budget or chosen.affinity == "Low":
+            break  # Low affinity grows by whole node groups; the search already sized those
+        chosen, outcome = bigger, simulate_plan(inp, ctx, bigger, rate)
+        added[phase] += 1
+    note = ", ".join(f"joint check added {n} {phase} replica(s)" for phase, n in added.items() if n)
+    return chosen, outcome, note
+
+
+def simulate_plan(inp: PlanInput, ctx: Context, p: Placement, rate: float) -> sim.Outcome:
+    """The joint check: the chosen replicas together at the workload's rate (or the plan's goodput,
+    when the budget cannot reach that rate), every instance seeing about n_requests requests."""
+    n = min(MAX_JOINT_REQUESTS, inp.n_requests * max(p.prefill_replicas, p.decode_replicas))
+    w = inp.workload
+    reqs = generate(n, inp.seed + 1, w.inputs, w.outputs, w.arrival, w.cv, list(w.trace) if w.trace else None)
+    links = inp.links
+    low = p.affinity == "Low"
+    one_node = inp.cluster.budget <= inp.cluster.gpus_per_node
+    transfer_bw = links.intra_node if low or one_node else links.inter_node
+    if low:
+        p_bw = d_bw = links.inter_node if p.node_span > 1 else links.intra_node
+    else:
+        p_bw = stage_link(links, inp.cluster, p.prefill.gpus)
+        d_bw = stage_link(links, inp.cluster, p.decode.gpus)
+    pt = inp.latency.instance(
+        p.prefill.tp, p.prefill.pp, stage_hop_ms(inp.architecture, reqs.mean_input, p_bw)
+    )
+    dt = inp.latency.instance(p.decode.tp, p.decode.pp, stage_hop_ms(inp.architecture, 1.0, d_bw))
+    assert pt is not None and dt is not None  # the search only keeps configurations the model has
+    arrivals = [t * 1e3 for t in reqs.arrivals(min(rate, p.goodput))]
+    gpus = p.decode.gpus
+    return sim.simulate_disaggregated(
+        [pt] * p.prefill_replicas,
+        [dt] * p.decode_replicas,
+        p.decode.fit.kv_tokens,
+        lambda tokens: kv_transfer_ms(inp.architecture, tokens, transfer_bw, gpus),
+        arrivals,
+        reqs.inputs,
+        reqs.outputs,
+        ctx.token_budget,
+        p.prefill.fit.kv_tokens,
+    )
+
+
+def _paper_report(
+    inp: PlanInput, ctx: Context, shape: ClusterShape, rate: float, started: float, clock: Callable[[], float]
+) -> PlanReport:
+    pairs = exhaustive_one_to_one(ctx, shape)
+    plans = [Placement(p, d, 1, 1) for _, p, d in pairs if p.max_rate > 0]
+    coloc = colocated(_colocated_context(inp, ctx), shape)
+    return build_report(
+        inp=inp,
+        ctx=ctx,
+        affinity="High",
+        affinity_reason="paper method: fixed 1:1 ratio",
+        plans=plans,
+        colocated=coloc,
+        seen=coloc,
+        rate=rate,
+        estimate=None,
+        search_seconds=clock() - started,
+        fixed_ratio=True,
+    )
+
+
+def _colocated_context(inp: PlanInput, ctx: Context) -> Context:
+    if inp.colocated_latency is None:
+        return ctx
+    other = replace(ctx, latency=inp.colocated_latency, cache={})
+    other.probes = 0
+    return other
+
+
+@dataclass(frozen=True)
+class PhaseChoice:
+    tp: int
+    pp: int
+    replicas: int = 1
+
+
+def simulate_configuration(
+    inp: PlanInput,
+    rate: float,
+    prefill: PhaseChoice | None = None,
+    decode: PhaseChoice | None = None,
+    colocated_choice: PhaseChoice | None = None,
+) -> dict[str, object]:
+    """`distserve simulate`: one configuration at one rate; ValueError when it cannot run."""
+    w = inp.workload
+    reqs = generate(
+        inp.n_requests, inp.seed, w.inputs, w.outputs, w.arrival, w.cv, list(w.trace) if w.trace else None
+    )
+    budget = max(inp.token_budget, max(reqs.inputs))
+    arch, links = inp.architecture, inp.links
+    arrivals = [t * 1e3 for t in reqs.arrivals(rate)]
+    slo = inp.slo
+    longest = max(i + o for i, o in zip(reqs.inputs, reqs.outputs, strict=True))
+
+    def instance(c: PhaseChoice, tokens: float, model: LatencyModel) -> tuple[InstanceTiming, Fit]:
+        fit = check_fit(arch, inp.device, c.tp, c.pp, longest)
+        timing = model.instance(c.tp, c.pp, stage_hop_ms(arch, tokens, links.intra_node))
+        if not fit.ok or timing is None:
+            raise ValueError(f"TP{c.tp}xPP{c.pp} cannot run: {fit.reason or model.missing_reason}")
+        return timing, fit
+
+    if colocated_choice is not None:
+        timing, fit = instance(colocated_choice, reqs.mean_input, inp.colocated_latency or inp.latency)
+        firsts, lasts = [], []
+        n = colocated_choice.replicas
+        first_all, last_all = [0.0] * len(reqs), [0.0] * len(reqs)
+        for k in range(n):
+            idx = list(range(k, len(reqs), n))
+            f, la = sim.simulate_colocated(
+                timing,
+                [arrivals[i] for i in idx],
+                [reqs.inputs[i] for i in idx],
+                [reqs.outputs[i] for i in idx],
+                fit.kv_tokens,
+                budget,
+            )
+            for i, a, b in zip(idx, f, la, strict=True):
+                first_all[i], last_all[i] = a, b
+        firsts, lasts = first_all, last_all
+        outcome = sim.Outcome(
+            [f - a for f, a in zip(firsts, arrivals, strict=True)], sim.tpot(firsts, lasts, reqs.outputs)
+        )
+        gpus = colocated_choice.tp * colocated_choice.pp * n
+        config = f"colocated TP{colocated_choice.tp}xPP{colocated_choice.pp} ×{n}"
+    else:
+        if prefill is None or decode is None:
+            raise ValueError("give both --prefill and --decode, or --colocated")
+        pt, _ = instance(prefill, reqs.mean_input, inp.latency)
+        dt, dfit = instance(decode, 1.0, inp.latency)
+        one_node = inp.cluster.budget <= inp.cluster.gpus_per_node
+        bw = links.intra_node if one_node else links.inter_node
+        gp = decode.tp * decode.pp
+        outcome = sim.simulate_disaggregated(
+            [pt] * prefill.replicas,
+            [dt] * decode.replicas,
+            dfit.kv_tokens,
+            lambda tokens: kv_transfer_ms(arch, tokens, bw, gp),
+            arrivals,
+            reqs.inputs,
+            reqs.outputs,
+            budget,
+        )
+        gpus = prefill.tp * prefill.pp * prefill.replicas + decode.tp * decode.pp * decode.replicas
+        config = (
+            f"prefill TP{prefill.tp}xPP{prefill.pp} ×{prefill.replicas} | "
+            f"decode TP{decode.tp}xPP{decode.pp} ×{decode.replicas}"
+        )
+    return {
+        "configuration": config,
+        "gpus": gpus,
+        "requestsPerSecond": rate,
+        "requests": len(reqs),
+        "attainmentPercent": round(100 * outcome.attainment(slo.ttft_ms, slo.tpot_ms), 2),
+        "ttftAttainmentPercent": round(100 * sim.attainment(outcome.ttft, slo.ttft_ms), 2),
+        "tpotAttainmentPercent": round(100 * sim.attainment(outcome.tpot, slo.tpot_ms), 2),
+        "ttftMillis": {
+            p: round(sim.percentile(outcome.ttft, q), 2) for p, q in (("p50", 50), ("p90", 90), ("p99", 99))
+        },
+        "tpotMillis": {
+            p: round(sim.percentile(outcome.tpot, q), 2) for p, q in (("p50", 50), ("p90", 90), ("p99", 99))
+        },
+        "waitedForDecodeMemory": outcome.memory_bound,
+        "profile": (inp.colocated_latency or inp.latency).describe
+        if colocated_choice
+        else inp.latency.describe,
+    }

@@ -1,0 +1,148 @@
+"""How long a batch takes: prefill `a + b*S + c*Q` (S tokens in the batch, Q = sum of squared prompt
+lengths) and a decode step `a + b*ctx + c*batch`, all in milliseconds, per tensor-parallel degree.
+
+The coefficients come from one of three places and end in the same `PhaseCoefficients`:
+`analytical()` derives them from FLOPs, HBM bytes and all-reduce cost; `profiles.py` loads fitted
+ones (ours or DistServe's). Pipeline parallelism is applied on top, the same way for all three.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .architecture import ModelArchitecture
+from .hardware import DeviceSpec
+
+Abc = tuple[float, float, float]
+
+# Achievable shares of peak, calibrated once against DistServe's fitted OPT-13B/A100 profile (the
+# unit tests hold the roofline within 15% of it for TP 1, 2, 4): matmuls reach 0.8 of peak (0.10
+# ms/token prefill at TP1); attention kernels far less; an all-reduce of a few MB reaches only a
+# quarter of the NVLink figure once launch and synchronisation are paid.
+MATMUL_EFFICIENCY = 0.8
+ATTENTION_EFFICIENCY = 0.25
+HBM_EFFICIENCY = 0.8
+LINK_EFFICIENCY = 0.25
+# Fixed cost of handing activations from one pipeline stage to the next (send/recv setup), ms.
+STAGE_HOP_MS = 0.2
+
+
+@dataclass(frozen=True)
+class PhaseCoefficients:
+    """Milliseconds. Decode uses `decode_large` from `decode_threshold` requests in a batch on."""
+
+    prefill: Abc
+    decode_small: Abc
+    decode_large: Abc
+    decode_threshold: int = 1 << 30
+
+    def prefill_ms(self, tokens: float, sum_sq: float) -> float:
+        a, b, c = self.prefill
+        return a + b * tokens + c * sum_sq
+
+    def decode_abc(self, batch: int) -> Abc:
+        return self.decode_large if batch >= self.decode_threshold else self.decode_small
+
+    def decode_ms(self, ctx_tokens: float, batch: int) -> float:
+        a, b, c = self.decode_abc(batch)
+        return a + b * ctx_tokens + c * batch
+
+
+@dataclass(frozen=True)
+class InstanceTiming:
+    """Timing of one instance of TP*PP GPUs, the only thing the simulator needs.
+
+    Prefill with PP: a batch's latency is the whole model plus a hop per stage boundary, but the
+    first stage is free again after 1/PP of the work, so PP stages work on different batches at
+    once. Decode with PP: PP micro-batches circulate; each request gets a token per full round,
+    so the per-token terms shrink by PP while the per-round fixed cost stays.
+    """
+
+    coefficients: PhaseCoefficients
+    pp: int
+    hop_ms: float  # one stage-to-stage activation hand-off for a typical batch
+
+    def prefill(self, tokens: float, sum_sq: float) -> tuple[float, float]:
+        """(latency, busy): when the batch's first token is out, and when the next batch may start."""
+        t = self.coefficients.prefill_ms(tokens, sum_sq)
+        if self.pp == 1:
+            return t, t
+        return t + (self.pp - 1) * self.hop_ms, t / self.pp + self.hop_ms
+
+    def decode_abc(self, batch: int) -> Abc:
+        """Step time as `a + b*ctx + c*batch` for the current batch size, PP folded in."""
+        a, b, c = self.coefficients.decode_abc(batch)
+        if self.pp == 1:
+            return a, b, c
+        return a + self.pp * self.hop_ms, b / self.pp, c / self.pp
+
+
+CoefficientSource = Callable[[int, int], PhaseCoefficients | None]
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Coefficients per (TP, PP); `describe` is what the plan reports as its `profile`."""
+
+    source: CoefficientSource
+    describe: str
+    missing_reason: str = ""  # why an absent (TP, PP) is absent, for rejected-candidate reports
+
+    def coefficients(self, tp: int, pp: int) -> PhaseCoefficients | None:
+        return self.source(tp, pp)
+
+    def instance(self, tp: int, pp: int, hop_ms: float) -> InstanceTiming | None:
+        """A profile may hold an entry measured at this PP; otherwise PP is modelled from PP1."""
+        exact = self.source(tp, pp) if pp > 1 else None
+        if exact is not None:
+            return InstanceTiming(exact, 1, 0.0)
+        base = self.source(tp, 1)
+        return None if base is None else InstanceTiming(base, pp, hop_ms)
+
+
+def analytical_coefficients(
+    arch: ModelArchitecture, device: DeviceSpec, tp: int, link_bytes_per_s: float
+) -> PhaseCoefficients:
+    """Roofline-style coefficients. Prefill is compute-bound: per token the matmul FLOPs, per
+    squared length the attention FLOPs, plus one read of the weights and the fixed step cost.
+    Decode is memory-bound: every step reads the weights (a) and each context token's KV (b);
+    each request in the batch adds its matmul FLOPs (c). TP splits all of these and adds two
+    all-reduces of one hidden vector per token per layer (ring: 2(tp-1)/tp of the bytes)."""
+    flops = device.flops * MATMUL_EFFICIENCY
+    hbm = device.hbm_bytes_per_s * HBM_EFFICIENCY
+    allreduce_bytes = 2 * arch.layers * arch.hidden_size * arch.dtype_bytes * 2 * (tp - 1) / tp
+    allreduce_ms_per_token = allreduce_bytes / (link_bytes_per_s * LINK_EFFICIENCY) * 1e3 if tp > 1 else 0.0
+    allreduce_latency_ms = 2 * arch.layers * 2 * (tp - 1) * device.allreduce_latency_s * 1e3
+    fixed_ms = device.step_overhead_s * 1e3 + allreduce_latency_ms
+    weights_ms = arch.weight_bytes / tp / hbm * 1e3
+    per_token_ms = arch.flops_per_token / tp / flops * 1e3 + allreduce_ms_per_token
+    per_sq_ms = 2.0 * arch.layers * arch.hidden_size / tp / (device.flops * ATTENTION_EFFICIENCY) * 1e3
+    kv_read_ms = arch.kv_bytes_per_token / tp / hbm * 1e3
+    lm_head_ms = arch.lm_head_flops / tp / flops * 1e3
+    prefill = (fixed_ms + weights_ms, per_token_ms, per_sq_ms)
+    decode = (fixed_ms + weights_ms, kv_read_ms, per_token_ms + lm_head_ms)
+    return PhaseCoefficients(prefill, decode, decode)
+
+
+def analytical(arch: ModelArchitecture, device: DeviceSpec, link_bytes_per_s: float) -> LatencyModel:
+    cache: dict[int, PhaseCoefficients] = {}
+
+    def source(tp: int, pp: int) -> PhaseCoefficients | None:
+        if pp != 1:
+            return None  # PP is modelled on top of PP1
+        if tp not in cache:
+            cache[tp] = analytical_coefficients(arch, device, tp, link_bytes_per_s)
+        return cache[tp]
+
+    return LatencyModel(source, f"analytical ({device.name} roofline)")
+
+
+def stage_hop_ms(arch: ModelArchitecture, tokens: float, link_bytes_per_s: float) -> float:
+    """Activations of `tokens` tokens crossing one stage boundary."""
+    return STAGE_HOP_MS + tokens * arch.hidden_size * arch.dtype_bytes / link_bytes_per_s * 1e3
+
+
+def kv_transfer_ms(arch: ModelArchitecture, tokens: float, link_bytes_per_s: float, gpus: int) -> float:
+    """Pulling one prompt's KV: every GPU of the smaller instance moves its shard in parallel."""
+    return tokens * arch.kv_bytes_per_token / (link_bytes_per_s * max(1, gpus)) * 1e3

@@ -1,0 +1,116 @@
+"""Fitted latency coefficients on disk: our own `distserve-profile/v1` format, and import of the
+DistServe profiler's JSON (model -> TP -> {prefill, decoding_smallbs, decoding_largebs, threshold}).
+
+Both load into the same `Profile`; `latency_model()` turns one into the planner's `LatencyModel`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .architecture import catalogue_key
+from .latency import LatencyModel, PhaseCoefficients
+
+FORMAT = "distserve-profile/v1"
+
+
+class ProfileEntry(BaseModel):
+    """Coefficients of one (TP, PP), milliseconds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    tp: int = Field(..., ge=1)
+    pp: int = Field(1, ge=1)
+    prefill: tuple[float, float, float] = Field(..., description="a + b*tokens + c*sum(len^2)")
+    decode_small: tuple[float, float, float] = Field(..., description="a + b*context_tokens + c*batch")
+    decode_large: tuple[float, float, float] = Field(..., description="same, from decode_threshold on")
+    decode_threshold: int = Field(1 << 30, ge=1, description="batch size where decode_large starts")
+    samples: int | None = Field(None, ge=0, description="measurements the fit used")
+    fit_error_percent: float | None = Field(None, ge=0, description="mean absolute relative error of the fit")
+
+    def coefficients(self) -> PhaseCoefficients:
+        return PhaseCoefficients(self.prefill, self.decode_small, self.decode_large, self.decode_threshold)
+
+
+class Profile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    format: Literal["distserve-profile/v1"] = "distserve-profile/v1"
+    model: str = Field(..., min_length=1)
+    dtype: str = "float16"
+    device: str = Field(..., min_length=1)
+    created: str = Field("", description="RFC 3339 time of the measurement or import")
+    source: str = Field("", description="where the numbers come from (tool, file)")
+    entries: list[ProfileEntry] = Field(default_factory=list)
+
+    def entry(self, tp: int, pp: int) -> ProfileEntry | None:
+        return next((e for e in self.entries if e.tp == tp and e.pp == pp), None)
+
+
+def save(profile: Profile, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(profile.model_dump(mode="json"), indent=2) + "\n")
+
+
+def load(path: str | Path, model: str | None = None) -> Profile:
+    """Our format, or a DistServe profiler file (then `model` picks the model inside it)."""
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, dict) and data.get("format") == FORMAT:
+        return Profile.model_validate(data)
+    if isinstance(data, dict) and data and all(_looks_distserve(v) for v in data.values()):
+        return import_distserve(data, model, source=str(path))
+    raise ValueError(
+        f"{path}: neither a {FORMAT} profile (no 'format' key) nor a DistServe profiler file "
+        "(model -> TP -> prefill/decoding_*); fix: pass a file written by `distserve profile`"
+    )
+
+
+def _looks_distserve(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, dict) and "prefill" in v for v in value.values())
+
+
+def import_distserve(data: dict[str, Any], model: str | None, source: str = "") -> Profile:
+    """One model of a DistServe profiler file. Its PP is modelled, so entries are PP1."""
+    names = list(data)
+    chosen = _match_model(names, model) if model else (names[0] if len(names) == 1 else None)
+    if chosen is None:
+        raise ValueError(
+            f"the DistServe profile holds {', '.join(names)}, none matching model {model!r}; fix: set "
+            "spec.model.name to one of them or profile this model"
+        )
+    entries = []
+    for tp, row in sorted(data[chosen].items(), key=lambda kv: int(kv[0])):
+        entries.append(
+            ProfileEntry(
+                tp=int(tp),
+                prefill=tuple(row["prefill"]),
+                decode_small=tuple(row["decoding_smallbs"]),
+                decode_large=tuple(row["decoding_largebs"]),
+                decode_threshold=int(row.get("decoding_large_small_bs_threshold", 1 << 30)),
+            )
+        )
+    return Profile(
+        model=chosen,
+        dtype="float16",
+        device="A100-80GB",
+        source=f"DistServe profiler {source}".strip(),
+        entries=entries,
+    )
+
+
+def _match_model(names: list[str], model: str) -> str | None:
+    if model in names:
+        return model
+    key = catalogue_key(model) or model.lower().rsplit("/", 1)[-1]
+    return next((n for n in names if (catalogue_key(n) or n.lower().rsplit("/", 1)[-1]) == key), None)
+
+
+def latency_model(profile: Profile) -> LatencyModel:
+    table = {(e.tp, e.pp): e.coefficients() for e in profile.entries}
+    tps = sorted({e.tp for e in profile.entries})
+    return LatencyModel(
+        lambda tp, pp: table.get((tp, pp)),
+        f"{profile.source or 'profile'} ({profile.model} on {profile.device})",
+        missing_reason=f"profile has no entry for this TP (has TP {', '.join(map(str, tps))})",
+    )

@@ -1,0 +1,289 @@
+"""The planner's answer: `PlanReport` (status object, JSON for the CLI, a table for people)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from distserve_operator import api
+
+from . import simulator as sim
+
+if TYPE_CHECKING:
+    from .core import PlanInput
+    from .search import Context, PhaseResult, Placement
+
+
+@dataclass
+class PlanReport:
+    status: api.PlanStatus
+    search_seconds: float
+    assumptions: dict[str, Any] = field(default_factory=dict)
+    rejected: list[str] = field(default_factory=list)  # "prefill TP3xPP1: reason"
+    phase_results: list[PhaseResult] = field(default_factory=list)
+    probes: int = 0
+
+    @property
+    def plan(self) -> api.PlanStatus:
+        return self.status
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "plan": self.status.to_wire(),
+            "searchSeconds": round(self.search_seconds, 4),
+            "assumptions": self.assumptions,
+            "rejected": self.rejected,
+            "probes": self.probes,
+        }
+
+    def table(self) -> str:
+        return format_table(self)
+
+
+def _phase(r: PhaseResult, n: int) -> api.PhasePlan:
+    return api.PhasePlan(tp=r.tp, pp=r.pp, replicas=n, max_rate_per_instance=round(r.max_rate, 4))
+
+
+def summary(p: Placement) -> str:
+    return (
+        f"prefill TP{p.prefill.tp}xPP{p.prefill.pp} ×{p.prefill_replicas} | "
+        f"decode TP{p.decode.tp}xPP{p.decode.pp} ×{p.decode_replicas}"
+    )
+
+
+def build_report(
+    *,
+    inp: PlanInput,
+    ctx: Context,
+    affinity: str,
+    affinity_reason: str,
+    plans: list[Placement],
+    colocated: list[PhaseResult],
+    seen: list[PhaseResult],
+    rate: float,
+    estimate: sim.Outcome | None,
+    search_seconds: float,
+    fixed_ratio: bool = False,
+) -> PlanReport:
+    from .core import simulate_plan  # core imports this module
+
+    slo = inp.slo
+    budget = inp.cluster.budget
+    best_coloc = next((c for c in colocated if c.max_rate > 0), None)
+    coloc_plan = None
+    if best_coloc is not None:
+        n = min(max(1, math.ceil(rate / best_coloc.max_rate - 1e-9)), max(1, budget // best_coloc.gpus))
+        coloc_plan = api.ColocatedPlan(
+            tp=best_coloc.tp, pp=best_coloc.pp, replicas=n, goodput_per_gpu=round(best_coloc.per_gpu, 4)
+        )
+    candidates = []
+    for p in plans[: inp.top_candidates]:
+        att = None
+        if not fixed_ratio:
+            outcome = estimate if p is plans[0] and estimate is not None else simulate_plan(inp, ctx, p, rate)
+            att = round(100 * outcome.attainment(slo.ttft_ms, slo.tpot_ms), 2)
+        candidates.append(
+            api.Candidate(
+                prefill=_phase(p.prefill, p.prefill_replicas),
+                decode=_phase(p.decode, p.decode_replicas),
+                gpus=p.gpus,
+                goodput_per_gpu=round(p.per_gpu, 4),
+                bottleneck=p.bottleneck,
+                attainment_percent=att,
+            )
+        )
+    rejected = sorted({f"{r.phase} {r.label}: {r.reason}" for r in seen if r.max_rate <= 0 and r.reason})
+    slo_text = f"TTFT {slo.ttft_ms:.0f} ms and TPOT {slo.tpot_ms:.0f} ms for {slo.attainment:.0%} of requests"
+    if plans:
+        chosen = plans[0]
+        est = api.Estimate(
+            goodput_per_gpu=round(chosen.per_gpu, 4),
+            goodput=round(chosen.goodput, 4),
+            attainment_percent=round(100 * estimate.attainment(slo.ttft_ms, slo.tpot_ms), 2)
+            if estimate
+            else None,
+            ttft_p90_millis=round(sim.percentile(estimate.ttft, 90), 2) if estimate else None,
+            tpot_p90_millis=round(sim.percentile(estimate.tpot, 90), 2) if estimate else None,
+        )
+        pays = None if coloc_plan is None else chosen.per_gpu > best_coloc.per_gpu if best_coloc else None
+        verdict = _verdict(chosen, best_coloc, rate, slo_text)
+        if estimate is not None and estimate.prefill_memory_peak > 1:
+            verdict += (
+                f" Requests waiting for decode room would need {estimate.prefill_memory_peak:.0%} of a prefill "
+                "instance's KV memory: backpressure will delay prefills; more decode replicas would help."
+            )
+        status = api.PlanStatus(
+            prefill=_phase(chosen.prefill, chosen.prefill_replicas),
+            decode=_phase(chosen.decode, chosen.decode_replicas),
+            affinity=api.PlacementAffinity(chosen.affinity if not fixed_ratio else "High"),
+            node_span=chosen.node_span,
+            gpus=chosen.gpus,
+            summary=summary(chosen),
+            estimated=est,
+            bottleneck=chosen.bottleneck,
+            feasible=True,
+            candidates=candidates,
+            colocated=coloc_plan,
+            disaggregation_pays=pays,
+            verdict=verdict,
+            profile=inp.latency.describe,
+            search_seconds=round(search_seconds, 4),
+        )
+    else:
+        status = _infeasible(inp, seen, affinity, coloc_plan, slo_text, search_seconds)
+    assumptions = {
+        **inp.assumptions,
+        "requestsPerSecond": rate,
+        "simulatedRequests": inp.n_requests,
+        "seed": inp.seed,
+        "meanInputTokens": round(ctx.requests.mean_input, 1),
+        "meanOutputTokens": round(ctx.requests.mean_output, 1),
+        "prefillTokenBudget": ctx.token_budget,
+        "affinityReason": affinity_reason,
+        "model": inp.architecture.name,
+        "architectureSource": inp.architecture.source,
+        "device": inp.device.name,
+        "kvBytesPerToken": inp.architecture.kv_bytes_per_token,
+        "weightBytes": inp.architecture.weight_bytes,
+    }
+    return PlanReport(status, search_seconds, assumptions, rejected, seen, ctx.probes)
+
+
+def _verdict(chosen: Placement, coloc: PhaseResult | None, rate: float, slo_text: str) -> str:
+    parts = []
+    if not chosen.serves(rate):
+        parts.append(
+            f"The GPU budget sustains only {chosen.goodput:.2f} of the {rate:g} req/s asked for with {slo_text}; "
+            "raise cluster.maxGPUs/nodes or expect misses."
+        )
+    if coloc is None:
+        parts.append("Disaggregation pays: no colocated configuration meets the SLO at all.")
+    else:
+        gain = chosen.per_gpu / coloc.per_gpu - 1 if coloc.per_gpu > 0 else math.inf
+        if gain > 0.05:
+            parts.append(
+                f"Disaggregation pays: {chosen.per_gpu:.2f} vs {coloc.per_gpu:.2f} req/s per GPU colocated "
+                f"(TP{coloc.tp}xPP{coloc.pp}), {gain:+.0%}."
+            )
+        elif gain > 0:
+            parts.append(
+                f"Disaggregation pays marginally: {chosen.per_gpu:.2f} vs {coloc.per_gpu:.2f} req/s per GPU "
+                f"colocated ({gain:+.0%}); colocated is simpler to run."
+            )
+        else:
+            parts.append(
+                f"Disaggregation does not pay: colocated TP{coloc.tp}xPP{coloc.pp} reaches {coloc.per_gpu:.2f} "
+                f"req/s per GPU against {chosen.per_gpu:.2f}; consider a colocated deployment."
+            )
+    limit = {
+        "TTFT": "prefill (TTFT)",
+        "TPOT": "decode step time (TPOT)",
+        "Memory": "decode KV memory",
+        "Transfer": "KV transfer",
+    }.get(chosen.bottleneck.value, chosen.bottleneck.value)
+    parts.append(f"The plan is limited first by {limit}.")
+    return " ".join(parts)
+
+
+def _closest(results: list[PhaseResult], phase: str) -> PhaseResult | None:
+    pool = [r for r in results if r.phase == phase and r.fit.ok]
+    return max(pool, key=lambda r: (r.max_rate, r.low_load_attainment), default=None)
+
+
+def _infeasible(
+    inp: PlanInput,
+    seen: list[PhaseResult],
+    affinity: str,
+    coloc_plan: api.ColocatedPlan | None,
+    slo_text: str,
+    search_seconds: float,
+) -> api.PlanStatus:
+    p, d = _closest(seen, "prefill"), _closest(seen, "decode")
+    if p is None or d is None:
+        bottleneck = api.Bottleneck.MEMORY
+        why = "no (TP, PP) within the GPU budget holds the model and one request in memory"
+        pp_plan = api.PhasePlan(tp=1, pp=1, replicas=0)
+        dp_plan = pp_plan
+    else:
+        bottleneck = api.Bottleneck.TTFT if p.max_rate <= 0 else api.Bottleneck.TPOT
+        worst = p if p.max_rate <= 0 else d
+        why = f"the closest candidate, {worst.phase} {worst.label}, fails: {worst.reason}"
+        pp_plan, dp_plan = _phase(p, 1), _phase(d, 1)
+    fix = {
+        api.Bottleneck.TTFT: "raise slo.ttftMillis, shorten prompts, or use faster GPUs",
+        api.Bottleneck.TPOT: "raise slo.tpotMillis or use GPUs with more memory bandwidth",
+        api.Bottleneck.MEMORY: "raise cluster.maxGPUs/nodes, use GPUs with more memory, or a smaller dtype",
+    }[bottleneck]
+    verdict = f"No configuration meets {slo_text}: {why}. Fix: {fix}."
+    if coloc_plan is not None:
+        verdict += f" A colocated TP{coloc_plan.tp}xPP{coloc_plan.pp} does meet it."
+    return api.PlanStatus(
+        prefill=pp_plan,
+        decode=dp_plan,
+        affinity=api.PlacementAffinity("Low" if affinity == "Low" else "High"),
+        node_span=1,
+        gpus=pp_plan.gpus + dp_plan.gpus,
+        summary="infeasible: " + why,
+        estimated=api.Estimate(goodput_per_gpu=0.0, goodput=0.0),
+        bottleneck=bottleneck,
+        feasible=False,
+        colocated=coloc_plan,
+        disaggregation_pays=None,
+        verdict=verdict,
+        profile=inp.latency.describe,
+        search_seconds=round(search_seconds, 4),
+    )
+
+
+def format_table(report: PlanReport) -> str:
+    s, a = report.status, report.assumptions
+    lines = [
+        f"Plan for {a.get('model')} on {a.get('device')} ({s.affinity.value} node affinity"
+        + (f", pipelines span {s.node_span} nodes" if s.node_span > 1 else "")
+        + ")",
+        f"  workload   {a.get('requestsPerSecond'):g} req/s, mean input {a.get('meanInputTokens')} / output "
+        f"{a.get('meanOutputTokens')} tokens, {a.get('simulatedRequests')} simulated requests (seed {a.get('seed')})",
+        f"  latency    {s.profile}",
+        "",
+    ]
+    if s.feasible:
+        for name, ph in (("prefill", s.prefill), ("decode", s.decode)):
+            lines.append(
+                f"  {name:<8} TP{ph.tp} PP{ph.pp} × {ph.replicas:<3} {ph.max_rate_per_instance or 0:8.2f} req/s per instance"
+            )
+        e = s.estimated
+        lines.append(
+            f"  GPUs {s.gpus}   goodput {e.goodput or 0:.2f} req/s = {e.goodput_per_gpu:.2f} req/s per GPU   "
+            f"bottleneck {s.bottleneck.value}"
+        )
+        if e.attainment_percent is not None:
+            lines.append(
+                f"  at {a.get('requestsPerSecond'):g} req/s: attainment {e.attainment_percent:.1f}%, "
+                f"p90 TTFT {e.ttft_p90_millis:.0f} ms, p90 TPOT {e.tpot_p90_millis:.1f} ms"
+            )
+    else:
+        lines.append(f"  INFEASIBLE  {s.summary}")
+    if s.candidates:
+        lines += ["", "  #  prefill         decode          GPUs  req/s/GPU  attain   bound"]
+        for i, c in enumerate(s.candidates, 1):
+            att = f"{c.attainment_percent:5.1f}%" if c.attainment_percent is not None else "    - "
+            lines.append(
+                f"  {i:<2} TP{c.prefill.tp}xPP{c.prefill.pp} ×{c.prefill.replicas:<5} "
+                f"TP{c.decode.tp}xPP{c.decode.pp} ×{c.decode.replicas:<5} {c.gpus:>4}  {c.goodput_per_gpu:9.2f}  "
+                f"{att}  {c.bottleneck.value}"
+            )
+    if s.colocated is not None:
+        c2 = s.colocated
+        lines.append(
+            f"\n  colocated best: TP{c2.tp}xPP{c2.pp} × {c2.replicas}, {c2.goodput_per_gpu:.2f} req/s per GPU"
+        )
+    lines += ["", "  verdict: " + s.verdict]
+    if report.rejected:
+        lines.append(
+            f"  rejected ({len(report.rejected)}): "
+            + "; ".join(report.rejected[:6])
+            + (" ..." if len(report.rejected) > 6 else "")
+        )
+    lines.append(f"  search took {report.search_seconds:.2f} s ({report.probes} simulated probes)")
+    return "\n".join(lines)

@@ -1,0 +1,501 @@
+"""Search: the max rate one instance sustains per (TP, PP) and phase, then placements.
+
+Per candidate the rate is found by bisection over simulated probes, bracketed by an analytic
+capacity (a queue whose arrival rate exceeds its service rate is unstable however short the
+simulation, so the simulated answer is capped by it; it also prunes hopeless candidates with one
+probe). Results are cached per (phase, TP, PP, links): Algorithm 1, Algorithm 2 and the
+colocated baseline share them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from distserve_operator.api import Bottleneck
+
+from . import simulator as sim
+from .architecture import ModelArchitecture
+from .hardware import DeviceSpec, Links
+from .latency import InstanceTiming, LatencyModel, kv_transfer_ms, stage_hop_ms
+from .memory import Fit, check_fit
+from .workload import Requests
+
+Progress = Callable[[str], None]
+REL_TOLERANCE = 1.02  # bisection stops when hi/lo is within 2%
+MAX_DECODE_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class SloTargets:
+    ttft_ms: float
+    tpot_ms: float
+    attainment: float  # 0..1
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    gpus_per_node: int
+    nodes: int
+    budget: int  # max GPUs
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    """One instance of one phase (or colocated) at one (TP, PP)."""
+
+    phase: str  # prefill | decode | colocated
+    tp: int
+    pp: int
+    max_rate: float  # requests/s at the attainment target; 0 when infeasible
+    bottleneck: Bottleneck
+    fit: Fit
+    low_load_attainment: float = 0.0
+    reason: str = ""  # why infeasible (memory, split, SLO)
+    probes: int = 0
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp
+
+    @property
+    def per_gpu(self) -> float:
+        return self.max_rate / self.gpus
+
+    @property
+    def label(self) -> str:
+        return f"TP{self.tp}xPP{self.pp}"
+
+
+@dataclass
+class Context:
+    """Everything a probe needs, plus the cache and a probe counter for the benchmark."""
+
+    arch: ModelArchitecture
+    device: DeviceSpec
+    links: Links
+    latency: LatencyModel
+    slo: SloTargets
+    requests: Requests
+    token_budget: int
+    progress: Progress | None = None
+    cache: dict[tuple[object, ...], PhaseResult] = field(default_factory=dict)
+    probes: int = 0
+
+    def say(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(message)
+
+    @property
+    def longest_request(self) -> int:
+        return max(i + o for i, o in zip(self.requests.inputs, self.requests.outputs, strict=True))
+
+
+def bisect_rate(attain: Callable[[float], float], target: float, hi: float) -> tuple[float, float, int]:
+    """(max rate with attain(rate) >= target, attainment at low load, probes). Rate 0 when even a
+    trickle (2% of `hi`) misses the target."""
+    lo = hi * 0.02
+    low_att = attain(lo)
+    probes = 1
+    if low_att < target:
+        return 0.0, low_att, probes
+    probes += 1
+    if attain(hi) >= target:
+        return hi, low_att, probes
+    while hi / lo > REL_TOLERANCE:
+        mid = math.sqrt(lo * hi)
+        probes += 1
+        if attain(mid) >= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo, low_att, probes
+
+
+def divisors(n: int, limit: int) -> list[int]:
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
+
+
+def parallel_configs(
+    arch: ModelArchitecture, max_tp: int, max_gpus: int, max_pp: int
+) -> Iterator[tuple[int, int]]:
+    """TP up to a node (TP all-reduces every layer: never across nodes), PP dividing the layers."""
+    for tp in range(1, max_tp + 1):
+        for pp in divisors(arch.layers, max_pp):
+            if tp * pp <= max_gpus:
+                yield tp, pp
+
+
+# ---------------------------------------------------------------------------- per-instance rates
+
+
+def _timing(ctx: Context, tp: int, pp: int, stage_bw: float, tokens: float) -> InstanceTiming | None:
+    return ctx.latency.instance(tp, pp, stage_hop_ms(ctx.arch, tokens, stage_bw))
+
+
+def _rejected(ctx: Context, phase: str, fit: Fit, reason: str, bottleneck: Bottleneck) -> PhaseResult:
+    return PhaseResult(phase, fit.tp, fit.pp, 0.0, bottleneck, fit, reason=reason)
+
+
+def prefill_rate(ctx: Context, tp: int, pp: int, stage_bw: float) -> PhaseResult:
+    key = ("prefill", tp, pp, stage_bw)
+    if key in ctx.cache:
+        return ctx.cache[key]
+    fit = check_fit(ctx.arch, ctx.device, tp, pp, ctx.longest_request)
+    timing = _timing(ctx, tp, pp, stage_bw, ctx.requests.mean_input)
+    if not fit.ok or timing is None:
+        reason = fit.reason or ctx.latency.missing_reason
+        result = _rejected(ctx, "prefill", fit, reason, Bottleneck.MEMORY if fit.reason else Bottleneck.NONE)
+    else:
+        reqs, target = ctx.requests, ctx.slo.attainment
+        mean_in = reqs.mean_input
+        mean_sq = sum(i * i for i in reqs.inputs) / len(reqs)
+        per_batch = max(1.0, ctx.token_budget // mean_in)
+        capacity = per_batch / timing.prefill(per_batch * mean_in, per_batch * mean_sq)[1] * 1e3
+
+        def attain(rate: float) -> float:
+            ctx.probes += 1
+            arrivals = [t * 1e3 for t in reqs.arrivals(rate)]
+            first = sim.simulate_prefill(timing, arrivals, reqs.inputs, ctx.token_budget)
+            return sim.attainment([f - a for f, a in zip(first, arrivals, strict=True)], ctx.slo.ttft_ms)
+
+        rate, low, probes = bisect_rate(attain, target, capacity)
+        reason = "" if rate > 0 else _ttft_reason(ctx, timing, low)
+        result = PhaseResult("prefill", tp, pp, rate, Bottleneck.TTFT, fit, low, reason, probes)
+    ctx.cache[key] = result
+    ctx.say(f"prefill {result.label}: {result.max_rate:.2f} req/s per instance")
+    return result
+
+
+def _ttft_reason(ctx: Context, timing: InstanceTiming, low: float) -> str:
+    i = sorted(ctx.requests.inputs)[int(0.9 * (len(ctx.requests) - 1))]
+    bare = timing.prefill(i, i * i)[0]
+    return (
+        f"TTFT: even at low load only {low:.0%} of requests meet {ctx.slo.ttft_ms:.0f} ms "
+        f"(a p90 prompt of {i} tokens alone takes {bare:.0f} ms)"
+    )
+
+
+def decode_capacity(ctx: Context, timing: InstanceTiming, kv_tokens: int) -> tuple[float, Bottleneck]:
+    """Largest stable decode throughput whose step time stays within the TPOT SLO, and what caps it."""
+    reqs = ctx.requests
+    mean_in, mean_out = reqs.mean_input, reqs.mean_output
+    by_memory = min(MAX_DECODE_BATCH, int(kv_tokens // (mean_in + mean_out)))
+
+    def step_ms(batch: int) -> float:
+        a, b, c = timing.decode_abc(batch)
+        return a + b * batch * (mean_in + mean_out / 2) + c * batch
+
+    batch, bottleneck = by_memory, Bottleneck.MEMORY
+    if batch < 1 or step_ms(batch) > ctx.slo.tpot_ms:
+        bottleneck = Bottleneck.TPOT
+        lo, hi = 0, max(1, batch)
+        while lo < hi:  # largest batch whose step fits the TPOT SLO
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if step_ms(mid) <= ctx.slo.tpot_ms else (lo, mid - 1)
+        batch = lo
+    if batch < 1:
+        return 0.0, Bottleneck.TPOT
+    return batch / (step_ms(batch) * max(1.0, mean_out - 1)) * 1e3, bottleneck
+
+
+def decode_rate(
+    ctx: Context, tp: int, pp: int, stage_bw: float, transfer_bw: float, transfer_gpus: int
+) -> PhaseResult:
+    key = ("decode", tp, pp, stage_bw, transfer_bw, transfer_gpus)
+    if key in ctx.cache:
+        return ctx.cache[key]
+    fit = check_fit(ctx.arch, ctx.device, tp, pp, ctx.longest_request)
+    timing = _timing(ctx, tp, pp, stage_bw, 1.0)
+    if not fit.ok or timing is None:
+        reason = fit.reason or ctx.latency.missing_reason
+        result = _rejected(ctx, "decode", fit, reason, Bottleneck.MEMORY if fit.reason else Bottleneck.NONE)
+    else:
+        reqs = ctx.requests
+        capacity, bottleneck = decode_capacity(ctx, timing, fit.kv_tokens)
+        transfer = [kv_transfer_ms(ctx.arch, i, transfer_bw, transfer_gpus) for i in reqs.inputs]
+        if capacity <= 0:
+            result = PhaseResult(
+                "decode",
+                tp,
+                pp,
+                0.0,
+                Bottleneck.TPOT,
+                fit,
+                0.0,
+                f"TPOT: one decode step takes longer than {ctx.slo.tpot_ms:.0f} ms even with one request",
+            )
+        else:
+
+            def attain(rate: float) -> float:
+                # The prefill's latency only shifts a request in time; decode sees arrivals at `rate`.
+                ctx.probes += 1
+                first = [t * 1e3 for t in reqs.arrivals(rate)]
+                ready = [f + x for f, x in zip(first, transfer, strict=True)]
+                out = sim.simulate_decode(timing, ready, reqs.inputs, reqs.outputs, fit.kv_tokens)
+                return sim.attainment(sim.tpot(first, out.last_token, reqs.outputs), ctx.slo.tpot_ms)
+
+            rate, low, probes = bisect_rate(attain, ctx.slo.attainment, capacity)
+            reason = (
+                ""
+                if rate > 0
+                else f"TPOT: only {low:.0%} of requests meet {ctx.slo.tpot_ms:.0f} ms at low load"
+            )
+            if rate > 0 and mean(transfer) > 0.25 * ctx.slo.tpot_ms * max(1.0, reqs.mean_output - 1):
+                bottleneck = Bottleneck.TRANSFER
+            result = PhaseResult("decode", tp, pp, rate, bottleneck, fit, low, reason, probes)
+    ctx.cache[key] = result
+    ctx.say(f"decode {result.label}: {result.max_rate:.2f} req/s per instance")
+    return result
+
+
+def colocated_rate(ctx: Context, tp: int, pp: int, stage_bw: float) -> PhaseResult:
+    key = ("colocated", tp, pp, stage_bw)
+    if key in ctx.cache:
+        return ctx.cache[key]
+    fit = check_fit(ctx.arch, ctx.device, tp, pp, ctx.longest_request)
+    timing = _timing(ctx, tp, pp, stage_bw, ctx.requests.mean_input)
+    if not fit.ok or timing is None:
+        reason = fit.reason or ctx.latency.missing_reason
+        result = _rejected(
+            ctx, "colocated", fit, reason, Bottleneck.MEMORY if fit.reason else Bottleneck.NONE
+        )
+    else:
+        reqs = ctx.requests
+        p_cap = prefill_rate(ctx, tp, pp, stage_bw)
+        d_cap, d_bottleneck = decode_capacity(ctx, timing, fit.kv_tokens)
+        # Prefill and decode share the GPUs' time: the shares rate/prefill_cap + rate/decode_cap
+        # must stay below 1, or the queue grows without bound (a short simulation would hide it).
+        per_batch = max(1.0, ctx.token_budget // reqs.mean_input)
+        mean_sq = sum(i * i for i in reqs.inputs) / len(reqs)
+        pf_cap = per_batch / timing.prefill(per_batch * reqs.mean_input, per_batch * mean_sq)[0] * 1e3
+        capacity = 1 / (1 / pf_cap + 1 / d_cap) if d_cap > 0 else 0.0
+        if capacity <= 0 or p_cap.max_rate <= 0:
+            reason = p_cap.reason or "TPOT: one decode step exceeds the SLO"
+            result = PhaseResult(
+                "colocated",
+                tp,
+                pp,
+                0.0,
+                Bottleneck.TTFT if p_cap.reason else Bottleneck.TPOT,
+                fit,
+                0.0,
+                reason,
+            )
+        else:
+            outcome: dict[str, float] = {}
+
+            def attain(rate: float) -> float:
+                ctx.probes += 1
+                arrivals = [t * 1e3 for t in reqs.arrivals(rate)]
+                first, last = sim.simulate_colocated(
+                    timing, arrivals, reqs.inputs, reqs.outputs, fit.kv_tokens, ctx.token_budget
+                )
+                ttft = [f - a for f, a in zip(first, arrivals, strict=True)]
+                tpots = sim.tpot(first, last, reqs.outputs)
+                outcome["ttft"] = sim.attainment(ttft, ctx.slo.ttft_ms)
+                outcome["tpot"] = sim.attainment(tpots, ctx.slo.tpot_ms)
+                return sim.joint_attainment(ttft, tpots, ctx.slo.ttft_ms, ctx.slo.tpot_ms)
+
+            rate, low, probes = bisect_rate(attain, ctx.slo.attainment, capacity)
+            if rate > 0:
+                attain(rate * REL_TOLERANCE)  # which SLO breaks first just above the max rate
+            bottleneck = Bottleneck.TTFT if outcome.get("ttft", 0) <= outcome.get("tpot", 0) else d_bottleneck
+            reason = "" if rate > 0 else f"only {low:.0%} of requests meet both SLOs at low load"
+            result = PhaseResult("colocated", tp, pp, rate, bottleneck, fit, low, reason, probes)
+    ctx.cache[key] = result
+    ctx.say(f"colocated {result.label}: {result.max_rate:.2f} req/s per instance")
+    return result
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+# ---------------------------------------------------------------------------- placements
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A disaggregated plan: replicas of one prefill and one decode configuration."""
+
+    prefill: PhaseResult
+    decode: PhaseResult
+    prefill_replicas: int
+    decode_replicas: int
+    node_span: int = 1
+    affinity: str = "High"
+
+    @property
+    def gpus(self) -> int:
+        return self.prefill_replicas * self.prefill.gpus + self.decode_replicas * self.decode.gpus
+
+    @property
+    def goodput(self) -> float:
+        """Requests/s the whole plan sustains: the slower phase's total."""
+        return min(self.prefill_replicas * self.prefill.max_rate, self.decode_replicas * self.decode.max_rate)
+
+    @property
+    def per_gpu(self) -> float:
+        return self.goodput / self.gpus if self.gpus else 0.0
+
+    @property
+    def bottleneck(self) -> Bottleneck:
+        if self.prefill_replicas * self.prefill.max_rate <= self.decode_replicas * self.decode.max_rate:
+            return Bottleneck.TTFT
+        return self.decode.bottleneck
+
+    def serves(self, rate: float) -> bool:
+        return self.goodput >= rate * 0.999
+
+
+def replicas(rate: float, rp: float, rd: float, gp: int, gd: int, budget: int) -> tuple[int, int] | None:
+    """Fewest replicas serving `rate`; if the budget cannot, the split serving the most within it."""
+    np_, nd = max(1, math.ceil(rate / rp - 1e-9)), max(1, math.ceil(rate / rd - 1e-9))
+    if np_ * gp + nd * gd <= budget:
+        return np_, nd
+    best: tuple[float, int, int] | None = None
+    for n in range(1, (budget - gd) // gp + 1):
+        m = (budget - n * gp) // gd
+        if m >= 1:
+            value = min(n * rp, m * rd)
+            if best is None or value > best[0] + 1e-12:
+                best = (value, n, m)
+    return None if best is None else (best[1], best[2])
+
+
+def rank_key(p: Placement, rate: float) -> tuple[bool, float, int]:
+    """Plans serving the workload's rate first, then goodput per GPU (the paper's objective)."""
+    return (p.serves(rate), p.per_gpu, -p.gpus)
+
+
+# Plans within this share of the best goodput per GPU count as equally good; among them the
+# smallest wins (fewest GPUs, then fewest instances): the simulator is not that precise, and a
+# user sizing for a rate should not get a bigger deployment for a 3% paper gain.
+EQUIVALENT_SHARE = 0.95
+
+
+def choose(plans: list[Placement], rate: float) -> list[Placement]:
+    """`plans` ranked by `rank_key`, with the chosen one moved first."""
+    plans = sorted(plans, key=lambda pl: rank_key(pl, rate), reverse=True)
+    if not plans:
+        return plans
+    best = plans[0]
+    near = [
+        p
+        for p in plans
+        if p.serves(rate) == best.serves(rate) and p.per_gpu >= EQUIVALENT_SHARE * best.per_gpu
+    ]
+    chosen = min(near, key=lambda p: (p.gpus, p.prefill_replicas + p.decode_replicas, -p.per_gpu))
+    return [chosen] + [p for p in plans if p is not chosen]
+
+
+def stage_link(links: Links, shape: ClusterShape, gpus: int) -> float:
+    """An instance that fits in a node pipelines over NVLink; a larger one crosses nodes."""
+    return links.intra_node if gpus <= shape.gpus_per_node else links.inter_node
+
+
+def high_affinity(
+    ctx: Context, shape: ClusterShape, rate: float
+) -> tuple[list[Placement], list[PhaseResult]]:
+    """Algorithm 1: each phase's instances placed independently; KV moves over NVLink when the
+    whole budget fits in one node, else over the inter-node link."""
+    one_node = shape.budget <= shape.gpus_per_node
+    transfer_bw = ctx.links.intra_node if one_node else ctx.links.inter_node
+    configs = list(parallel_configs(ctx.arch, shape.gpus_per_node, shape.budget, shape.budget))
+    prefills = [prefill_rate(ctx, tp, pp, stage_link(ctx.links, shape, tp * pp)) for tp, pp in configs]
+    decodes = [
+        decode_rate(ctx, tp, pp, stage_link(ctx.links, shape, tp * pp), transfer_bw, tp * pp)
+        for tp, pp in configs
+    ]
+    plans = []
+    for p in prefills:
+        for d in decodes:
+            if p.max_rate > 0 and d.max_rate > 0:
+                split = replicas(rate, p.max_rate, d.max_rate, p.gpus, d.gpus, shape.budget)
+                if split:
+                    plans.append(Placement(p, d, split[0], split[1]))
+    return choose(plans, rate), prefills + decodes
+
+
+def low_affinity(ctx: Context, shape: ClusterShape, rate: float) -> tuple[list[Placement], list[PhaseResult]]:
+    """Algorithm 2: a pipeline spans `span` nodes; on every node, stage i's prefill and decode
+    segments sit together (KV moves over NVLink), and stages talk over the inter-node link.
+    A node holds n_p prefill segments of TP tp_p and n_d decode segments of TP tp_d."""
+    plans: list[Placement] = []
+    seen: list[PhaseResult] = []
+    g = shape.gpus_per_node
+    for span in divisors(ctx.arch.layers, shape.nodes):
+        stage_bw = ctx.links.inter_node if span > 1 else ctx.links.intra_node
+        groups = shape.nodes // span
+        tps = range(1, g + 1)
+        prefills = [prefill_rate(ctx, tp, span, stage_bw) for tp in tps]
+        decodes = [decode_rate(ctx, tp, span, stage_bw, ctx.links.intra_node, tp * span) for tp in tps]
+        seen += prefills + decodes
+        for p in prefills:
+            for d in decodes:
+                if p.max_rate <= 0 or d.max_rate <= 0:
+                    continue
+                for n_p in range(1, (g - d.tp) // p.tp + 1):
+                    n_d = (g - n_p * p.tp) // d.tp
+                    per_group = min(n_p * p.max_rate, n_d * d.max_rate)
+                    if n_d < 1 or per_group <= 0:
+                        continue
+                    # Trim segments a group does not need (a smaller node footprint serves as much).
+                    while n_d > 1 and (n_d - 1) * d.max_rate >= n_p * p.max_rate:
+                        n_d -= 1
+                    want = max(1, math.ceil(rate / per_group - 1e-9))
+                    use = min(groups, want)
+                    if (n_p * p.tp + n_d * d.tp) * span * use > shape.budget:
+                        use = shape.budget // ((n_p * p.tp + n_d * d.tp) * span)
+                    if use >= 1:
+                        plans.append(Placement(p, d, n_p * use, n_d * use, span, "Low"))
+    return choose(plans, rate), seen
+
+
+def colocated(ctx: Context, shape: ClusterShape) -> list[PhaseResult]:
+    stage_bw = ctx.links.intra_node
+    configs = parallel_configs(
+        ctx.arch, shape.gpus_per_node, min(shape.budget, shape.gpus_per_node), shape.budget
+    )
+    results = [colocated_rate(ctx, tp, pp, stage_bw) for tp, pp in configs]
+    return sorted(results, key=lambda r: r.per_gpu, reverse=True)
+
+
+def exhaustive_one_to_one(ctx: Context, shape: ClusterShape) -> list[tuple[float, PhaseResult, PhaseResult]]:
+    """The paper's method, for a same-run baseline: every (prefill, decode) pair simulated together
+    at a fixed 1:1 ratio, bisection over the joint attainment, no analytic bound or caching by phase."""
+    stage_bw = ctx.links.intra_node
+    configs = list(parallel_configs(ctx.arch, shape.gpus_per_node, shape.budget, shape.budget))
+    reqs = ctx.requests
+    out = []
+    for ptp, ppp in configs:
+        for dtp, dpp in configs:
+            if ptp * ppp + dtp * dpp > shape.budget:
+                continue
+            pfit = check_fit(ctx.arch, ctx.device, ptp, ppp, ctx.longest_request)
+            dfit = check_fit(ctx.arch, ctx.device, dtp, dpp, ctx.longest_request)
+            pt = _timing(ctx, ptp, ppp, stage_bw, reqs.mean_input)
+            dt = _timing(ctx, dtp, dpp, stage_bw, 1.0)
+            if not (pfit.ok and dfit.ok) or pt is None or dt is None:
+                continue
+
+            def attain(
+                rate: float, pt: InstanceTiming = pt, dt: InstanceTiming = dt, kv: int = dfit.kv_tokens
+            ) -> float:
+                ctx.probes += 1
+                arrivals = [t * 1e3 for t in reqs.arrivals(rate)]
+                # Like the paper: no KV transfer time.
+                outcome = sim.simulate_disaggregated(
+                    [pt], [dt], kv, lambda i: 0.0, arrivals, reqs.inputs, reqs.outputs, ctx.token_budget
+                )
+                return outcome.attainment(ctx.slo.ttft_ms, ctx.slo.tpot_ms)
+
+            rate, _, _ = bisect_rate(attain, ctx.slo.attainment, 100.0)
+            gpus = ptp * ppp + dtp * dpp
+            p = PhaseResult("prefill", ptp, ppp, rate, Bottleneck.NONE, pfit)
+            d = PhaseResult("decode", dtp, dpp, rate, Bottleneck.NONE, dfit)
+            out.append((rate / gpus, p, d))
+    out.sort(key=lambda x: x[0], reverse=True)
+    return out

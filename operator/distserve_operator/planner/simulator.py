@@ -1,0 +1,289 @@
+"""Discrete-event simulation of prefill, decode and colocated instances. Times are milliseconds.
+
+Lifecycle of a request: arrives -> waits FCFS for a prefill batch (up to a token budget) -> first
+token at the end of its batch (TTFT) -> waits in the prefill instance's memory until a decode
+instance has KV room for prompt+output -> KV is pulled (transfer time from the link) -> one token
+per decode step of a continuously batched decode instance -> done. TPOT = (last token - first
+token) / (output tokens - 1).
+
+Events are arrivals, batch ends and completions. Decode steps between two events are advanced
+in closed form: with a constant batch B the context grows by B each step, so k steps take
+`k*alpha + beta*(k*ctx + B*k*(k-1)/2)`. That keeps a probe at O(requests log requests) instead of
+O(steps * batch), which is what makes a whole search take about a second.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from .latency import InstanceTiming
+
+INF = math.inf
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    last_token: list[float]
+    memory_bound: bool  # a ready request ever waited for KV room
+    admitted: list[float]  # when each request got its KV room (it leaves the prefill's memory)
+
+
+def _steps_until(dt: float, alpha: float, beta: float, ctx: float, batch: int) -> int:
+    """Fewest decode steps (>= 1) whose total time reaches `dt`."""
+    q = beta * batch / 2
+    p = alpha + beta * ctx - q
+    if q <= 0:
+        return max(1, math.ceil(dt / p)) if p > 0 else 1
+    return max(1, math.ceil((-p + math.sqrt(p * p + 4 * q * dt)) / (2 * q)))
+
+
+def _advance(k: int, alpha: float, beta: float, ctx: float, batch: int) -> float:
+    return k * alpha + beta * (k * ctx + batch * k * (k - 1) / 2)
+
+
+def simulate_prefill(
+    timing: InstanceTiming, arrivals: Sequence[float], inputs: Sequence[int], token_budget: int
+) -> list[float]:
+    """First-token time of each request on one FCFS prefill instance (arrivals sorted)."""
+    n = len(arrivals)
+    done = [0.0] * n
+    free, i = 0.0, 0
+    while i < n:
+        start = max(free, arrivals[i])
+        j, tokens, sq = i, 0, 0
+        # Batch everything already waiting, in order, while the batch stays within the budget.
+        while j < n and arrivals[j] <= start and (j == i or tokens + inputs[j] <= token_budget):
+            tokens += inputs[j]
+            sq += inputs[j] * inputs[j]
+            j += 1
+        latency, busy = timing.prefill(tokens, sq)
+        for k in range(i, j):
+            done[k] = start + latency
+        free, i = start + busy, j
+    return done
+
+
+def simulate_decode(
+    timing: InstanceTiming,
+    ready: Sequence[float],
+    inputs: Sequence[int],
+    outputs: Sequence[int],
+    kv_capacity: int,
+) -> DecodeResult:
+    """Last-token time of each request on one continuously batching decode instance.
+
+    `ready` is when a request's KV can be on this instance (prefill end + transfer). A request is
+    admitted FCFS at a step boundary when prompt+output tokens fit the free KV room (reserved up
+    front, so nothing is ever preempted); until then it waits in the prefill instance's memory.
+    """
+    n = len(ready)
+    last = [INF] * n
+    admitted = [INF] * n
+    order = sorted(range(n), key=ready.__getitem__)
+    running: list[tuple[int, int]] = []  # (step at which it finishes, request)
+    t, step, ctx, used, q = 0.0, 0, 0, 0, 0
+    memory_bound = False
+    while q < n or running:
+        while q < n and ready[order[q]] <= t:  # admit what is ready and fits
+            r = order[q]
+            need = inputs[r] + outputs[r]
+            if need > kv_capacity:
+                q += 1  # can never fit: reported as a miss
+                continue
+            if used + need > kv_capacity:
+                memory_bound = True
+                break
+            q += 1
+            admitted[r] = max(t, ready[r])
+            if outputs[r] <= 1:
+                last[r] = ready[r]
+                continue
+            heapq.heappush(running, (step + outputs[r] - 1, r))
+            used += need
+            ctx += inputs[r] + 1
+        if not running:
+            if q < n:
+                t = max(t, ready[order[q]])
+            continue
+        batch = len(running)
+        a, b, c = timing.decode_abc(batch)
+        alpha = a + c * batch
+        k = running[0][0] - step
+        if q < n and ready[order[q]] > t:
+            head = order[q]
+            if used + inputs[head] + outputs[head] <= kv_capacity:
+                k = min(k, _steps_until(ready[head] - t, alpha, b, ctx, batch))
+        t += _advance(k, alpha, b, ctx, batch)
+        step += k
+        ctx += k * batch
+        while running and running[0][0] == step:
+            _, r = heapq.heappop(running)
+            last[r] = t
+            used -= inputs[r] + outputs[r]
+            ctx -= inputs[r] + outputs[r]
+    return DecodeResult(last, memory_bound, admitted)
+
+
+def simulate_colocated(
+    timing: InstanceTiming,
+    arrivals: Sequence[float],
+    inputs: Sequence[int],
+    outputs: Sequence[int],
+    kv_capacity: int,
+    token_budget: int,
+) -> tuple[list[float], list[float]]:
+    """(first token, last token) on one instance doing both phases, prefill first (vLLM-style):
+    whenever a request is waiting and fits, the next iteration is a prefill and decoding stalls."""
+    n = len(arrivals)
+    first, last = [INF] * n, [INF] * n
+    running: list[tuple[int, int]] = []
+    t, step, ctx, used, i = 0.0, 0, 0, 0, 0
+    while i < n or running:
+        while i < n and inputs[i] + outputs[i] > kv_capacity:
+            i += 1  # can never fit
+        if i < n and arrivals[i] <= t and used + inputs[i] + outputs[i] <= kv_capacity:
+            j, tokens, sq = i, 0, 0
+            while (
+                j < n
+                and arrivals[j] <= t
+                and (j == i or tokens + inputs[j] <= token_budget)
+                and used + inputs[j] + outputs[j] <= kv_capacity
+            ):
+                tokens += inputs[j]
+                sq += inputs[j] * inputs[j]
+                used += inputs[j] + outputs[j]
+                j += 1
+            t += timing.prefill(tokens, sq)[0]
+            for r in range(i, j):
+                first[r] = t
+                if outputs[r] <= 1:
+                    last[r] = t
+                    used -= inputs[r] + outputs[r]
+                else:
+                    heapq.heappush(running, (step + outputs[r] - 1, r))
+                    ctx += inputs[r] + 1
+            i = j
+            continue
+        if not running:
+            if i < n:
+                t = max(t, arrivals[i])
+            continue
+        batch = len(running)
+        a, b, c = timing.decode_abc(batch)
+        alpha = a + c * batch
+        k = running[0][0] - step
+        if i < n and arrivals[i] > t and used + inputs[i] + outputs[i] <= kv_capacity:
+            k = min(k, _steps_until(arrivals[i] - t, alpha, b, ctx, batch))
+        t += _advance(k, alpha, b, ctx, batch)
+        step += k
+        ctx += k * batch
+        while running and running[0][0] == step:
+            _, r = heapq.heappop(running)
+            last[r] = t
+            used -= inputs[r] + outputs[r]
+            ctx -= inputs[r] + outputs[r]
+    return first, last
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def tpot(first: Sequence[float], last: Sequence[float], outputs: Sequence[int]) -> list[float]:
+    return [(lt - ft) / (o - 1) if o > 1 else 0.0 for ft, lt, o in zip(first, last, outputs, strict=True)]
+
+
+def attainment(values: Sequence[float], limit: float) -> float:
+    return sum(1 for v in values if v <= limit) / len(values) if values else 0.0
+
+
+def joint_attainment(
+    ttft: Sequence[float], tpots: Sequence[float], ttft_slo: float, tpot_slo: float
+) -> float:
+    good = sum(1 for a, b in zip(ttft, tpots, strict=True) if a <= ttft_slo and b <= tpot_slo)
+    return good / len(ttft) if ttft else 0.0
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Per-request latencies of one simulated run."""
+
+    ttft: list[float]
+    tpot: list[float]
+    memory_bound: bool = False
+    # Peak KV tokens a prefill instance held for requests waiting for decode room, over its capacity.
+    prefill_memory_peak: float = 0.0
+
+    def attainment(self, ttft_slo: float, tpot_slo: float) -> float:
+        return joint_attainment(self.ttft, self.tpot, ttft_slo, tpot_slo)
+
+
+def simulate_disaggregated(
+    prefill: Sequence[InstanceTiming],
+    decode: Sequence[InstanceTiming],
+    decode_kv_capacity: int,
+    transfer_ms: Callable[[int], float],
+    arrivals: Sequence[float],
+    inputs: Sequence[int],
+    outputs: Sequence[int],
+    token_budget: int,
+    prefill_kv_capacity: int | None = None,
+) -> Outcome:
+    """The whole plan: requests go round-robin to prefill instances, then in first-token order
+    round-robin to decode instances (both routers spread load evenly). The prefill's memory is
+    checked afterwards rather than enforced: `prefill_memory_peak` > 1 means backpressure would
+    have delayed prefills."""
+    n = len(arrivals)
+    first = [0.0] * n
+    for k, timing in enumerate(prefill):
+        idx = list(range(k, n, len(prefill)))
+        done = simulate_prefill(timing, [arrivals[r] for r in idx], [inputs[r] for r in idx], token_budget)
+        for r, d in zip(idx, done, strict=True):
+            first[r] = d
+    by_first = sorted(range(n), key=first.__getitem__)
+    last = [0.0] * n
+    left_prefill = [0.0] * n
+    memory_bound = False
+    for k, timing in enumerate(decode):
+        idx = by_first[k :: len(decode)]
+        result = simulate_decode(
+            timing,
+            [first[r] + transfer_ms(inputs[r]) for r in idx],
+            [inputs[r] for r in idx],
+            [outputs[r] for r in idx],
+            decode_kv_capacity,
+        )
+        memory_bound |= result.memory_bound
+        for r, lt, adm in zip(idx, result.last_token, result.admitted, strict=True):
+            last[r] = lt
+            left_prefill[r] = adm
+    ttft = [f - a for f, a in zip(first, arrivals, strict=True)]
+    peak = 0.0
+    if prefill_kv_capacity:
+        for k in range(len(prefill)):
+            mine = range(k, n, len(prefill))
+            peak = max(peak, _peak_held(mine, first, left_prefill, inputs) / prefill_kv_capacity)
+    return Outcome(ttft, tpot(first, last, outputs), memory_bound, peak)
+
+
+def _peak_held(
+    idx: Iterable[int], start: Sequence[float], end: Sequence[float], tokens: Sequence[int]
+) -> int:
+    """Most tokens held at once by requests each held from start[r] to end[r]."""
+    events = sorted(
+        [(start[r], tokens[r]) for r in idx] + [(end[r], -tokens[r]) for r in idx], key=lambda e: (e[0], e[1])
+    )
+    held = peak = 0
+    for _, delta in events:
+        held += delta
+        peak = max(peak, held)
+    return peak
