@@ -14,7 +14,10 @@ from collections.abc import Sequence
 
 # name -> (module, one-line help). Order is the order shown in --help.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "plan": ("distserve_operator.planner.cli_plan", "choose prefill/decode parallelism and replicas for a manifest"),
+    "plan": (
+        "distserve_operator.planner.cli_plan",
+        "choose prefill/decode parallelism and replicas for a manifest",
+    ),
     "simulate": ("distserve_operator.planner.cli_simulate", "simulate one configuration under a workload"),
     "up": ("distserve_worker.local.cli_up", "run router, prefill and decode locally for a manifest"),
     "demo": ("distserve_worker.local.cli_demo", "start the local stack on SmolLM2, send requests, stop"),
@@ -30,7 +33,9 @@ def _load(name: str):  # type: ignore[no-untyped-def]
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distserve", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="distserve", description=__doc__.splitlines()[0] if __doc__ else None
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (_, help_text) in SUBCOMMANDS.items():

@@ -81,16 +81,16 @@ def _rules(doc: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
     return table
 
 
+CHILD_VERBS = {"get", "list", "create", "patch", "delete"}
 EXPECTED_RULES = {
     ("distserve.io", "distservedeployments"): {"get", "list", "watch", "patch"},
     ("distserve.io", "distservedeployments/status"): {"get", "patch"},
-    ("", "configmaps"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("networking.k8s.io", "networkpolicies"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "events"): {"create", "patch"},
-    ("events.k8s.io", "events"): {"create", "patch"},
+    ("", "configmaps"): CHILD_VERBS,
+    ("", "services"): CHILD_VERBS,
+    ("apps", "statefulsets"): CHILD_VERBS,
+    ("apps", "deployments"): CHILD_VERBS,
+    ("networking.k8s.io", "networkpolicies"): CHILD_VERBS,
+    ("", "events"): {"create"},
 }
 
 
@@ -99,7 +99,8 @@ def test_default_watches_all_namespaces_with_a_least_privilege_cluster_role() ->
     (role,) = kinds(docs, "ClusterRole")
     (binding,) = kinds(docs, "ClusterRoleBinding")
     assert not kinds(docs, "Role") and not kinds(docs, "RoleBinding")
-    assert _rules(role) == EXPECTED_RULES
+    assert _rules(role) == EXPECTED_RULES  # no pods, no podgroups, no secrets, nothing watched but the CR
+    assert {"name": "DISTSERVE_OPERATOR_GANG_SCHEDULING", "value": "false"} in container(docs)["env"]
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"]
     assert binding["subjects"] == [
@@ -123,14 +124,10 @@ def test_listed_namespaces_get_one_role_each_and_podgroups_when_enabled() -> Non
     roles = kinds(docs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     assert sorted(b["metadata"]["namespace"] for b in kinds(docs, "RoleBinding")) == ["team-a", "team-b"]
-    assert _rules(roles[0])[("scheduling.x-k8s.io", "podgroups")] == {
-        "get",
-        "list",
-        "watch",
-        "create",
-        "patch",
-        "delete",
-    }
+    rules = _rules(roles[0])
+    assert rules[("scheduling.x-k8s.io", "podgroups")] == CHILD_VERBS
+    assert rules[("", "pods")] == {"get", "list", "watch", "patch"}
+    assert {"name": "DISTSERVE_OPERATOR_GANG_SCHEDULING", "value": "true"} in container(docs)["env"]
     args = container(docs)["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
 

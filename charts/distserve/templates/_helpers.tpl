@@ -46,10 +46,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 
 {{/*
-Least privilege: exactly what the operator reads and writes.
-- distservedeployments: watched by kopf, which patches annotations (progress) and status.
-- children it renders and adopts: ConfigMaps, Services, StatefulSets, Deployments, NetworkPolicies.
-- events: plan and re-plan Events.
+Least privilege: exactly the calls the operator makes (operator/distserve_operator/kube.py, kopf).
+- distservedeployments: kopf lists and watches them and patches its annotations and finalizer;
+  the operator reads the live object and patches status.
+- children it renders and adopts (GET, list by owner, POST, merge-PATCH, DELETE when pruned): never watched.
+- events: core/v1 Events on plan, re-plan and invalid specs.
+- gang scheduling only: worker pods (watched through a label selector, patched to join a PodGroup) and PodGroups.
 */}}
 {{- define "distserve.rules" -}}
 - apiGroups: ["distserve.io"]
@@ -60,19 +62,22 @@ Least privilege: exactly what the operator reads and writes.
   verbs: ["get", "patch"]
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "create", "patch", "delete"]
 - apiGroups: ["apps"]
   resources: ["statefulsets", "deployments"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "create", "patch", "delete"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-- apiGroups: ["", "events.k8s.io"]
+  verbs: ["get", "list", "create", "patch", "delete"]
+- apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- if .Values.podGroups.enabled }}
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["scheduling.x-k8s.io"]
   resources: ["podgroups"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "create", "patch", "delete"]
 {{- end }}
 {{- end -}}

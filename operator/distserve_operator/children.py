@@ -1,0 +1,581 @@
+"""Render the Kubernetes objects of one DistServeDeployment from its spec and plan (pure).
+
+Topology (DESIGN.md, "Children"):
+
+- `ConfigMap <name>-plan`, key `plan.json`: the contract read by the router and the workers.
+- Per role and pipeline stage a StatefulSet `<name>-<role>-s<i>`; ordinal k of every stage of a
+  role is instance k. Each pod requests `<gpu resource>: <tp>`.
+- Low node affinity, layout SeparatePods: decode stage i requires the node of a prefill stage i pod.
+  Layout SharedPod: one StatefulSet `<name>-pd-s<i>` whose pods run both stage segments, so the
+  KV cache moves over NVLink / CUDA IPC inside the pod.
+- A headless Service per role, the router Deployment and the Service users call (`<name>`).
+- A NetworkPolicy letting only this deployment's pods reach the workers' gRPC ports.
+- Gang scheduling: one scheduler-plugins PodGroup per instance (its pp stage pods).
+
+Everything the worker runtime reads (command line, ports, mounts, probe) is in this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from . import labels as L
+from .api import (
+    AutoscalingMode,
+    DistServeDeploymentSpec,
+    GangScheduling,
+    GpuType,
+    PhasePlan,
+    PlacementAffinity,
+    PlanStatus,
+    SourceKind,
+    StageLayout,
+)
+
+PLAN_DIR = "/etc/distserve"
+PLAN_FILE = f"{PLAN_DIR}/plan.json"
+PLAN_KEY = "plan.json"
+MODEL_DIR = "/models"
+RUN_AS_USER = 10001
+POD_GROUP_API = "scheduling.x-k8s.io/v1alpha1"
+ROUTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}}
+
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class WorkerGroup:
+    """One StatefulSet: the pods of one pipeline stage of one role (or of both, SharedPod)."""
+
+    role: str  # labels.ROLE_PREFILL / ROLE_DECODE / ROLE_PAIRED
+    stage: int
+    replicas: int
+    segments: tuple[tuple[str, PhasePlan], ...]  # (role, phase plan) per container
+
+    def name(self, instance: str) -> str:
+        short = "pd" if self.role == L.ROLE_PAIRED else self.role
+        return f"{instance}-{short}-s{self.stage}"
+
+    @property
+    def status_name(self) -> str:
+        return f"{self.role}-s{self.stage}"
+
+
+def plan_configmap_name(name: str) -> str:
+    return f"{name}-plan"
+
+
+def role_service_name(name: str, role: str) -> str:
+    return f"{name}-{role}"
+
+
+def router_name(name: str) -> str:
+    return f"{name}-router"
+
+
+def shared_pod_layout(spec: DistServeDeploymentSpec, plan: PlanStatus) -> bool:
+    """SharedPod pairs stage i of prefill with stage i of decode: it needs matching shapes."""
+    return (
+        plan.affinity is PlacementAffinity.LOW
+        and spec.placement.stage_layout is StageLayout.SHARED_POD
+        and plan.prefill.pp == plan.decode.pp
+        and plan.prefill.replicas == plan.decode.replicas
+    )
+
+
+def worker_groups(spec: DistServeDeploymentSpec, plan: PlanStatus) -> list[WorkerGroup]:
+    if shared_pod_layout(spec, plan):
+        segments = ((L.ROLE_PREFILL, plan.prefill), (L.ROLE_DECODE, plan.decode))
+        return [
+            WorkerGroup(L.ROLE_PAIRED, i, plan.prefill.replicas, segments) for i in range(plan.prefill.pp)
+        ]
+    groups = []
+    for role, phase in ((L.ROLE_PREFILL, plan.prefill), (L.ROLE_DECODE, plan.decode)):
+        groups += [WorkerGroup(role, i, phase.replicas, ((role, phase),)) for i in range(phase.pp)]
+    return groups
+
+
+def ports(spec: DistServeDeploymentSpec, role: str, shared: bool) -> tuple[int, int]:
+    """(gRPC, metrics) ports of a role's container; in a shared pod decode takes the next ones."""
+    offset = 1 if shared and role == L.ROLE_DECODE else 0
+    return spec.worker.grpc_port + offset, spec.worker.metrics_port + offset
+
+
+def parallelism_hash(plan: PlanStatus) -> str:
+    """Changes when a pod's shape changes (tp, pp), not when only replica counts do."""
+    shape = {
+        "prefill": [plan.prefill.tp, plan.prefill.pp],
+        "decode": [plan.decode.tp, plan.decode.pp],
+        "affinity": plan.affinity.value,
+    }
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- the plan
+
+
+def plan_document(spec: DistServeDeploymentSpec, plan: PlanStatus) -> dict[str, Any]:
+    return {"model": spec.model.to_wire(), "slo": spec.slo.to_wire(), "plan": plan.to_wire()}
+
+
+def render_plan_configmap(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": plan_configmap_name(name), "labels": L.base(name, L.COMPONENT_PLAN)},
+        "data": {PLAN_KEY: json.dumps(plan_document(spec, plan), indent=2, sort_keys=True)},
+    }
+
+
+# ---------------------------------------------------------------------------- pods
+
+
+def _security_context() -> Obj:
+    return {
+        "runAsNonRoot": True,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _pod_security_context() -> Obj:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "fsGroup": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _model_volumes(spec: DistServeDeploymentSpec) -> tuple[list[Obj], list[Obj], list[Obj]]:
+    """(volumes, mounts, env) for the model weights."""
+    source = spec.model.source
+    if source.kind is SourceKind.PVC:
+        return (
+            [{"name": "model", "persistentVolumeClaim": {"claimName": source.claim_name, "readOnly": True}}],
+            [{"name": "model", "mountPath": MODEL_DIR, "readOnly": True}],
+            [{"name": "DISTSERVE_MODEL_DIR", "value": MODEL_DIR}],
+        )
+    if source.kind is SourceKind.HUGGING_FACE and source.host_cache_path:
+        return (
+            [{"name": "hf-cache", "hostPath": {"path": source.host_cache_path, "type": "Directory"}}],
+            [{"name": "hf-cache", "mountPath": f"{MODEL_DIR}/hf-cache", "readOnly": True}],
+            [{"name": "HF_HOME", "value": f"{MODEL_DIR}/hf-cache"}, {"name": "HF_HUB_OFFLINE", "value": "1"}],
+        )
+    return [], [], []
+
+
+def _resources(spec: DistServeDeploymentSpec, gpus: int) -> Obj:
+    requests = dict(spec.worker.resources.requests)
+    limits = dict(spec.worker.resources.limits)
+    if spec.cluster.gpu.type is not GpuType.CPU:
+        # Extended resources must be equal in requests and limits.
+        requests[spec.cluster.gpu.resource_name] = str(gpus)
+        limits[spec.cluster.gpu.resource_name] = str(gpus)
+    out: Obj = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _worker_container(
+    name: str, spec: DistServeDeploymentSpec, role: str, phase: PhasePlan, stage: int, shared: bool
+) -> Obj:
+    grpc_port, metrics_port = ports(spec, role, shared)
+    _, mounts, model_env = _model_volumes(spec)
+    return {
+        "name": role,
+        "image": spec.worker.image,
+        "imagePullPolicy": spec.worker.image_pull_policy.value,
+        "command": [
+            "distserve",
+            "worker",
+            role,
+            "--plan-file",
+            PLAN_FILE,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(grpc_port),
+            "--http-port",
+            str(metrics_port),
+            # The address peers reach this instance at; Kubernetes expands $(POD_IP) from env.
+            "--advertise",
+            f"$(POD_IP):{grpc_port}",
+        ],
+        "ports": [
+            {"name": f"grpc-{role}", "containerPort": grpc_port, "protocol": "TCP"},
+            {"name": f"metrics-{role}", "containerPort": metrics_port, "protocol": "TCP"},
+        ],
+        "env": [
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "DISTSERVE_DEPLOYMENT", "value": name},
+            # Pipeline stage of this segment (the worker CLI has no --stage flag yet).
+            {"name": "DISTSERVE_STAGE", "value": str(stage)},
+            {"name": "HOME", "value": "/tmp"},
+            *model_env,
+            *({"name": e.name, "value": e.value} for e in spec.worker.env),
+        ],
+        "resources": _resources(spec, phase.tp),
+        "readinessProbe": {
+            # /readyz: model loaded and serving; /healthz only says the process is alive.
+            "httpGet": {"path": "/readyz", "port": metrics_port},
+            "periodSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": metrics_port},
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        },
+        "startupProbe": {
+            # Loading weights takes minutes on big models; liveness would kill it meanwhile.
+            "httpGet": {"path": "/healthz", "port": metrics_port},
+            "periodSeconds": 10,
+            "failureThreshold": 180,
+        },
+        "securityContext": _security_context(),
+        "volumeMounts": [
+            {"name": "plan", "mountPath": PLAN_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            *mounts,
+        ],
+    }
+
+
+def _affinity(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus, group: WorkerGroup) -> Obj:
+    if plan.affinity is PlacementAffinity.LOW and group.role == L.ROLE_DECODE:
+        # Decode stage i next to prefill stage i: the KV cache then crosses NVLink, not the network.
+        return {
+            "podAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "labelSelector": {
+                            "matchLabels": {
+                                L.APP_INSTANCE: name,
+                                L.ROLE: L.ROLE_PREFILL,
+                                L.STAGE: str(group.stage),
+                            }
+                        },
+                        "topologyKey": L.HOSTNAME_TOPOLOGY,
+                    }
+                ]
+            }
+        }
+    if plan.affinity is PlacementAffinity.HIGH:
+        # Fast cross-node links: spread instances so one node failure takes few of them down.
+        return {
+            "podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 100,
+                        "podAffinityTerm": {
+                            "labelSelector": {
+                                "matchLabels": {
+                                    L.APP_INSTANCE: name,
+                                    L.ROLE: group.role,
+                                    L.STAGE: str(group.stage),
+                                }
+                            },
+                            "topologyKey": L.HOSTNAME_TOPOLOGY,
+                        },
+                    }
+                ]
+            }
+        }
+    return {}
+
+
+def _group_labels(name: str, group: WorkerGroup) -> dict[str, str]:
+    out = {**L.base(name, L.COMPONENT_WORKER), L.ROLE: group.role, L.STAGE: str(group.stage)}
+    for role, _ in group.segments:
+        out[L.SERVES_PREFILL if role == L.ROLE_PREFILL else L.SERVES_DECODE] = "true"
+    return out
+
+
+def render_statefulset(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus, group: WorkerGroup) -> Obj:
+    shared = group.role == L.ROLE_PAIRED
+    selector = {
+        L.APP_INSTANCE: name,
+        L.APP_COMPONENT: L.COMPONENT_WORKER,
+        L.ROLE: group.role,
+        L.STAGE: str(group.stage),
+    }
+    pod_labels = _group_labels(name, group)
+    volumes, _, _ = _model_volumes(spec)
+    pod_spec: Obj = {
+        "securityContext": _pod_security_context(),
+        "containers": [
+            _worker_container(name, spec, role, phase, group.stage, shared) for role, phase in group.segments
+        ],
+        "volumes": [
+            {"name": "plan", "configMap": {"name": plan_configmap_name(name)}},
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            *volumes,
+        ],
+        "terminationGracePeriodSeconds": 60,
+        "enableServiceLinks": False,
+    }
+    if spec.cluster.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.cluster.node_selector)
+    if spec.cluster.tolerations:
+        pod_spec["tolerations"] = [t.to_wire() for t in spec.cluster.tolerations]
+    if spec.worker.service_account_name:
+        pod_spec["serviceAccountName"] = spec.worker.service_account_name
+    affinity = _affinity(name, spec, plan, group)
+    if affinity:
+        pod_spec["affinity"] = affinity
+    if spec.placement.gang_scheduling is GangScheduling.POD_GROUP:
+        # The pod's PodGroup depends on its ordinal, which a StatefulSet template cannot express:
+        # pods start gated, the operator labels each with its instance's PodGroup and lifts the gate.
+        pod_spec["schedulingGates"] = [{"name": GANG_GATE}]
+        pod_spec["schedulerName"] = GANG_SCHEDULER
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": group.name(name), "labels": pod_labels},
+        "spec": {
+            "replicas": group.replicas,
+            "serviceName": role_service_name(
+                name, L.ROLE_PREFILL if group.role == L.ROLE_PAIRED else group.role
+            ),
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {
+                    "labels": pod_labels,
+                    "annotations": {L.PLAN_HASH_ANNOTATION: parallelism_hash(plan)},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+GANG_GATE = "distserve.io/gang"
+GANG_SCHEDULER = "scheduler-plugins-scheduler"
+
+
+def pod_group_name(name: str, role: str, instance: int) -> str:
+    short = "pd" if role == L.ROLE_PAIRED else role
+    return f"{name}-{short}-i{instance}"
+
+
+def render_pod_groups(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus) -> list[Obj]:
+    if spec.placement.gang_scheduling is not GangScheduling.POD_GROUP:
+        return []
+    groups = worker_groups(spec, plan)
+    out = []
+    for role in dict.fromkeys(g.role for g in groups):
+        stages = [g for g in groups if g.role == role]
+        for k in range(stages[0].replicas):
+            out.append(
+                {
+                    "apiVersion": POD_GROUP_API,
+                    "kind": "PodGroup",
+                    "metadata": {
+                        "name": pod_group_name(name, role, k),
+                        "labels": {**L.base(name, L.COMPONENT_WORKER), L.ROLE: role},
+                    },
+                    "spec": {"minMember": len(stages), "scheduleTimeoutSeconds": 600},
+                }
+            )
+    return out
+
+
+def ungate_patch(pod: Obj) -> Obj | None:
+    """The patch joining a gated worker pod to the PodGroup of its instance (its StatefulSet
+    ordinal) and removing our scheduling gate; None when the pod is not ours to ungate."""
+    gates = (pod.get("spec") or {}).get("schedulingGates") or []
+    if not any(g.get("name") == GANG_GATE for g in gates):
+        return None
+    meta = pod.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    instance, role = labels.get(L.APP_INSTANCE), labels.get(L.ROLE)
+    ordinal = labels.get("apps.kubernetes.io/pod-index") or meta.get("name", "").rsplit("-", 1)[-1]
+    if not instance or not role or not str(ordinal).isdigit():
+        return None
+    return {
+        "metadata": {"labels": {L.POD_GROUP: pod_group_name(instance, role, int(ordinal))}},
+        "spec": {"schedulingGates": [g for g in gates if g.get("name") != GANG_GATE]},
+    }
+
+
+# ---------------------------------------------------------------------------- services, router, policy
+
+
+def render_role_services(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus) -> list[Obj]:
+    out = []
+    for role, serves in ((L.ROLE_PREFILL, L.SERVES_PREFILL), (L.ROLE_DECODE, L.SERVES_DECODE)):
+        out.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {
+                    "name": role_service_name(name, role),
+                    "labels": {**L.base(name, L.COMPONENT_WORKER), L.ROLE: role},
+                },
+                "spec": {
+                    "clusterIP": "None",
+                    "selector": {L.APP_INSTANCE: name, L.APP_COMPONENT: L.COMPONENT_WORKER, serves: "true"},
+                    "ports": [
+                        {
+                            "name": "grpc",
+                            "port": spec.worker.grpc_port,
+                            "targetPort": f"grpc-{role}",
+                            "protocol": "TCP",
+                        },
+                        {
+                            "name": "metrics",
+                            "port": spec.worker.metrics_port,
+                            "targetPort": f"metrics-{role}",
+                            "protocol": "TCP",
+                        },
+                    ],
+                },
+            }
+        )
+    return out
+
+
+def render_router(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus) -> list[Obj]:
+    port = spec.router.port
+    shared = shared_pod_layout(spec, plan)
+    pod_labels = {**L.base(name, L.COMPONENT_ROUTER), L.ROLE: L.ROLE_ROUTER}
+    selector = {L.APP_INSTANCE: name, L.APP_COMPONENT: L.COMPONENT_ROUTER}
+    container = {
+        "name": "router",
+        "image": spec.router.image or spec.worker.image,
+        "imagePullPolicy": spec.worker.image_pull_policy.value,
+        "command": [
+            "distserve",
+            "worker",
+            "router",
+            "--plan-file",
+            PLAN_FILE,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(port),
+            # Headless Services: the router resolves every instance behind them.
+            "--prefill-dns",
+            f"{role_service_name(name, L.ROLE_PREFILL)}.$(POD_NAMESPACE).svc",
+            "--decode-dns",
+            f"{role_service_name(name, L.ROLE_DECODE)}.$(POD_NAMESPACE).svc",
+            "--prefill-port",
+            str(ports(spec, L.ROLE_PREFILL, shared)[0]),
+            "--decode-port",
+            str(ports(spec, L.ROLE_DECODE, shared)[0]),
+        ],
+        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "env": [
+            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "HOME", "value": "/tmp"},
+            {"name": "DISTSERVE_DEPLOYMENT", "value": name},
+        ],
+        "resources": ROUTER_RESOURCES,
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": port}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": port}, "periodSeconds": 10},
+        "securityContext": _security_context(),
+        "volumeMounts": [
+            {"name": "plan", "mountPath": PLAN_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": router_name(name), "labels": pod_labels},
+        "spec": {
+            "replicas": spec.router.replicas,
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": pod_labels},
+                "spec": {
+                    "securityContext": _pod_security_context(),
+                    "containers": [container],
+                    "volumes": [
+                        {"name": "plan", "configMap": {"name": plan_configmap_name(name)}},
+                        {"name": "tmp", "emptyDir": {}},
+                    ],
+                    "enableServiceLinks": False,
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "labels": pod_labels},
+        "spec": {
+            "type": spec.router.service_type.value,
+            "selector": selector,
+            "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+    return [deployment, service]
+
+
+def render_network_policy(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus) -> Obj:
+    shared = shared_pod_layout(spec, plan)
+    grpc_ports = sorted({ports(spec, role, shared)[0] for role in (L.ROLE_PREFILL, L.ROLE_DECODE)})
+    metrics_ports = sorted({ports(spec, role, shared)[1] for role in (L.ROLE_PREFILL, L.ROLE_DECODE)})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": f"{name}-workers", "labels": L.base(name, L.COMPONENT_WORKER)},
+        "spec": {
+            "podSelector": {"matchLabels": {L.APP_INSTANCE: name, L.APP_COMPONENT: L.COMPONENT_WORKER}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    # gRPC (requests, KV pulls): only this deployment's router and workers.
+                    "from": [
+                        {"podSelector": {"matchLabels": {L.APP_INSTANCE: name, L.APP_NAME: L.NAME_VALUE}}}
+                    ],
+                    "ports": [{"protocol": "TCP", "port": p} for p in grpc_ports],
+                },
+                {
+                    # Metrics and health: scrapers anywhere in the cluster.
+                    "ports": [{"protocol": "TCP", "port": p} for p in metrics_ports],
+                },
+            ],
+        },
+    }
+
+
+# ---------------------------------------------------------------------------- all of it
+
+
+def render_all(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus) -> list[Obj]:
+    """Every child, in the order to apply them (config before the pods that mount it)."""
+    objs: list[Obj] = [render_plan_configmap(name, spec, plan)]
+    objs += render_role_services(name, spec, plan)
+    objs.append(render_network_policy(name, spec, plan))
+    objs += render_pod_groups(name, spec, plan)
+    objs += [render_statefulset(name, spec, plan, g) for g in worker_groups(spec, plan)]
+    objs += render_router(name, spec, plan)
+    return objs
+
+
+def scaled_by_operator(obj: Obj, mode: AutoscalingMode) -> bool:
+    """Whether the operator sets `spec.replicas` of an existing object (External leaves it to HPA/KEDA)."""
+    return not (mode is AutoscalingMode.EXTERNAL and obj["kind"] == "StatefulSet")
+
+
+def role_replicas(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus) -> dict[str, tuple[str, int]]:
+    """status role name -> (StatefulSet name, desired replicas), router included."""
+    out = {g.status_name: (g.name(name), g.replicas) for g in worker_groups(spec, plan)}
+    out[L.ROLE_ROUTER] = (router_name(name), spec.router.replicas)
+    return out

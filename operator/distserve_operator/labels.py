@@ -1,0 +1,47 @@
+"""Label and annotation keys the operator writes: one place, so selectors and children agree."""
+
+from __future__ import annotations
+
+APP_NAME = "app.kubernetes.io/name"
+APP_INSTANCE = "app.kubernetes.io/instance"
+APP_COMPONENT = "app.kubernetes.io/component"
+APP_MANAGED_BY = "app.kubernetes.io/managed-by"
+ROLE = "distserve.io/role"
+STAGE = "distserve.io/stage"
+# A pod that serves a role carries `distserve.io/serves-<role>: "true"`; the SharedPod layout
+# runs both roles in one pod, so the headless Services select on these rather than on ROLE.
+SERVES_PREFILL = "distserve.io/serves-prefill"
+SERVES_DECODE = "distserve.io/serves-decode"
+POD_GROUP = "scheduling.x-k8s.io/pod-group"
+
+PLAN_HASH_ANNOTATION = "distserve.io/parallelism-hash"
+KOPF_PREFIX = "distserve.io"
+
+NAME_VALUE = "distserve"
+MANAGER_VALUE = "distserve-operator"
+
+COMPONENT_WORKER = "worker"
+COMPONENT_ROUTER = "router"
+COMPONENT_PLAN = "plan"
+
+ROLE_PREFILL = "prefill"
+ROLE_DECODE = "decode"
+ROLE_PAIRED = "prefill-decode"
+ROLE_ROUTER = "router"
+
+HOSTNAME_TOPOLOGY = "kubernetes.io/hostname"
+
+
+def base(instance: str, component: str) -> dict[str, str]:
+    """Labels every child of one DistServeDeployment carries."""
+    return {
+        APP_NAME: NAME_VALUE,
+        APP_INSTANCE: instance,
+        APP_COMPONENT: component,
+        APP_MANAGED_BY: MANAGER_VALUE,
+    }
+
+
+def owned_selector(instance: str) -> dict[str, str]:
+    """Selects every child of one DistServeDeployment (for listing and pruning)."""
+    return {APP_INSTANCE: instance, APP_MANAGED_BY: MANAGER_VALUE}

@@ -1,0 +1,84 @@
+"""The operator's own settings: one typed object per process, validated once.
+
+Each field reads `DISTSERVE_OPERATOR_<FIELD>` from the environment (what the Helm chart sets) and
+can be overridden by a `distserve operator` flag of the same name. kopf's own flags
+(`--namespace`, `--all-namespaces`, `--standalone`, `--liveness`, ...) pass through to `kopf run`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ENV_PREFIX = "DISTSERVE_OPERATOR_"
+
+
+class OperatorSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metrics_port: int | None = Field(
+        9100,
+        ge=0,
+        le=65535,
+        description="Port serving the operator's /metrics; 0 picks a free one, None disables.",
+    )
+    metrics_host: str = Field("0.0.0.0", description="Address the metrics server listens on.")
+    planner_workers: int = Field(
+        2, ge=1, le=64, description="Threads running the CPU-bound planner off the event loop."
+    )
+    resync_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="How often every deployment is reconciled again to repair drift of its children.",
+    )
+    observe_tick_seconds: float = Field(
+        1.0,
+        gt=0,
+        description=(
+            "Granularity of the traffic observer; each deployment is observed every "
+            "spec.autoscaling.intervalSeconds, checked at this granularity."
+        ),
+    )
+    http_timeout_seconds: float = Field(
+        10.0, gt=0, description="Timeout for metrics scrapes and Prometheus queries."
+    )
+    router_metrics_url: str = Field(
+        "http://{name}.{namespace}.svc:{port}/metrics",
+        description="Where the router's metrics are read (source Router); {name}, {namespace}, {port} are filled in.",
+    )
+    prometheus_selector: str = Field(
+        'namespace="{namespace}",service="{name}"',
+        description="PromQL label matchers selecting one deployment's router series (source Prometheus).",
+    )
+    field_manager: str = Field("distserve-operator", description="Field manager name on API writes.")
+    api_server: str | None = Field(
+        None,
+        description=(
+            "Kubernetes API URL to use instead of the in-cluster service account or kubeconfig "
+            "(insecure, no auth: local development against an emulator)."
+        ),
+    )
+    events: bool = Field(True, description="Post Kubernetes Events on plan and re-plan.")
+    gang_scheduling: bool = Field(
+        False,
+        description=(
+            "Honour placement.gangScheduling: PodGroup: watch this operator's worker pods (server-side "
+            "label selector) to join each to its instance's PodGroup. Needs RBAC on pods and "
+            "scheduling.x-k8s.io podgroups (chart value podGroups.enabled=true sets both)."
+        ),
+    )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> OperatorSettings:
+        """Read `DISTSERVE_OPERATOR_*` variables, then apply explicit overrides (flags) on top."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is not None:
+                values[name] = None if raw.lower() in ("", "none", "off") and name == "metrics_port" else raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(values)

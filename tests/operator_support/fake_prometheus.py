@@ -1,0 +1,55 @@
+"""A real HTTP server answering Prometheus instant queries (`/api/v1/query`) for the router's
+series: each query is answered from the current traffic by the metric it asks about."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .fake_router import Traffic
+
+
+class FakePrometheus:
+    def __init__(self, traffic: Traffic) -> None:
+        self.traffic = traffic
+        self.queries: list[str] = []
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    def answer(self, query: str) -> float | None:
+        t = self.traffic
+        if query.startswith("100 *"):
+            return t.attainment_percent
+        if "histogram_quantile" in query:
+            return t.prompt_mean * 1.5 if "prompt" in query else t.output_mean * 1.5
+        if "_sum" in query:  # mean = rate(sum) / rate(count), answered as one expression
+            return t.prompt_mean if "prompt" in query else t.output_mean
+        if "distserve_requests_total" in query:
+            return t.requests_per_second
+        return None
+
+    async def __aenter__(self) -> FakePrometheus:
+        async def query(request: web.Request) -> web.Response:
+            q = request.query.get("query", "")
+            self.queries.append(q)
+            value = self.answer(q)
+            result = [] if value is None else [{"metric": {}, "value": [0, str(value)]}]
+            return web.json_response(
+                {"status": "success", "data": {"resultType": "vector", "result": result}}
+            )
+
+        app = web.Application()
+        app.router.add_get("/api/v1/query", query)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
