@@ -92,3 +92,29 @@ def reference_greedy(model: torch.nn.Module, prompt: list[int], max_tokens: int,
         if token in eos or len(tokens) >= max_tokens:
             return tokens
         out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape of one token's cache, read from the model itself (works for any architecture)."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        return (
+            2
+            * self.num_layers
+            * self.kv_heads
+            * self.head_dim
+            * torch.empty(0, dtype=self.dtype).element_size()
+        )
+
+
+def probe_kv_layout(runner: ModelRunner) -> KVLayout:
+    kv = runner.prefill([[0]])[0].kv
+    keys = kv.layers[0][0]
+    return KVLayout(len(kv.layers), int(keys.shape[0]), int(keys.shape[2]), keys.dtype)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from distserve_worker.engine.sequence import Finish, Sequence, SeqStatus
+from distserve_worker.engine.sequence import Finish, SeqStatus, Sequence
 
 
 @dataclass

@@ -28,7 +28,9 @@ class Entry:
 
 
 class KVBuffer:
-    def __init__(self, capacity_bytes: int, ttl_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, capacity_bytes: int, ttl_seconds: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.capacity = capacity_bytes
         self.ttl = ttl_seconds
         self.clock = clock

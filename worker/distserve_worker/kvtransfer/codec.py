@@ -8,13 +8,14 @@ so a broken or hostile sender cannot make the receiver allocate or trust more th
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from distserve_protos.kvtransfer.v1 import kvtransfer_pb2 as pb
 
+from distserve_protos.kvtransfer.v1 import kvtransfer_pb2 as pb
 from distserve_worker.engine.kvcache import SequenceKV
 
 KINDS = (pb.TENSOR_KIND_KEY, pb.TENSOR_KIND_VALUE)
@@ -41,36 +42,134 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.numpy()).cast("B")
 
 
-def encode(request_id: str, kv: SequenceKV, max_chunk_bytes: int) -> Iterator[pb.PullResponse]:
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _len_prefix(field_number: int, length: int) -> bytes:
+    """Tag and length of a length-delimited protobuf field (wire type 2)."""
+    return _varint(field_number << 3 | 2) + _varint(length)
+
+
+def encode_wire(request_id: str, kv: SequenceKV, max_chunk_bytes: int) -> Iterator[bytes]:
+    """The pull stream as serialized `PullResponse` messages, byte-identical to protobuf's own
+    serialization (fields in number order), but with each chunk's bytes copied once, straight from
+    the tensor, instead of three times (slice, message field, serialization)."""
     if max_chunk_bytes <= 0:
         raise ValueError("max_chunk_bytes must be positive")
     sizes = [len(tensor_bytes(t)) for layer in kv.layers for t in layer]
     num_chunks = sum(max(1, -(-size // max_chunk_bytes)) for size in sizes)
-    yield pb.PullResponse(
-        header=pb.KVHeader(
-            request_id=request_id,
-            num_layers=len(kv.layers),
-            num_tokens=kv.num_tokens,
-            total_bytes=sum(sizes),
-            num_chunks=num_chunks,
-        )
+    header = pb.KVHeader(
+        request_id=request_id,
+        num_layers=len(kv.layers),
+        num_tokens=kv.num_tokens,
+        total_bytes=sum(sizes),
+        num_chunks=num_chunks,
     )
+    yield pb.PullResponse(header=header).SerializeToString()
     for layer, pair in enumerate(kv.layers):
         for kind, tensor in zip(KINDS, pair, strict=True):
             data = tensor_bytes(tensor)
             for offset in range(0, max(1, len(data)), max_chunk_bytes):
-                piece = bytes(data[offset : offset + max_chunk_bytes])
-                yield pb.PullResponse(
-                    chunk=pb.KVChunk(
-                        layer=layer,
-                        kind=kind,
-                        dtype=dtype_name(tensor.dtype),
-                        shape=list(tensor.shape),
-                        offset=offset,
-                        data=piece,
-                        crc32=zlib.crc32(piece),
-                    )
-                )
+                piece = data[offset : offset + max_chunk_bytes]
+                meta = pb.KVChunk(
+                    layer=layer,
+                    kind=kind,
+                    dtype=dtype_name(tensor.dtype),
+                    shape=list(tensor.shape),
+                    offset=offset,
+                ).SerializeToString()
+                data_prefix = _len_prefix(6, len(piece))
+                tail = pb.KVChunk(crc32=zlib.crc32(piece)).SerializeToString()
+                size = len(meta) + len(data_prefix) + len(piece) + len(tail)
+                yield b"".join((_len_prefix(2, size), meta, data_prefix, piece, tail))
+
+
+@dataclass(frozen=True)
+class EncodedKV:
+    """A cache already in wire form: what the prefill buffer holds, so a pull only sends bytes."""
+
+    messages: list[bytes]
+    chunk_bytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(m) for m in self.messages)
+
+
+def encode_cache(request_id: str, kv: SequenceKV, max_chunk_bytes: int) -> EncodedKV:
+    return EncodedKV(list(encode_wire(request_id, kv, max_chunk_bytes)), max_chunk_bytes)
+
+
+def encode(request_id: str, kv: SequenceKV, max_chunk_bytes: int) -> Iterator[pb.PullResponse]:
+    """The pull stream as message objects (tests, tools); same content as `encode_wire`."""
+    for raw in encode_wire(request_id, kv, max_chunk_bytes):
+        yield pb.PullResponse.FromString(raw)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise KVCodecError("truncated message")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise KVCodecError("malformed varint")
+
+
+def split_wire(raw: bytes) -> tuple[pb.KVHeader | None, pb.KVChunk | None, memoryview]:
+    """Parse one serialized PullResponse without copying the chunk's data: (header, None, empty) or
+    (None, chunk metadata without `data`, view of the data). The metadata is parsed by protobuf."""
+    buf = memoryview(raw)
+    tag, pos = _read_varint(buf, 0)
+    if tag & 7 != 2:
+        raise KVCodecError("malformed PullResponse")
+    length, pos = _read_varint(buf, pos)
+    body = buf[pos : pos + length]
+    if len(body) != length or pos + length != len(buf):
+        raise KVCodecError("malformed PullResponse")
+    if tag >> 3 == 1:
+        return pb.KVHeader.FromString(body), None, memoryview(b"")
+    if tag >> 3 != 2:
+        raise KVCodecError(f"unknown PullResponse field {tag >> 3}")
+    meta: list[memoryview] = []
+    data = memoryview(b"")
+    pos = 0
+    while pos < len(body):
+        start = pos
+        tag, pos = _read_varint(body, pos)
+        wire = tag & 7
+        if wire == 0:
+            _, pos = _read_varint(body, pos)
+        elif wire == 2:
+            length, pos = _read_varint(body, pos)
+            if pos + length > len(body):
+                raise KVCodecError("truncated chunk")
+            if tag >> 3 == 6:
+                data = body[pos : pos + length]
+                pos += length
+                continue
+            pos += length
+        elif wire == 5:
+            pos += 4
+        elif wire == 1:
+            pos += 8
+        else:
+            raise KVCodecError(f"unsupported wire type {wire}")
+        meta.append(body[start:pos])
+    return None, pb.KVChunk.FromString(b"".join(meta)), data
 
 
 @dataclass(frozen=True)
@@ -90,7 +189,9 @@ class Expected:
 
     @property
     def tensor_bytes(self) -> int:
-        return self.kv_heads * self.num_tokens * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+        return (
+            self.kv_heads * self.num_tokens * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+        )
 
 
 class Assembler:
@@ -99,34 +200,49 @@ class Assembler:
     def __init__(self, expected: Expected) -> None:
         self.expected = expected
         self.header: pb.KVHeader | None = None
-        self.buffers: list[bytearray] = []  # one per tensor, in (layer, key/value) order
+        self.buffers: list[bytearray | memoryview] = []  # one per tensor, in (layer, key/value) order
         self.current = 0  # index of the tensor being filled
         self.filled = 0  # bytes of it received so far
         self.chunks = 0
 
     def feed(self, message: pb.PullResponse) -> None:
-        exp = self.expected
         if message.WhichOneof("item") == "header":
-            if self.header is not None:
-                raise KVCodecError("second header")
-            header = message.header
-            if header.num_layers != exp.num_layers or header.num_tokens != exp.num_tokens:
-                raise KVCodecError(
-                    f"header says {header.num_layers} layers x {header.num_tokens} tokens, "
-                    f"expected {exp.num_layers} x {exp.num_tokens}"
-                )
-            if header.total_bytes != 2 * exp.num_layers * exp.tensor_bytes:
-                raise KVCodecError(f"header says {header.total_bytes} bytes, expected {2 * exp.num_layers * exp.tensor_bytes}")
-            self.header = header
-            self.buffers = [bytearray(exp.tensor_bytes) for _ in range(2 * exp.num_layers)]
-            return
+            self.feed_header(message.header)
+        else:
+            self.feed_chunk(message.chunk, memoryview(message.chunk.data))
+
+    def feed_wire(self, raw: bytes) -> None:
+        header, chunk, data = split_wire(raw)
+        if header is not None:
+            self.feed_header(header)
+        else:
+            assert chunk is not None
+            self.feed_chunk(chunk, data)
+
+    def feed_header(self, header: pb.KVHeader) -> None:
+        exp = self.expected
+        if self.header is not None:
+            raise KVCodecError("second header")
+        if header.num_layers != exp.num_layers or header.num_tokens != exp.num_tokens:
+            raise KVCodecError(
+                f"header says {header.num_layers} layers x {header.num_tokens} tokens, "
+                f"expected {exp.num_layers} x {exp.num_tokens}"
+            )
+        if header.total_bytes != 2 * exp.num_layers * exp.tensor_bytes:
+            raise KVCodecError(
+                f"header says {header.total_bytes} bytes, expected {2 * exp.num_layers * exp.tensor_bytes}"
+            )
+        self.header = header
+
+    def feed_chunk(self, chunk: pb.KVChunk, data: memoryview, crc: int | None = None) -> None:
+        """`crc`: the data's CRC-32 when the caller computed it already (on another thread)."""
+        exp = self.expected
         if self.header is None:
             raise KVCodecError("chunk before header")
-        chunk = message.chunk
         self.chunks += 1
-        if len(chunk.data) > exp.max_chunk_bytes:
-            raise KVCodecError(f"oversized chunk: {len(chunk.data)} bytes > limit {exp.max_chunk_bytes}")
-        if self.current >= len(self.buffers):
+        if len(data) > exp.max_chunk_bytes:
+            raise KVCodecError(f"oversized chunk: {len(data)} bytes > limit {exp.max_chunk_bytes}")
+        if self.current >= 2 * exp.num_layers:
             raise KVCodecError("more chunks than the cache holds")
         layer, kind = divmod(self.current, 2)
         where = f"layer {chunk.layer} {pb.TensorKind.Name(chunk.kind)} offset {chunk.offset}"
@@ -136,20 +252,34 @@ class Assembler:
             raise KVCodecError(f"dtype {chunk.dtype!r} in {where}, expected {dtype_name(exp.dtype)!r}")
         if tuple(chunk.shape) != exp.tensor_shape:
             raise KVCodecError(f"shape {tuple(chunk.shape)} in {where}, expected {exp.tensor_shape}")
-        if zlib.crc32(chunk.data) != chunk.crc32:
+        if (zlib.crc32(data) if crc is None else crc) != chunk.crc32:
             raise KVCodecError(f"corrupt chunk: CRC-32 mismatch in {where}")
-        end = self.filled + len(chunk.data)
+        end = self.filled + len(data)
         if end > exp.tensor_bytes:
             raise KVCodecError(f"chunk overruns its tensor ({where})")
-        self.buffers[self.current][self.filled : end] = chunk.data
+        if self.filled == 0 and end == exp.tensor_bytes:
+            self.buffers.append(data)  # the whole tensor in one chunk: keep the received bytes, no copy
+        else:
+            if self.filled == 0:
+                self.buffers.append(bytearray(exp.tensor_bytes))
+            target = self.buffers[-1]
+            assert isinstance(target, bytearray)
+            target[self.filled : end] = data
         self.filled = end
         if self.filled == exp.tensor_bytes:
             self.current += 1
             self.filled = 0
 
     def result(self) -> SequenceKV:
-        if self.header is None or self.current != len(self.buffers):
-            raise KVCodecError(f"incomplete KV cache: {self.current} of {len(self.buffers)} tensors received")
         exp = self.expected
-        tensors = [torch.frombuffer(buf, dtype=exp.dtype).reshape(exp.tensor_shape) for buf in self.buffers]
+        if self.header is None or self.current != 2 * exp.num_layers:
+            raise KVCodecError(
+                f"incomplete KV cache: {self.current} of {2 * exp.num_layers} tensors received"
+            )
+        with warnings.catch_warnings():
+            # Whole-tensor chunks are read-only received bytes; the decode batch copies them before any write.
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            tensors = [
+                torch.frombuffer(buf, dtype=exp.dtype).reshape(exp.tensor_shape) for buf in self.buffers
+            ]
         return SequenceKV([(tensors[i], tensors[i + 1]) for i in range(0, len(tensors), 2)])

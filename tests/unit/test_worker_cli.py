@@ -1,0 +1,54 @@
+"""`distserve worker ...` flags, environment and the mounted plan file become typed settings."""
+
+import argparse
+import json
+
+from distserve_worker import cli_worker
+from distserve_worker.settings import DecodeSettings, PrefillSettings, RouterSettings
+
+
+def parse(argv, monkeypatch=None, env=None):
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
+    parser = argparse.ArgumentParser()
+    cli_worker.add_arguments(parser)
+    return cli_worker.build_settings(parser.parse_args(argv))
+
+
+def test_plan_file_gives_model_and_slo(tmp_path):
+    plan = {
+        "model": {
+            "name": "org/m",
+            "source": {"kind": "PVC", "path": "m", "ggufFile": "m.gguf"},
+            "dtype": "bfloat16",
+        },
+        "slo": {"ttftMillis": 250, "tpotMillis": 100, "attainmentPercent": 90},
+        "plan": {"prefill": {"tp": 1, "pp": 1, "replicas": 2}, "decode": {"tp": 1, "pp": 1, "replicas": 1}},
+    }
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    router = parse(["router", "--plan-file", str(path), "--prefill-dns", "x-prefill.ns.svc"])
+    assert isinstance(router, RouterSettings)
+    assert (router.model.name, router.model.kind, router.model.gguf_file, router.model.dtype) == (
+        "org/m",
+        "PVC",
+        "m.gguf",
+        "bfloat16",
+    )
+    assert (router.slo_ttft_seconds, router.slo_tpot_seconds) == (0.25, 0.1)
+    assert (router.prefill_dns, router.prefill_port, router.decode_port) == ("x-prefill.ns.svc", 50051, 50052)
+
+
+def test_defaults_and_environment(monkeypatch):
+    prefill = parse(
+        ["prefill"], monkeypatch, {"DISTSERVE_KV_BUFFER_MIB": "8", "DISTSERVE_ADVERTISE": "10.0.0.5:50051"}
+    )
+    assert isinstance(prefill, PrefillSettings)
+    assert (prefill.port, prefill.http_port, prefill.kv_buffer_bytes) == (50051, 8081, 8 * 1024 * 1024)
+    assert prefill.address == "10.0.0.5:50051"
+    decode = parse(["decode", "--max-batch", "4"])
+    assert isinstance(decode, DecodeSettings) and (decode.port, decode.http_port, decode.max_batch) == (
+        50052,
+        8082,
+        4,
+    )

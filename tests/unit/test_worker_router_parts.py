@@ -1,0 +1,69 @@
+"""Router pieces without I/O: OpenAI request validation and instance picking."""
+
+import pytest
+
+from distserve_worker.router.openai import BadRequest, parse_request
+from distserve_worker.router.picker import Instance, pick_decode, pick_prefill
+
+MODEL = "m"
+
+
+def test_valid_completion_request():
+    req = parse_request(
+        {"model": MODEL, "prompt": "hi", "max_tokens": 5, "stop": "x", "seed": 3}, False, MODEL
+    )
+    assert (req.prompt, req.max_tokens, req.stop, req.seed, req.stream) == ("hi", 5, ["x"], 3, False)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "hi"}, "model"),
+        ({"model": "other", "prompt": "hi"}, "model"),
+        ({"model": MODEL, "prompt": ""}, "prompt"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": -1}, "max_tokens"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": 1.5}, "max_tokens"),
+        ({"model": MODEL, "prompt": "hi", "temperature": 3}, "temperature"),
+        ({"model": MODEL, "prompt": "hi", "top_p": 0}, "top_p"),
+        ({"model": MODEL, "prompt": "hi", "n": 2}, "n"),
+        ({"model": MODEL, "prompt": "hi", "stream": "yes"}, "stream"),
+        ({"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ],
+)
+def test_bad_completion_requests_name_the_parameter(body, param):
+    with pytest.raises(BadRequest) as err:
+        parse_request(body, False, MODEL)
+    assert err.value.param == param and str(err.value)
+
+
+def test_chat_needs_messages_with_role_and_content():
+    with pytest.raises(BadRequest):
+        parse_request({"model": MODEL, "messages": [{"role": "user"}]}, True, MODEL)
+    req = parse_request({"model": MODEL, "messages": [{"role": "user", "content": "x"}]}, True, MODEL)
+    assert req.messages == [{"role": "user", "content": "x"}]
+
+
+def test_prefill_goes_to_the_least_loaded_healthy_instance():
+    a = Instance("a", healthy=True, queued=3)
+    b = Instance("b", healthy=True, inflight=1)
+    c = Instance("c", healthy=False)
+    assert pick_prefill([a, b, c]) is b
+    assert pick_prefill([c]) is None
+
+
+def test_decode_prefers_room_then_load():
+    full = Instance("a", healthy=True, running=4, free_slots=0)
+    roomy = Instance("b", healthy=True, running=6, free_slots=2)
+    assert pick_decode([full, roomy]) is roomy
+    roomy.inflight = 2
+    assert pick_decode([full, roomy]) is full  # nobody has room: least loaded queues it
+
+
+async def test_dns_discovery_lists_every_address_of_a_name():
+    from distserve_worker.router.discovery import DnsDiscovery
+
+    assert await DnsDiscovery("localhost", 50051).resolve() in (
+        ["127.0.0.1:50051"],
+        ["127.0.0.1:50051", "[::1]:50051"],
+    )
+    assert await DnsDiscovery("no-such-service.invalid", 50051).resolve() == []

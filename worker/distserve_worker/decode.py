@@ -1,0 +1,311 @@
+"""The decode instance: pulls KV caches when it has room and generates with continuous batching.
+
+Lifecycle of a request:
+1. `Decode` RPC: the first token (sampled by prefill) is streamed back at once; if it already ends
+   the output (EOS, stop string, max_tokens of 1) the prefill instance's cache is released unpulled.
+2. Otherwise the sequence waits for a slot (batch size and KV-token reservation, see scheduler.py).
+3. Admitted, its KV cache is pulled from the prefill instance (checked chunk by chunk, see
+   kvtransfer/codec.py) and released there; a failed pull fails this request only, with the reason.
+4. It joins the batch: every step is ONE forward over all running sequences (left-padded cache,
+   attention mask, per-row positions), then each row samples, detokenizes and checks its stops.
+5. On EOS / stop string / max_tokens / context end it finishes and leaves the batch. A caller that
+   goes away (router cancelled, client disconnected) aborts it at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import torch
+
+from distserve_protos.generation.v1 import generation_pb2 as gen
+from distserve_protos.generation.v1 import generation_pb2_grpc as gen_grpc
+from distserve_worker.engine.detokenizer import Detokenizer
+from distserve_worker.engine.kvcache import BatchedKV
+from distserve_worker.engine.runner import KVLayout, ModelRunner
+from distserve_worker.engine.sampling import SamplingParams, sample
+from distserve_worker.engine.scheduler import DecodeScheduler
+from distserve_worker.engine.sequence import Finish, Sequence
+from distserve_worker.kvtransfer.codec import Expected
+from distserve_worker.kvtransfer.transport import KVPuller, KVPullError
+from distserve_worker.metrics import RuntimeMetrics
+from distserve_worker.prefill import sampling_from_proto
+from distserve_worker.settings import DecodeSettings
+
+FINISH_PROTO = {Finish.STOP: gen.FINISH_REASON_STOP, Finish.LENGTH: gen.FINISH_REASON_LENGTH}
+
+
+class Stream:
+    """Per-request state the engine does not need: its sampling, stops and the queue to its caller."""
+
+    def __init__(self, sampling: SamplingParams, detok: Detokenizer, ignore_eos: bool) -> None:
+        self.sampling = sampling
+        self.detok = detok
+        self.ignore_eos = ignore_eos
+        self.events: asyncio.Queue[gen.TokenEvent | Exception] = asyncio.Queue()
+        self.kv_seconds = 0.0
+        self.kv_bytes = 0
+
+
+class DecodeWorker(gen_grpc.DecodeServiceServicer):
+    def __init__(
+        self,
+        settings: DecodeSettings,
+        runner: ModelRunner,
+        tokenizer: Any,
+        layout: KVLayout,
+        max_context: int,
+        eos: set[int],
+        puller: KVPuller,
+        metrics: RuntimeMetrics,
+    ) -> None:
+        self.settings = settings
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.layout = layout
+        self.max_context = max_context
+        self.eos = eos
+        self.puller = puller
+        self.metrics = metrics
+        self.scheduler = DecodeScheduler(settings.max_batch, settings.max_kv_tokens)
+        self.wake = asyncio.Event()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-forward")
+        # The batch the last step ran on, and which sequences its rows are.
+        self.batch: BatchedKV | None = None
+        self.batch_rows: list[Sequence] = []
+        self.pulls: set[asyncio.Task[None]] = set()
+
+    # --- RPCs -------------------------------------------------------------------------------------
+
+    async def Decode(self, request: gen.DecodeRequest, context: grpc.aio.ServicerContext) -> Any:
+        rid = request.request_id or uuid.uuid4().hex
+        stream = Stream(
+            sampling_from_proto(request.sampling),
+            Detokenizer(self.tokenizer, [s for s in request.stop if s]),
+            request.ignore_eos,
+        )
+        seq = Sequence(
+            request_id=rid,
+            prompt_tokens=request.prompt_tokens,
+            first_token=request.first_token_id,
+            max_tokens=max(1, request.max_tokens),
+            kv_address=request.kv_address,
+        )
+        seq.detok = stream
+        if not self.scheduler.fits_ever(seq) or seq.prompt_tokens >= self.max_context:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request needs {seq.reserved_tokens} cached tokens; this decode instance holds at most "
+                f"{min(self.settings.max_kv_tokens, self.max_context)}",
+            )
+        first = self._emit(seq, seq.first_token)
+        if seq.finish is not None:
+            await self.puller.release(seq.kv_address, rid)
+            yield self._final(first, seq)
+            self.metrics.request("ok")
+            return
+        yield first
+        self.scheduler.add(seq)
+        self._update_queue()
+        self.wake.set()
+        try:
+            while True:
+                event = await stream.events.get()
+                if isinstance(event, Exception):
+                    self.metrics.request("error")
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(event))
+                yield event
+                if event.finish_reason != gen.FINISH_REASON_UNSPECIFIED:
+                    self.metrics.request("ok")
+                    return
+        finally:
+            if not seq.finished:
+                # The caller went away: free the slot now; the step loop drops the row.
+                self.scheduler.finish(seq, Finish.ABORTED)
+                self.wake.set()
+            self._update_queue()
+
+    async def Status(self, request: gen.StatusRequest, context: grpc.aio.ServicerContext) -> gen.WorkerStatus:
+        return self.status()
+
+    def status(self) -> gen.WorkerStatus:
+        queued, running = self.scheduler.counts()
+        return gen.WorkerStatus(
+            role="decode",
+            model=self.settings.model.name,
+            queued=queued,
+            running=running,
+            free_slots=self.scheduler.free_slots,
+            kv_used_bytes=sum(s.cached_tokens for s in self.scheduler.admitted) * self.layout.bytes_per_token,
+            kv_capacity_bytes=self.settings.max_kv_tokens * self.layout.bytes_per_token,
+            kv_entries=len(self.scheduler.admitted),
+            max_context=self.max_context,
+        )
+
+    # --- per token ----------------------------------------------------------------------------------
+
+    def _emit(self, seq: Sequence, token: int) -> gen.TokenEvent:
+        """The event for a newly sampled token (already appended to seq.output); finishes seq if it ends here."""
+        stream: Stream = seq.detok
+        text = stream.detok.add(token)
+        finish = None
+        if stream.detok.stopped or (token in self.eos and not stream.ignore_eos):
+            finish = Finish.STOP
+        elif len(seq.output) >= seq.max_tokens or seq.cached_tokens + 1 >= self.max_context:
+            finish = Finish.LENGTH
+        if finish is not None:
+            text += stream.detok.flush()
+            self.scheduler.finish(seq, finish)
+        event = gen.TokenEvent(
+            request_id=seq.request_id, token_id=token, text=text, index=len(seq.output) - 1
+        )
+        return self._final(event, seq) if finish is not None else event
+
+    def _final(self, event: gen.TokenEvent, seq: Sequence) -> gen.TokenEvent:
+        stream: Stream = seq.detok
+        event.finish_reason = FINISH_PROTO.get(seq.finish or Finish.STOP, gen.FINISH_REASON_STOP)
+        event.kv_transfer_seconds = stream.kv_seconds
+        event.kv_transfer_bytes = stream.kv_bytes
+        return event
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        self.scheduler.finish(seq, Finish.ERROR)
+        seq.detok.events.put_nowait(error)
+
+    def _update_queue(self) -> None:
+        self.metrics.set_queue(self.scheduler.counts()[0])
+
+    # --- KV pulls -----------------------------------------------------------------------------------
+
+    async def _pull(self, seq: Sequence) -> None:
+        expected = Expected(
+            num_layers=self.layout.num_layers,
+            num_tokens=seq.prompt_tokens,
+            kv_heads=self.layout.kv_heads,
+            head_dim=self.layout.head_dim,
+            dtype=self.layout.dtype,
+            max_chunk_bytes=self.settings.max_chunk_bytes,
+        )
+        started = time.perf_counter()
+        try:
+            kv = await self.puller.pull(
+                seq.kv_address, seq.request_id, expected, timeout=self.settings.pull_timeout_seconds
+            )
+        except KVPullError as exc:
+            self._fail(seq, exc)
+            self.wake.set()
+            return
+        seconds = time.perf_counter() - started
+        await self.puller.release(seq.kv_address, seq.request_id)
+        stream: Stream = seq.detok
+        stream.kv_seconds, stream.kv_bytes = seconds, kv.nbytes
+        self.metrics.kv_transfer(kv.nbytes, seconds)
+        if seq.finished:  # aborted while pulling
+            return
+        seq.kv = kv
+        self.scheduler.mark_ready(seq)
+        self.wake.set()
+
+    # --- the step loop ------------------------------------------------------------------------------
+
+    async def step_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            for seq in self.scheduler.admit():
+                task = asyncio.create_task(self._pull(seq))
+                self.pulls.add(task)
+                task.add_done_callback(self.pulls.discard)
+            self._update_queue()
+            rows = self.scheduler.running()
+            if not rows:
+                self.batch, self.batch_rows = None, []
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            if rows != self.batch_rows:
+                self._rebuild(rows)
+            assert self.batch is not None
+            self.metrics.batch(len(rows))
+            try:
+                logits = await loop.run_in_executor(
+                    self.executor,
+                    self.runner.decode_step,
+                    self.batch,
+                    [s.output[-1] for s in rows],
+                    [s.cached_tokens for s in rows],
+                )
+            except Exception as exc:  # a failed forward fails its batch, not the worker
+                for seq in rows:
+                    self._fail(seq, RuntimeError(f"decode step failed: {exc}"))
+                self.batch, self.batch_rows = None, []
+                continue
+            self._postprocess(rows, logits)
+
+    def _rebuild(self, rows: list[Sequence]) -> None:
+        """Re-form the padded batch for a new membership, carrying each surviving row's cache over."""
+        old = {id(s): i for i, s in enumerate(self.batch_rows)}
+        caches = []
+        for seq in rows:
+            if id(seq) in old and self.batch is not None:
+                seq.kv = self.batch.row(old[id(seq)])
+            caches.append(seq.kv)
+        self.batch = self.runner.batch(caches)
+        self.batch_rows = list(rows)
+        for seq in rows:
+            seq.kv = None  # the batch holds it now
+
+    def _postprocess(self, rows: list[Sequence], logits: torch.Tensor) -> None:
+        for row, seq in enumerate(rows):
+            if seq.finished:  # aborted during the step
+                continue
+            stream: Stream = seq.detok
+            token = sample(logits[row], stream.sampling, index=len(seq.output))
+            seq.output.append(token)
+            stream.events.put_nowait(self._emit(seq, token))
+
+
+async def serve_decode(settings: DecodeSettings, loaded: Any = None) -> None:
+    from distserve_worker.engine.runner import probe_kv_layout
+    from distserve_worker.health import start_http
+    from distserve_worker.kvtransfer.transport import GrpcKVPuller
+    from distserve_worker.model_source import eos_token_ids, load_model, max_context
+
+    metrics = RuntimeMetrics("decode", settings.model.name, settings.instance or settings.address)
+    state = {"ready": False}
+    http = await start_http(settings.host, settings.http_port, metrics, lambda: state["ready"])
+    server = grpc.aio.server()
+    puller = GrpcKVPuller(settings.max_chunk_bytes)
+    task: asyncio.Task[None] | None = None
+    try:
+        model, tokenizer = loaded or await asyncio.to_thread(load_model, settings.model)
+        runner = ModelRunner(model, settings.threads or None)
+        worker = DecodeWorker(
+            settings,
+            runner,
+            tokenizer,
+            probe_kv_layout(runner),
+            max_context(model),
+            eos_token_ids(model, tokenizer),
+            puller,
+            metrics,
+        )
+        gen_grpc.add_DecodeServiceServicer_to_server(worker, server)
+        server.add_insecure_port(f"{settings.host}:{settings.port}")
+        await server.start()
+        task = asyncio.create_task(worker.step_loop())
+        state["ready"] = True
+        print(f"[distserve] decode serving gRPC on {settings.host}:{settings.port}", flush=True)
+        await task
+    finally:
+        if task:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await server.stop(grace=1.0)
+        await puller.close()
+        await http.cleanup()

@@ -1,0 +1,187 @@
+"""Starts router, prefill and decode instances as separate local processes, and stops them.
+
+Each process is `python -m distserve_worker.cli_worker ROLE ...` on loopback with free ports,
+in its own process group (so a Ctrl-C in the terminal reaches only this supervisor, which then
+stops the children in order) with its output in a log file. Tests, benchmarks, `distserve up` and
+`distserve demo` all use this one class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distserve_worker.model_source import ModelSpec
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    name: str
+    args: list[str]
+    http_port: int  # where /readyz answers
+    log: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class StackConfig:
+    model: ModelSpec
+    prefill: int = 1
+    decode: int = 1
+    threads: int = 0  # torch threads per worker; 0 = half the cores each
+    prefill_args: list[str] = field(default_factory=list)
+    decode_args: list[str] = field(default_factory=list)
+    router_args: list[str] = field(default_factory=list)
+    router_port: int = 0  # 0 = a free port
+    log_dir: Path | None = None
+    slo_millis: tuple[int, int] | None = None  # (TTFT, TPOT)
+
+
+class LocalStack:
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.log_dir = config.log_dir or Path(tempfile.mkdtemp(prefix="distserve-"))
+        self.procs: list[Proc] = []
+        threads = config.threads or max(1, (os.cpu_count() or 2) // 2)
+        model = config.model
+        model_args = ["--model-name", model.name, "--model-source", model.kind, "--dtype", model.dtype]
+        if model.path:
+            model_args += ["--model-path", model.path]
+        if model.gguf_file:
+            model_args += ["--gguf-file", model.gguf_file]
+        common = [*model_args, "--host", "127.0.0.1", "--threads", str(threads)]
+        self.prefill_addresses: list[str] = []
+        self.decode_addresses: list[str] = []
+        for role, count, extra, addresses in (
+            ("prefill", config.prefill, config.prefill_args, self.prefill_addresses),
+            ("decode", config.decode, config.decode_args, self.decode_addresses),
+        ):
+            for index in range(count):
+                port, http_port = free_port(), free_port()
+                addresses.append(f"127.0.0.1:{port}")
+                args = [role, *common, "--port", str(port), "--http-port", str(http_port), *extra]
+                self.procs.append(
+                    Proc(f"{role}-{index}", args, http_port, self.log_dir / f"{role}-{index}.log")
+                )
+        self.router_port = config.router_port or free_port()
+        router = ["router", *model_args, "--host", "127.0.0.1", "--port", str(self.router_port)]
+        router += ["--prefill", ",".join(self.prefill_addresses), "--decode", ",".join(self.decode_addresses)]
+        if config.slo_millis:
+            router += [
+                "--slo-ttft-millis",
+                str(config.slo_millis[0]),
+                "--slo-tpot-millis",
+                str(config.slo_millis[1]),
+            ]
+        self.procs.append(
+            Proc("router", [*router, *config.router_args], self.router_port, self.log_dir / "router.log")
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.router_port}"
+
+    def proc(self, name: str) -> Proc:
+        return next(p for p in self.procs if p.name == name)
+
+    def start(self) -> None:
+        for proc in self.procs:
+            self._spawn(proc)
+
+    def _spawn(self, proc: Proc) -> None:
+        env = os.environ | {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        with proc.log.open("ab") as log:
+            proc.popen = subprocess.Popen(
+                [sys.executable, "-m", "distserve_worker.cli_worker", *proc.args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,  # Ctrl-C goes to the supervisor, which stops children in order
+            )
+
+    def wait_ready(self, timeout: float = 300.0, names: list[str] | None = None) -> None:
+        """Until every process (or those named) answers /readyz; raises with its log if one dies."""
+        deadline = time.monotonic() + timeout
+        pending = [p for p in self.procs if names is None or p.name in names]
+        while pending:
+            for proc in list(pending):
+                if not proc.alive():
+                    raise RuntimeError(f"{proc.name} exited during start-up:\n{proc.log_tail()}")
+                if _ready(proc.http_port):
+                    pending.remove(proc)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not ready after {timeout:.0f} s: {', '.join(p.name for p in pending)}")
+            time.sleep(0.2)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process (fault tests): no clean shutdown, exactly like a crashed pod."""
+        proc = self.proc(name)
+        if proc.popen and proc.alive():
+            os.killpg(proc.popen.pid, signal.SIGKILL)
+            proc.popen.wait(timeout=10)
+
+    def restart(self, name: str, timeout: float = 120.0) -> None:
+        proc = self.proc(name)
+        self.kill(name)
+        self._spawn(proc)
+        self.wait_ready(timeout, [name])
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM everything (router first, so no new work reaches the workers), then SIGKILL stragglers."""
+        for proc in reversed(self.procs):
+            if proc.popen and proc.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.popen.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            if proc.popen is None:
+                continue
+            try:
+                proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.popen.pid, signal.SIGKILL)
+                proc.popen.wait(timeout=10)
+
+    def __enter__(self) -> LocalStack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1.0) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False

@@ -1,0 +1,96 @@
+"""Prometheus metrics of the runtime, on an explicit registry created at startup.
+
+Names are the contract in DESIGN.md (prefix `distserve_`, base units, bounded labels). The engine
+code calls the small methods here with plain numbers; nothing else touches prometheus_client.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class RuntimeMetrics:
+    def __init__(self, role: str, model: str, instance: str = "") -> None:
+        self.registry = CollectorRegistry()
+        self.labels = {"role": role, "model": model, "instance": instance}
+        names = list(self.labels)
+        reg = self.registry
+        self.requests = Counter("distserve_requests", "Requests handled", [*names, "status"], registry=reg)
+        self.prompt_tokens = Histogram(
+            "distserve_request_prompt_tokens",
+            "Prompt tokens per request",
+            names,
+            buckets=TOKEN_BUCKETS,
+            registry=reg,
+        )
+        self.output_tokens = Histogram(
+            "distserve_request_output_tokens",
+            "Output tokens per request",
+            names,
+            buckets=TOKEN_BUCKETS,
+            registry=reg,
+        )
+        self.ttft = Histogram(
+            "distserve_ttft_seconds", "Time to first token", names, buckets=LATENCY_BUCKETS, registry=reg
+        )
+        self.tpot = Histogram(
+            "distserve_tpot_seconds",
+            "Time per output token after the first",
+            names,
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.slo_attained = Counter(
+            "distserve_slo_attained", "Requests meeting both SLOs", names, registry=reg
+        )
+        self.slo_missed = Counter("distserve_slo_missed", "Requests missing an SLO", names, registry=reg)
+        self.queue = Gauge("distserve_queue_requests", "Requests waiting", names, registry=reg)
+        self.kv_bytes = Counter(
+            "distserve_kv_transfer_bytes", "KV cache bytes transferred", names, registry=reg
+        )
+        self.kv_seconds = Histogram(
+            "distserve_kv_transfer_seconds",
+            "Time to transfer one KV cache",
+            names,
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.batch_size = Histogram(
+            "distserve_batch_size", "Requests per forward", names, buckets=BATCH_BUCKETS, registry=reg
+        )
+
+    def request(self, status: str) -> None:
+        self.requests.labels(**self.labels, status=status).inc()
+
+    def set_queue(self, n: int) -> None:
+        self.queue.labels(**self.labels).set(n)
+
+    def batch(self, n: int) -> None:
+        self.batch_size.labels(**self.labels).observe(n)
+
+    def kv_transfer(self, nbytes: int, seconds: float | None) -> None:
+        self.kv_bytes.labels(**self.labels).inc(nbytes)
+        if seconds is not None:
+            self.kv_seconds.labels(**self.labels).observe(seconds)
+
+    def finished(
+        self, prompt: int, output: int, ttft: float, tpot: float | None, slo: tuple[float, float] | None
+    ) -> bool | None:
+        """Record a finished request; returns whether it met the SLO (TTFT, TPOT in seconds), if one is set."""
+        self.prompt_tokens.labels(**self.labels).observe(prompt)
+        self.output_tokens.labels(**self.labels).observe(output)
+        self.ttft.labels(**self.labels).observe(ttft)
+        if tpot is not None:
+            self.tpot.labels(**self.labels).observe(tpot)
+        if slo is None:
+            return None
+        met = ttft <= slo[0] and (tpot is None or tpot <= slo[1])
+        (self.slo_attained if met else self.slo_missed).labels(**self.labels).inc()
+        return met
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

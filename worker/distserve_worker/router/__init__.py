@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP front: validates, tokenizes, picks instances, streams tokens back."""

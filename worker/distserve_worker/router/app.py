@@ -1,0 +1,458 @@
+"""The router process: OpenAI-compatible HTTP in front of prefill and decode instances.
+
+Lifecycle of a request:
+1. Parse and validate the JSON (400 with the reason otherwise), tokenize (chat template for chat),
+   check prompt and max_tokens against the model's context (reported by the instances).
+2. Prefill on the least-loaded prefill instance. If that instance is unreachable before it answers,
+   the request is retried once on another one (safe: nothing was produced yet).
+3. Decode on a decode instance with room, passing the first token and where the KV cache is held.
+   Unreachable before its first event: retried once elsewhere (the cache is still held). After
+   tokens have been sent, a failure ends the request with an error (SSE error event, or 503).
+4. Stream tokens (SSE) or collect them; record TTFT, TPOT, token counts and SLO attainment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from distserve_protos.generation.v1 import generation_pb2 as gen
+from distserve_protos.generation.v1 import generation_pb2_grpc as gen_grpc
+from distserve_worker.metrics import RuntimeMetrics
+from distserve_worker.router.discovery import DnsDiscovery, StaticDiscovery
+from distserve_worker.router.openai import (
+    BadRequest,
+    GenerationRequest,
+    chunk_body,
+    error_body,
+    finish_reason,
+    full_body,
+    parse_request,
+    usage,
+)
+from distserve_worker.router.picker import Instance, pick_decode, pick_prefill
+from distserve_worker.settings import RouterSettings
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+class WorkerError(RuntimeError):
+    """A worker failed the request (or could not be reached); the client gets a 503 with this text."""
+
+
+@dataclass
+class Timing:
+    arrived: float
+    first: float | None = None
+    last: float | None = None
+    kv_seconds: float = 0.0
+
+    def ttft(self) -> float:
+        return (self.first or time.perf_counter()) - self.arrived
+
+    def tpot(self, tokens: int) -> float | None:
+        if tokens < 2 or self.first is None or self.last is None:
+            return None
+        return (self.last - self.first) / (tokens - 1)
+
+
+class Pool:
+    """The instances of one role, re-discovered and polled (Status RPC) every refresh period."""
+
+    def __init__(self, role: str, discovery: StaticDiscovery | DnsDiscovery) -> None:
+        self.role = role
+        self.discovery = discovery
+        self.instances: dict[str, Instance] = {}
+        self.channels: dict[str, grpc.aio.Channel] = {}
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self.channels:
+            self.channels[address] = grpc.aio.insecure_channel(address)
+        return self.channels[address]
+
+    async def refresh(self) -> None:
+        addresses = await self.discovery.resolve()
+        for gone in set(self.instances) - set(addresses):
+            del self.instances[gone]
+            channel = self.channels.pop(gone, None)
+            if channel is not None:
+                await channel.close()
+        for address in addresses:
+            self.instances.setdefault(address, Instance(address))
+        await asyncio.gather(*(self._poll(i) for i in list(self.instances.values())))
+
+    async def _poll(self, inst: Instance) -> None:
+        stub: Any = (gen_grpc.PrefillServiceStub if self.role == "prefill" else gen_grpc.DecodeServiceStub)(
+            self.channel(inst.address)
+        )
+        try:
+            status = await stub.Status(gen.StatusRequest(), timeout=2.0)
+        except grpc.aio.AioRpcError as exc:
+            inst.healthy, inst.error = False, f"{exc.code().name}: {exc.details()}"
+            # A fresh channel at the next poll connects at once, instead of after gRPC's growing
+            # reconnect backoff, so a restarted instance is back in rotation within one period.
+            # Only when the connection itself failed: a slow answer must not cancel streams in flight.
+            channel = (
+                self.channels.pop(inst.address, None) if exc.code() == grpc.StatusCode.UNAVAILABLE else None
+            )
+            if channel is not None:
+                await channel.close()
+            return
+        inst.healthy, inst.error = True, ""
+        inst.queued, inst.running = status.queued, status.running
+        inst.free_slots, inst.max_context = status.free_slots, status.max_context
+
+    def healthy(self) -> list[Instance]:
+        return [i for i in self.instances.values() if i.healthy]
+
+    async def close(self) -> None:
+        for channel in self.channels.values():
+            await channel.close()
+
+
+class Router:
+    def __init__(self, settings: RouterSettings, tokenizer: Any, metrics: RuntimeMetrics) -> None:
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.prefill = Pool(
+            "prefill", _discovery(settings.prefill, settings.prefill_dns, settings.prefill_port)
+        )
+        self.decode = Pool("decode", _discovery(settings.decode, settings.decode_dns, settings.decode_port))
+        self.inflight = 0
+
+    @property
+    def slo(self) -> tuple[float, float] | None:
+        s = self.settings
+        if s.slo_ttft_seconds is None or s.slo_tpot_seconds is None:
+            return None
+        return (s.slo_ttft_seconds, s.slo_tpot_seconds)
+
+    def ready(self) -> bool:
+        return bool(self.prefill.healthy() and self.decode.healthy())
+
+    async def refresh_loop(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):  # one bad round must not stop discovery for good
+                await asyncio.gather(self.prefill.refresh(), self.decode.refresh())
+            await asyncio.sleep(self.settings.refresh_seconds)
+
+    def max_context(self) -> int:
+        contexts = [i.max_context for i in self.prefill.healthy() + self.decode.healthy() if i.max_context]
+        if not contexts:
+            raise WorkerError("no prefill/decode instance is available yet")
+        return min(contexts)
+
+    # --- tokenizing and checks --------------------------------------------------------------------
+
+    def prompt_ids(self, req: GenerationRequest) -> list[int]:
+        if req.chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise BadRequest("this model has no chat template; use /v1/completions", "messages")
+            encoded = self.tokenizer.apply_chat_template(
+                req.messages, add_generation_prompt=True, tokenize=True
+            )
+            ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+            return [int(t) for t in ids]
+        if isinstance(req.prompt, list):
+            vocab = len(self.tokenizer)
+            if any(not 0 <= t < vocab for t in req.prompt):
+                raise BadRequest(f"prompt token ids must be in [0, {vocab})", "prompt")
+            return req.prompt
+        return [int(t) for t in self.tokenizer(req.prompt)["input_ids"]]
+
+    def check_lengths(self, req: GenerationRequest, prompt: list[int]) -> int:
+        context = self.max_context()
+        if len(prompt) >= context:
+            raise BadRequest(
+                f"the prompt has {len(prompt)} tokens; this model's context is {context} tokens",
+                "messages" if req.chat else "prompt",
+                "context_length_exceeded",
+            )
+        room = context - len(prompt)
+        if req.max_tokens is None:
+            return min(self.settings.max_tokens_default, room)
+        if req.max_tokens > room:
+            raise BadRequest(
+                f"max_tokens is {req.max_tokens}, but the prompt ({len(prompt)} tokens) leaves room for {room} "
+                f"in this model's context of {context}",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        return req.max_tokens
+
+    # --- dispatch -----------------------------------------------------------------------------------
+
+    async def generate(
+        self, req: GenerationRequest, prompt: list[int], max_tokens: int
+    ) -> AsyncGenerator[gen.TokenEvent, None]:
+        sampling = gen.SamplingParams(temperature=req.temperature, top_p=req.top_p)
+        if req.seed is not None:
+            sampling.seed = req.seed
+        first = await self._prefill(req.id, prompt, sampling)
+        decode_request = gen.DecodeRequest(
+            request_id=req.id,
+            kv_address=first.kv_address,
+            prompt_tokens=first.prompt_tokens,
+            first_token_id=first.first_token_id,
+            sampling=sampling,
+            max_tokens=max_tokens,
+            stop=req.stop,
+            ignore_eos=req.ignore_eos,
+        )
+        tried: set[str] = set()
+        while True:
+            inst = pick_decode([i for i in self.decode.instances.values() if i.address not in tried])
+            if inst is None:
+                raise WorkerError("no decode instance is available")
+            tried.add(inst.address)
+            inst.inflight += 1
+            call = gen_grpc.DecodeServiceStub(self.decode.channel(inst.address)).Decode(
+                decode_request, timeout=self.settings.request_timeout_seconds
+            )
+            received = 0
+            try:
+                async for event in call:
+                    received += 1
+                    yield event
+                return
+            except grpc.aio.AioRpcError as exc:
+                if received == 0 and exc.code() in RETRYABLE and len(tried) < 2:
+                    inst.healthy = False
+                    continue
+                raise WorkerError(
+                    f"decode instance {inst.address} failed: {exc.code().name}: {exc.details()}"
+                ) from exc
+            finally:
+                inst.inflight -= 1
+                call.cancel()  # no-op when finished; frees the decode slot when the client went away
+
+    async def _prefill(
+        self, rid: str, prompt: list[int], sampling: gen.SamplingParams
+    ) -> gen.PrefillResponse:
+        tried: set[str] = set()
+        while True:
+            inst = pick_prefill([i for i in self.prefill.instances.values() if i.address not in tried])
+            if inst is None:
+                raise WorkerError("no prefill instance is available")
+            tried.add(inst.address)
+            inst.inflight += 1
+            try:
+                return await gen_grpc.PrefillServiceStub(self.prefill.channel(inst.address)).Prefill(
+                    gen.PrefillRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling),
+                    timeout=self.settings.request_timeout_seconds,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in RETRYABLE and len(tried) < 2:
+                    inst.healthy = False
+                    continue
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise BadRequest(str(exc.details()), "prompt") from exc
+                raise WorkerError(
+                    f"prefill instance {inst.address} failed: {exc.code().name}: {exc.details()}"
+                ) from exc
+            finally:
+                inst.inflight -= 1
+
+    def record(self, prompt: int, output: int, timing: Timing) -> dict[str, Any]:
+        tpot = timing.tpot(output)
+        met = self.metrics.finished(prompt, output, timing.ttft(), tpot, self.slo)
+        return {
+            "ttft_ms": round(timing.ttft() * 1000, 2),
+            "tpot_ms": None if tpot is None else round(tpot * 1000, 2),
+            "kv_transfer_ms": round(timing.kv_seconds * 1000, 2),
+            "slo_attained": met,
+        }
+
+
+def _discovery(static: tuple[str, ...], dns: str, port: int) -> StaticDiscovery | DnsDiscovery:
+    return DnsDiscovery(dns, port) if dns and not static else StaticDiscovery(static)
+
+
+def _json_error(
+    status: int,
+    message: str,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> web.Response:
+    return web.json_response(error_body(message, type_, param, code), status=status)
+
+
+def build_app(router: Router) -> web.Application:
+    async def completions(request: web.Request, chat: bool) -> web.StreamResponse:
+        arrived = time.perf_counter()
+        try:
+            body = await request.json(loads=json.loads)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            router.metrics.request("bad_request")
+            return _json_error(400, "the request body is not valid JSON")
+        try:
+            req = parse_request(body, chat, router.settings.model.name)
+            prompt = router.prompt_ids(req)
+            max_tokens = router.check_lengths(req, prompt)
+        except BadRequest as exc:
+            router.metrics.request("bad_request")
+            return _json_error(exc.status, str(exc), param=exc.param, code=exc.code)
+        except WorkerError as exc:
+            router.metrics.request("unavailable")
+            return _json_error(503, str(exc), "server_error")
+        router.inflight += 1
+        router.metrics.set_queue(router.inflight)
+        try:
+            if req.stream:
+                return await _stream(request, router, req, prompt, max_tokens, arrived)
+            return await _collect(router, req, prompt, max_tokens, arrived)
+        finally:
+            router.inflight -= 1
+            router.metrics.set_queue(router.inflight)
+
+    async def chat_handler(request: web.Request) -> web.StreamResponse:
+        return await completions(request, chat=True)
+
+    async def completions_handler(request: web.Request) -> web.StreamResponse:
+        return await completions(request, chat=False)
+
+    async def models(_: web.Request) -> web.Response:
+        name = router.settings.model.name
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [{"id": name, "object": "model", "created": 0, "owned_by": "distserve"}],
+            }
+        )
+
+    def instances() -> dict[str, Any]:
+        return {
+            pool.role: [
+                {"address": i.address, "healthy": i.healthy, "error": i.error}
+                for i in pool.instances.values()
+            ]
+            for pool in (router.prefill, router.decode)
+        }
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "ready": router.ready(), **instances()})
+
+    async def readyz(_: web.Request) -> web.Response:
+        ok = router.ready()
+        return web.json_response({"ready": ok, **instances()}, status=200 if ok else 503)
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=router.metrics.exposition(), content_type="text/plain", charset="utf-8")
+
+    app = web.Application(client_max_size=8 * 1024 * 1024)
+    app.add_routes(
+        [
+            web.post("/v1/completions", completions_handler),
+            web.post("/v1/chat/completions", chat_handler),
+            web.get("/v1/models", models),
+            web.get("/healthz", healthz),
+            web.get("/readyz", readyz),
+            web.get("/metrics", metrics),
+        ]
+    )
+    return app
+
+
+async def _collect(
+    router: Router, req: GenerationRequest, prompt: list[int], max_tokens: int, arrived: float
+) -> web.Response:
+    timing = Timing(arrived)
+    text, tokens, finish = [], [], "stop"
+    try:
+        async for event in router.generate(req, prompt, max_tokens):
+            now = time.perf_counter()
+            timing.first = timing.first or now
+            timing.last = now
+            text.append(event.text)
+            tokens.append(event.token_id)
+            if event.finish_reason:
+                finish = finish_reason(event.finish_reason)
+                timing.kv_seconds = event.kv_transfer_seconds
+    except BadRequest as exc:
+        router.metrics.request("bad_request")
+        return _json_error(exc.status, str(exc), param=exc.param, code=exc.code)
+    except WorkerError as exc:
+        router.metrics.request("error")
+        return _json_error(503, str(exc), "server_error")
+    router.metrics.request("ok")
+    body = full_body(req, "".join(text), finish, tokens, len(prompt))
+    body["distserve"] = router.record(len(prompt), len(tokens), timing)
+    return web.json_response(body)
+
+
+async def _stream(
+    request: web.Request,
+    router: Router,
+    req: GenerationRequest,
+    prompt: list[int],
+    max_tokens: int,
+    arrived: float,
+) -> web.StreamResponse:
+    timing = Timing(arrived)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    tokens = 0
+
+    async def send(payload: Any) -> None:
+        data = payload if isinstance(payload, str) else json.dumps(payload)
+        await response.write(f"data: {data}\n\n".encode())
+
+    events = router.generate(req, prompt, max_tokens)
+    try:
+        async for event in events:
+            if not response.prepared:
+                await response.prepare(request)
+            now = time.perf_counter()
+            timing.first = timing.first or now
+            timing.last = now
+            tokens += 1
+            finish = finish_reason(event.finish_reason) if event.finish_reason else None
+            chunk = chunk_body(req, event.text, finish, first=tokens == 1)
+            if finish:
+                timing.kv_seconds = event.kv_transfer_seconds
+                chunk["usage"] = usage(len(prompt), tokens)
+                chunk["distserve"] = router.record(len(prompt), tokens, timing)
+            await send(chunk)
+        await send("[DONE]")
+        router.metrics.request("ok")
+    except (BadRequest, WorkerError) as exc:
+        router.metrics.request("error")
+        if not response.prepared:
+            status = exc.status if isinstance(exc, BadRequest) else 503
+            return _json_error(status, str(exc), "invalid_request_error" if status == 400 else "server_error")
+        await send(error_body(str(exc), "server_error"))
+    finally:
+        await events.aclose()
+    await response.write_eof()
+    return response
+
+
+async def serve_router(settings: RouterSettings, tokenizer: Any = None) -> None:
+    from distserve_worker.model_source import load_tokenizer
+
+    metrics = RuntimeMetrics("router", settings.model.name)
+    if tokenizer is None:
+        print(f"[distserve] router loading tokenizer of {settings.model.name} ...", flush=True)
+        tokenizer = await asyncio.to_thread(load_tokenizer, settings.model)
+    router = Router(settings, tokenizer, metrics)
+    runner = web.AppRunner(build_app(router), access_log=None)
+    await runner.setup()
+    refresh = asyncio.create_task(router.refresh_loop())
+    try:
+        await web.TCPSite(runner, settings.host, settings.port).start()
+        print(f"[distserve] router serving http://{settings.host}:{settings.port}", flush=True)
+        await asyncio.Event().wait()
+    finally:
+        refresh.cancel()
+        await runner.cleanup()
+        await router.prefill.close()
+        await router.decode.close()
