@@ -21,12 +21,16 @@ from distserve_worker.testing.client import complete
 from distserve_worker.testing.tiny import save_tiny_model
 
 MODEL = "tiny-llama"
-DEADLINE = 60  # seconds any request may take here before we call it hung
+DEADLINE = 240  # seconds any request may take here (a loaded 2-core CI box) before we call it hung
+CONTEXT = 4096
+# The fault tests need one request still streaming while a second reaches decode. A long stream
+# makes that window tens of seconds wide, so the setup holds however loaded the machine is.
+LONG = 3000
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    path = save_tiny_model("llama", tmp_path_factory.mktemp("llama"))
+    path = save_tiny_model("llama", tmp_path_factory.mktemp("llama"), max_positions=CONTEXT)
     stack = LocalStack(
         StackConfig(
             ModelSpec(name=MODEL, kind="Path", path=str(path)),
@@ -50,7 +54,7 @@ async def status(address: str, role: str) -> gen.WorkerStatus:
         return await stub_cls(channel).Status(gen.StatusRequest(), timeout=5)
 
 
-async def wait_for(predicate, what: str, timeout: float = 30.0):
+async def wait_for(predicate, what: str, timeout: float = 120.0):
     for _ in range(int(timeout / 0.1)):
         if await predicate():
             return
@@ -70,7 +74,7 @@ def long_request(**extra):
     return {
         "model": MODEL,
         "prompt": "once upon a time",
-        "max_tokens": 450,
+        "max_tokens": LONG,
         "ignore_eos": True,
         "temperature": 0,
     } | extra
@@ -86,7 +90,7 @@ def long_request(**extra):
         ({"model": "gpt-4", "prompt": "hi"}, "does not exist"),
         ({"model": MODEL, "prompt": "hi", "max_tokens": -5}, "at least 1"),
         ({"model": MODEL, "prompt": "hi", "max_tokens": 10**9}, "leaves room for"),
-        ({"model": MODEL, "prompt": "word " * 200}, "context is 512 tokens"),
+        ({"model": MODEL, "prompt": "word " * 1000}, f"context is {CONTEXT} tokens"),
         ({"model": MODEL, "prompt": "hi", "temperature": -1}, "between"),
         ({"model": MODEL, "prompt": [1, 2, 100000]}, "token ids"),
     ],
@@ -150,7 +154,7 @@ async def test_prefill_dies_while_a_kv_cache_waits_to_be_pulled(stack):
         await wait_for(lambda: _queued(decode, 1), "the second request to wait at decode")
         await asyncio.to_thread(stack.kill, "prefill-0")
         a, b = await asyncio.wait_for(asyncio.gather(first, second), DEADLINE)
-        assert a.status == 200 and a.error is None and a.chunks == 450  # already pulled: unaffected
+        assert a.status == 200 and a.error is None and a.chunks == LONG  # already pulled: unaffected
         assert b.status == 503 and "pulling KV" in b.error["message"]
         assert (await status(decode, "decode")).kv_entries == 0
         await asyncio.to_thread(stack.restart, "prefill-0")
@@ -174,7 +178,7 @@ async def test_decode_dies_during_a_stream(stack):
         await asyncio.to_thread(stack.kill, "decode-0")
         a, b = await asyncio.wait_for(asyncio.gather(streaming, waiting), DEADLINE)
         assert a.status == 200 and a.error is not None and "decode instance" in a.error["message"]
-        assert 0 < a.chunks < 450
+        assert 0 < a.chunks < LONG
         assert b.status == 503 and "decode instance" in b.error["message"]
         # The waiting request's KV cache was never pulled: prefill frees it at its deadline (3 s here).
         await wait_for(lambda: _prefill_empty(prefill), "prefill to release the orphaned KV cache")
