@@ -184,26 +184,9 @@ async def _reconcile_locked(
     try:
         spec = parse_spec(live.get("spec"))
     except SpecError as exc:
-        message = "invalid spec: " + "; ".join(exc.problems)
-        was = conditions.get_condition(status.conditions, ConditionType.PLANNED)
-        new = status.model_copy(
-            update={
-                "observed_generation": generation,
-                "conditions": conditions.set_condition(
-                    status.conditions,
-                    ConditionType.PLANNED,
-                    F,
-                    "InvalidSpec",
-                    message,
-                    now=now,
-                    generation=generation,
-                ),
-            }
+        await _not_planned(
+            rt, live, status, "InvalidSpec", "invalid spec: " + "; ".join(exc.problems), now, logger
         )
-        await _write_status(rt, namespace, name, old_raw, new)
-        if was is None or was.reason != "InvalidSpec" or was.message != message:
-            logger.info(message)  # info: our own Event carries it (kopf posts warnings as Events too)
-            await _event(rt, live, "Warning", "InvalidSpec", message)
         return  # nothing created, nothing retried: the user's next edit triggers us again
 
     spec, notices = effective_spec(rt.settings, spec)
@@ -219,23 +202,7 @@ async def _reconcile_locked(
             plan = await _run_planner(rt, spec, reason, namespace=namespace)
         except (SpecError, ValueError) as exc:
             message = f"the planner could not plan this spec: {exc}"
-            new = status.model_copy(
-                update={
-                    "observed_generation": generation,
-                    "conditions": conditions.set_condition(
-                        status.conditions,
-                        ConditionType.PLANNED,
-                        F,
-                        "PlanFailed",
-                        message,
-                        now=now,
-                        generation=generation,
-                    ),
-                }
-            )
-            await _write_status(rt, namespace, name, old_raw, new)
-            logger.info(message)
-            await _event(rt, live, "Warning", "PlanFailed", message)
+            await _not_planned(rt, live, status, "PlanFailed", message, now, logger)
             return
         except kopf.TemporaryError:
             raise
@@ -296,6 +263,29 @@ async def _reconcile_locked(
         )
     new = status.model_copy(update={"observed_generation": generation, "roles": roles, "conditions": conds})
     await _write_status(rt, namespace, name, old_raw, new)
+
+
+async def _not_planned(
+    rt: Runtime,
+    live: dict[str, Any],
+    status: DistServeDeploymentStatus,
+    reason: str,
+    message: str,
+    now: str,
+    logger: logging.Logger | logging.LoggerAdapter[Any],
+) -> None:
+    """Planned=False with the reason; a Warning Event only when the message is new (resyncs repeat it)."""
+    meta = live["metadata"]
+    generation = meta.get("generation")
+    was = conditions.get_condition(status.conditions, ConditionType.PLANNED)
+    conds = conditions.set_condition(
+        status.conditions, ConditionType.PLANNED, F, reason, message, now=now, generation=generation
+    )
+    new = status.model_copy(update={"observed_generation": generation, "conditions": conds})
+    await _write_status(rt, meta["namespace"], meta["name"], live.get("status") or {}, new)
+    if was is None or was.reason != reason or was.message != message:
+        logger.info(message)  # info: our own Event carries it (kopf posts warnings as Events too)
+        await _event(rt, live, "Warning", reason, message)
 
 
 def effective_spec(
