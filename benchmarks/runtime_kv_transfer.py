@@ -2,9 +2,14 @@
 
 Both servers run in a child process on loopback and hold the cache of a SmolLM2-135M-shaped request
 (30 layers, 3 KV heads, head dim 64, float32; 1,456 tokens = 64 MiB). The gRPC side is the real
-path: the prefill's buffer holds the cache encoded as a prefill worker stores it (chunks with
-CRC-32, encoded once when stored, not timed here), the KVTransferServicer streams them, and the
-decode's GrpcKVPuller checks every CRC and assembles tensors (timed). The socket side only moves the bytes (sendall / recv_into).
+path: the prefill's buffer holds the cache encoded as a prefill worker stores it (chunks with an
+XXH3-64 checksum, encoded once when stored, not timed here), the KVTransferServicer streams them,
+and the decode's GrpcKVPuller checks every checksum and assembles tensors (timed). The socket side
+only moves the bytes (sendall / recv_into a fresh buffer). A third figure is the ceiling: the same
+bytes as plain gRPC messages. Each round pulls socket, gRPC, plain gRPC back to back, and the
+ratios are medians of the per-round ratios, so a change in the box's load between figures does not
+skew them. The servers and the puller run as they do in the workers (including the allocator
+setting of kvtransfer/memory.py, applied by KVTransferServicer and GrpcKVPuller).
 
     .venv/bin/python benchmarks/runtime_kv_transfer.py [--runs 7] [--chunk-mib 2]
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -69,7 +75,7 @@ def serve(chunk_bytes: int) -> None:
         buffer.store("bench", encoded, encoded.nbytes)
         server = grpc.aio.server(options=channel_options(chunk_bytes))
         add_to_server(KVTransferServicer(buffer, chunk_bytes), server)
-        # The ceiling: the same bytes as plain gRPC messages (no protobuf, no CRC, no assembly).
+        # The ceiling: the same bytes as plain gRPC messages (no protobuf, no checksum, no assembly).
         pieces = [raw[i : i + chunk_bytes] for i in range(0, len(raw), chunk_bytes)]
 
         async def raw_pull(request: bytes, context: object) -> AsyncIterator[bytes]:
@@ -94,24 +100,6 @@ def _same(raw: bytes) -> bytes:
     return raw
 
 
-async def raw_grpc_pulls(port: int, chunk_bytes: int, runs: int) -> list[float]:
-    import grpc
-
-    from distserve_worker.kvtransfer.transport import channel_options
-
-    times = []
-    async with grpc.aio.insecure_channel(
-        f"127.0.0.1:{port}", options=channel_options(chunk_bytes)
-    ) as channel:
-        pull = channel.unary_stream("/bench.Raw/Pull", request_serializer=_same, response_deserializer=_same)
-        for _ in range(runs + 1):
-            started = time.perf_counter()
-            async for _piece in pull(b""):
-                pass
-            times.append(time.perf_counter() - started)
-    return times[1:]
-
-
 def socket_pull(port: int, nbytes: int) -> float:
     buf = bytearray(nbytes)
     view = memoryview(buf)
@@ -126,25 +114,48 @@ def socket_pull(port: int, nbytes: int) -> float:
     return time.perf_counter() - started
 
 
-async def grpc_pulls(port: int, chunk_bytes: int, runs: int) -> list[float]:
+async def rounds(ports: dict[str, int], chunk_bytes: int, runs: int) -> dict[str, list[float]]:
+    """`runs` rounds of: raw socket, our KV pull, plain gRPC, back to back, so each ratio compares
+    pulls a fraction of a second apart (on a shared box the load changes from second to second).
+    Each also gets this process's CPU time per pull: the receiver's own work, less load-dependent."""
+    import grpc
+
     from distserve_worker.kvtransfer.codec import Expected
-    from distserve_worker.kvtransfer.transport import GrpcKVPuller
+    from distserve_worker.kvtransfer.transport import GrpcKVPuller, channel_options
 
     puller = GrpcKVPuller(chunk_bytes)
     expected = Expected(LAYERS, TOKENS, HEADS, DIM, torch.float32, chunk_bytes)
-    times = []
-    try:
-        for _ in range(runs + 1):  # the first one opens the channel: not counted
-            started = time.perf_counter()
-            kv = await puller.pull(f"127.0.0.1:{port}", "bench", expected, timeout=120)
-            times.append(time.perf_counter() - started)
-            assert kv.num_tokens == TOKENS
-    finally:
-        await puller.close()
-    return times[1:]
+    address = f"127.0.0.1:{ports['grpc']}"
+    out: dict[str, list[float]] = {f"{k}{cpu}": [] for k in ("socket", "grpc", "raw") for cpu in ("", "_cpu")}
+
+    async def kv_pull() -> None:
+        kv = await puller.pull(address, "bench", expected, timeout=120)
+        assert kv.num_tokens == TOKENS
+
+    async def sock() -> None:
+        socket_pull(ports["socket"], ports["bytes"])
+
+    async with grpc.aio.insecure_channel(address, options=channel_options(chunk_bytes)) as channel:
+        raw = channel.unary_stream("/bench.Raw/Pull", request_serializer=_same, response_deserializer=_same)
+
+        async def raw_pull() -> None:
+            async for _piece in raw(b""):
+                pass
+
+        try:
+            for i in range(runs + 1):  # round 0 opens the channels and warms up: not counted
+                for name, pull in (("socket", sock), ("grpc", kv_pull), ("raw", raw_pull)):
+                    cpu, started = time.process_time(), time.perf_counter()
+                    await pull()
+                    if i:
+                        out[name].append(time.perf_counter() - started)
+                        out[f"{name}_cpu"].append(time.process_time() - cpu)
+        finally:
+            await puller.close()
+    return out
 
 
-def measure(runs: int, chunk_mib: float) -> dict[str, float]:
+def measure(runs: int, chunk_mib: float) -> dict[str, object]:
     chunk = int(chunk_mib * MiB)
     child = subprocess.Popen(
         [sys.executable, __file__, "--serve", "--chunk-mib", str(chunk_mib)],
@@ -155,23 +166,26 @@ def measure(runs: int, chunk_mib: float) -> dict[str, float]:
         assert child.stdout is not None
         ports = json.loads(child.stdout.readline())
         nbytes = ports["bytes"]
-        socket_pull(ports["socket"], nbytes)  # warm-up
-        sock = statistics.median(socket_pull(ports["socket"], nbytes) for _ in range(runs))
-        grpc_t = statistics.median(asyncio.run(grpc_pulls(ports["grpc"], chunk, runs)))
-        raw_t = statistics.median(asyncio.run(raw_grpc_pulls(ports["grpc"], chunk, runs)))
+        r = asyncio.run(rounds(ports, chunk, runs))
     finally:
         child.kill()
         child.wait(timeout=10)
+    med = {k: statistics.median(v) for k, v in r.items()}
+    per_round = [s / g for s, g in zip(r["socket"], r["grpc"], strict=True)]
     return {
         "bytes": nbytes,
         "chunk_mib": chunk_mib,
-        "socket_seconds": sock,
-        "grpc_seconds": grpc_t,
-        "socket_MiB_per_s": nbytes / MiB / sock,
-        "grpc_MiB_per_s": nbytes / MiB / grpc_t,
-        "ratio": sock / grpc_t,
-        "raw_grpc_seconds": raw_t,
-        "raw_grpc_ratio": sock / raw_t,
+        "load_average_1m": os.getloadavg()[0],
+        "socket_seconds": med["socket"],
+        "grpc_seconds": med["grpc"],
+        "raw_grpc_seconds": med["raw"],
+        "socket_MiB_per_s": nbytes / MiB / med["socket"],
+        "grpc_MiB_per_s": nbytes / MiB / med["grpc"],
+        # Medians of the per-round ratios: each compares pulls made back to back.
+        "ratio": statistics.median(per_round),
+        "raw_grpc_ratio": statistics.median(s / g for s, g in zip(r["socket"], r["raw"], strict=True)),
+        "ratio_per_round": [round(x, 3) for x in per_round],
+        "receiver_cpu_seconds": {k: med[f"{k}_cpu"] for k in ("socket", "grpc", "raw")},
     }
 
 
@@ -189,8 +203,9 @@ def main() -> None:
         f"KV pull of {r['bytes'] / MiB:.1f} MiB on loopback (median of {args.runs}): "
         f"gRPC {r['grpc_seconds'] * 1000:.0f} ms = {r['grpc_MiB_per_s']:.0f} MiB/s, "
         f"raw socket {r['socket_seconds'] * 1000:.0f} ms = {r['socket_MiB_per_s']:.0f} MiB/s, "
-        f"gRPC reaches {100 * r['ratio']:.0f}% of socket throughput (chunk {args.chunk_mib} MiB); "
-        f"plain gRPC bytes without protobuf/CRC: {100 * r['raw_grpc_ratio']:.0f}%"
+        f"gRPC reaches {100 * r['ratio']:.0f}% of socket throughput (median of per-round ratios; chunk "
+        f"{args.chunk_mib} MiB); plain gRPC bytes without protobuf/checksum: {100 * r['raw_grpc_ratio']:.0f}%; "
+        f"load average {r['load_average_1m']:.1f}"
     )
     print(json.dumps(r))
 

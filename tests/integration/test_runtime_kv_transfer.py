@@ -2,11 +2,11 @@
 the real puller. The cache arrives bit for bit, a full buffer holds callers back, bad chunks are refused."""
 
 import asyncio
-import zlib
 
 import grpc
 import pytest
 import torch
+import xxhash
 
 from distserve_protos.generation.v1 import generation_pb2 as gen
 from distserve_protos.generation.v1 import generation_pb2_grpc as gen_grpc
@@ -140,13 +140,13 @@ class BadSender(kv_grpc.KVTransferServiceServicer):
             if self.mode == "corrupt" and message.WhichOneof("item") == "chunk" and message.chunk.offset > 0:
                 data = bytearray(message.chunk.data)
                 data[0] ^= 0xFF
-                message.chunk.data = bytes(data)  # crc32 left as it was: the receiver must notice
-                assert message.chunk.crc32 != zlib.crc32(message.chunk.data)
+                message.chunk.data = bytes(data)  # checksum left as it was: the receiver must notice
+                assert message.chunk.checksum != xxhash.xxh3_64_intdigest(message.chunk.data)
             yield message
 
 
 @pytest.mark.parametrize(
-    ("mode", "reason"), [("corrupt", "CRC-32 mismatch"), ("oversized", "RESOURCE_EXHAUSTED|oversized")]
+    ("mode", "reason"), [("corrupt", "checksum .*mismatch"), ("oversized", "RESOURCE_EXHAUSTED|oversized")]
 )
 async def test_corrupt_or_oversized_chunks_are_rejected(model, mode, reason):
     runner = ModelRunner(model)
@@ -166,6 +166,25 @@ async def test_corrupt_or_oversized_chunks_are_rejected(model, mode, reason):
             assert "RESOURCE_EXHAUSTED" in str(err.value) or "oversized" in str(err.value)
     finally:
         await puller.close()
+        await server.stop(None)
+
+
+async def test_puller_of_another_checksum_version_is_refused_clearly(model):
+    # A decode instance of the CRC-32 version sends no checksum_algorithm: refused before any data.
+    _worker, server, task, address = await start_prefill(model)
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            await gen_grpc.PrefillServiceStub(channel).Prefill(
+                gen.PrefillRequest(request_id="r1", prompt_token_ids=[3] * 20), timeout=30
+            )
+            old = kv_grpc.KVTransferServiceStub(channel).Pull(kvpb.PullRequest(request_id="r1"), timeout=30)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in old:
+                    pass
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "XXH3_64" in err.value.details()
+    finally:
+        task.cancel()
         await server.stop(None)
 
 

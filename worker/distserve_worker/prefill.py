@@ -6,7 +6,7 @@ Lifecycle of a request:
    dropped; a caller that gives up leaves no reservation behind).
 2. The prompt joins the batch queue; the batch loop takes queued prompts in order up to the token
    budget and runs them in one forward (in the executor thread, so gRPC keeps serving).
-3. The first token is sampled, the KV cache is encoded once into its wire form (CRC-32 per chunk)
+3. The first token is sampled, the KV cache is encoded once into its wire form (XXH3-64 checksum per chunk)
    and stored in the buffer with a deadline, and the RPC answers with the token and where to pull
    the cache from.
 4. A decode instance pulls the cache (`KVTransferService.Pull`) and then releases it; a cache no one
@@ -70,7 +70,7 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
         self.pending: dict[str, Pending] = {}
         self.wake = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-forward")
-        # Encoding a cache to its wire form (CRC + one copy) runs beside the next forward, not after it.
+        # Encoding a cache to its wire form (checksums + one copy) runs beside the next forward, not after it.
         self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-encode")
         self.running = 0
 

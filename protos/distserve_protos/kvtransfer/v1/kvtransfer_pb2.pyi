@@ -12,49 +12,60 @@ class TensorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TENSOR_KIND_UNSPECIFIED: _ClassVar[TensorKind]
     TENSOR_KIND_KEY: _ClassVar[TensorKind]
     TENSOR_KIND_VALUE: _ClassVar[TensorKind]
+
+class ChecksumAlgorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHECKSUM_ALGORITHM_UNSPECIFIED: _ClassVar[ChecksumAlgorithm]
+    CHECKSUM_ALGORITHM_XXH3_64: _ClassVar[ChecksumAlgorithm]
 TENSOR_KIND_UNSPECIFIED: TensorKind
 TENSOR_KIND_KEY: TensorKind
 TENSOR_KIND_VALUE: TensorKind
+CHECKSUM_ALGORITHM_UNSPECIFIED: ChecksumAlgorithm
+CHECKSUM_ALGORITHM_XXH3_64: ChecksumAlgorithm
 
 class PullRequest(_message.Message):
-    __slots__ = ("request_id", "max_chunk_bytes")
+    __slots__ = ("request_id", "max_chunk_bytes", "checksum_algorithm")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     max_chunk_bytes: int
-    def __init__(self, request_id: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    checksum_algorithm: ChecksumAlgorithm
+    def __init__(self, request_id: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., checksum_algorithm: _Optional[_Union[ChecksumAlgorithm, str]] = ...) -> None: ...
 
 class KVHeader(_message.Message):
-    __slots__ = ("request_id", "num_layers", "num_tokens", "total_bytes", "num_chunks")
+    __slots__ = ("request_id", "num_layers", "num_tokens", "total_bytes", "num_chunks", "checksum_algorithm")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     num_layers: int
     num_tokens: int
     total_bytes: int
     num_chunks: int
-    def __init__(self, request_id: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_tokens: _Optional[int] = ..., total_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ...) -> None: ...
+    checksum_algorithm: ChecksumAlgorithm
+    def __init__(self, request_id: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_tokens: _Optional[int] = ..., total_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ..., checksum_algorithm: _Optional[_Union[ChecksumAlgorithm, str]] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("layer", "kind", "dtype", "shape", "offset", "data", "crc32")
+    __slots__ = ("layer", "kind", "dtype", "shape", "offset", "data", "checksum")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
-    CRC32_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     layer: int
     kind: TensorKind
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     offset: int
     data: bytes
-    crc32: int
-    def __init__(self, layer: _Optional[int] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
+    checksum: int
+    def __init__(self, layer: _Optional[int] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("header", "chunk")
