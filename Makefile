@@ -14,7 +14,7 @@ TORCH_VERSION ?= 2.13.0
 # failing when pip fails.
 QUIET_PIP = 2>&1 | { grep -v "is ignored: it is neither" || true; }; test $${PIPESTATUS[0]} -eq 0
 
-.PHONY: install demo test lint typecheck unit check-crds check-protos check-manifests crds protos manifests tools images bench plan-examples clean
+.PHONY: install demo test lint typecheck unit check-crds check-protos check-manifests crds protos manifests tools images bench bench-fidelity plan-examples clean
 
 install: $(STAMP)
 
@@ -86,6 +86,10 @@ images:
 
 bench: install
 	$(BIN)/python benchmarks/planner_opt13b.py
+
+# Simulator vs the real local stack (SmolLM2 on the CPU); about 6-11 minutes. See BENCHMARKS.md.
+bench-fidelity: install
+	$(BIN)/python benchmarks/fidelity.py --json benchmarks/results/fidelity.json
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

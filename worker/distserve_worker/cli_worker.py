@@ -1,4 +1,6 @@
-"""`distserve worker prefill|decode|router`: run one process of the runtime (what pods run).
+"""`distserve worker prefill|decode|router|colocated`: run one process of the runtime (what pods run).
+
+`colocated` is the baseline that runs both phases in one process (see colocated.py).
 
 Every flag also reads an environment variable (shown in --help), so a pod spec can use either.
 The model comes from `--plan-file` (the plan ConfigMap's plan.json, mounted) or from the --model-* flags.
@@ -15,10 +17,11 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from distserve_worker.colocated import ColocatedSettings
 from distserve_worker.model_source import SOURCE_KINDS, ModelSpec
 from distserve_worker.settings import DecodeSettings, MiB, PrefillSettings, RouterSettings
 
-ROLES = ("prefill", "decode", "router")
+ROLES = ("prefill", "decode", "router", "colocated")
 
 
 def _env(name: str, default: Any) -> Any:
@@ -148,7 +151,9 @@ def _split(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-def build_settings(args: argparse.Namespace) -> PrefillSettings | DecodeSettings | RouterSettings:
+def build_settings(
+    args: argparse.Namespace,
+) -> PrefillSettings | DecodeSettings | RouterSettings | ColocatedSettings:
     model = ModelSpec(args.model_name, args.model_source, args.model_path, args.dtype, args.gguf_file)
     ttft, tpot = args.slo_ttft_millis, args.slo_tpot_millis
     if args.plan_file:
@@ -165,6 +170,25 @@ def build_settings(args: argparse.Namespace) -> PrefillSettings | DecodeSettings
         "instance": args.advertise,
     }
     common |= {"threads": args.threads, "max_chunk_bytes": chunk}
+    if args.role == "colocated":
+        port, http_port = args.port or 50051, args.http_port or 8081
+        return ColocatedSettings(
+            PrefillSettings(
+                **common,
+                port=port,
+                http_port=http_port,
+                token_budget=args.token_budget,
+                kv_buffer_bytes=int(args.kv_buffer_mib * MiB),
+                kv_ttl_seconds=args.kv_ttl_seconds,
+            ),
+            DecodeSettings(
+                **common,
+                port=port,
+                http_port=http_port,
+                max_batch=args.max_batch,
+                max_kv_tokens=args.max_kv_tokens,
+            ),
+        )
     if args.role == "prefill":
         return PrefillSettings(
             **common,
@@ -197,8 +221,12 @@ def build_settings(args: argparse.Namespace) -> PrefillSettings | DecodeSettings
     )
 
 
-async def _serve(settings: PrefillSettings | DecodeSettings | RouterSettings) -> None:
-    if isinstance(settings, PrefillSettings):
+async def _serve(settings: PrefillSettings | DecodeSettings | RouterSettings | ColocatedSettings) -> None:
+    if isinstance(settings, ColocatedSettings):
+        from distserve_worker.colocated import serve_colocated
+
+        coro = serve_colocated(settings)
+    elif isinstance(settings, PrefillSettings):
         from distserve_worker.prefill import serve_prefill
 
         coro = serve_prefill(settings)

@@ -53,6 +53,9 @@ class StackConfig:
     model: ModelSpec
     prefill: int = 1
     decode: int = 1
+    # >0: the colocated baseline instead: this many processes each doing both phases
+    # (`distserve worker colocated`), listed to the router as prefill and as decode instances.
+    colocated: int = 0
     threads: int = 0  # torch threads per worker; 0 = half the cores each
     prefill_args: list[str] = field(default_factory=list)
     decode_args: list[str] = field(default_factory=list)
@@ -77,10 +80,22 @@ class LocalStack:
         common = [*model_args, "--host", "127.0.0.1", "--threads", str(threads)]
         self.prefill_addresses: list[str] = []
         self.decode_addresses: list[str] = []
-        for role, count, extra, addresses in (
-            ("prefill", config.prefill, config.prefill_args, self.prefill_addresses),
-            ("decode", config.decode, config.decode_args, self.decode_addresses),
-        ):
+        roles = (
+            [
+                (
+                    "colocated",
+                    config.colocated,
+                    config.prefill_args + config.decode_args,
+                    self.prefill_addresses,
+                )
+            ]
+            if config.colocated
+            else [
+                ("prefill", config.prefill, config.prefill_args, self.prefill_addresses),
+                ("decode", config.decode, config.decode_args, self.decode_addresses),
+            ]
+        )
+        for role, count, extra, addresses in roles:
             for index in range(count):
                 port, http_port = free_port(), free_port()
                 addresses.append(f"127.0.0.1:{port}")
@@ -88,6 +103,8 @@ class LocalStack:
                 self.procs.append(
                     Proc(f"{role}-{index}", args, http_port, self.log_dir / f"{role}-{index}.log")
                 )
+        if config.colocated:
+            self.decode_addresses.extend(self.prefill_addresses)
         self.router_port = config.router_port or free_port()
         router = ["router", *model_args, "--host", "127.0.0.1", "--port", str(self.router_port)]
         router += ["--prefill", ",".join(self.prefill_addresses), "--decode", ",".join(self.decode_addresses)]

@@ -1,0 +1,206 @@
+"""Planner fidelity: the simulator's predictions with a measured CPU profile against the real local
+stack (router + one prefill + one decode process, one torch thread each) under the same Poisson load.
+
+    .venv/bin/python benchmarks/fidelity.py [--profile deploy/profiles/smollm2-135m-cpu.json]
+        [-f benchmarks/fidelity-smollm2.yaml] [--requests 50] [--rates 0.3,0.6,0.9]
+        [--json benchmarks/results/fidelity.json]
+
+Requests (arrival times at 1 req/s, prompt and output lengths) come from the manifest's workload with
+the planner's own seeded generator, so both sides see the same list, scaled to each rate. Rates
+default to 0.5x, 1.0x and 1.5x the goodput the simulator predicts for these requests. Per rate:
+TTFT p90, TPOT p90 and SLO attainment, predicted and measured; then the goodput both ways
+(measured: where attainment crosses the target between measured rates, linearly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fidelity_load import Measured
+from fidelity_model import ModelSide, Predicted, goodput, interpolated_goodput
+from fidelity_stack import measure_rates
+
+from distserve_operator import api
+from distserve_operator.planner import simulator as sim
+from distserve_operator.planner.workload import Lengths, generate
+from distserve_worker.local.stack import StackConfig
+from distserve_worker.model_source import ModelSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = {"p90RelativeError": 0.20, "attainmentPoints": 10.0, "goodputRelativeError": 0.15}
+
+
+def p90(values: list[float]) -> float:
+    return sim.percentile(values, 90)
+
+
+def rel(predicted: float, measured: float) -> float:
+    return abs(predicted - measured) / measured if measured > 0 else float("inf")
+
+
+def summary(pred: Predicted, meas: list[Measured], ttft_slo: float, tpot_slo: float) -> dict[str, object]:
+    m_ttft = [m.ttft_ms for m in meas]
+    m_tpot = [m.tpot_ms for m in meas]
+    m_att = sim.joint_attainment(m_ttft, m_tpot, ttft_slo, tpot_slo)
+    p_att = pred.attainment(ttft_slo, tpot_slo)
+    row: dict[str, object] = {
+        "ttftP90Millis": {"predicted": round(p90(pred.ttft_ms), 1), "measured": round(p90(m_ttft), 1)},
+        "tpotP90Millis": {"predicted": round(p90(pred.tpot_ms), 1), "measured": round(p90(m_tpot), 1)},
+        "attainmentPercent": {"predicted": round(100 * p_att, 1), "measured": round(100 * m_att, 1)},
+        "failedRequests": sum(1 for m in meas if not m.ok),
+    }
+    row["ttftP90Error"] = round(rel(p90(pred.ttft_ms), p90(m_ttft)), 3)
+    row["tpotP90Error"] = round(rel(p90(pred.tpot_ms), p90(m_tpot)), 3)
+    row["attainmentErrorPoints"] = round(abs(100 * (p_att - m_att)), 1)
+    return row
+
+
+def lone_row(model: ModelSide, shape: tuple[int, int], lone: list[Measured]) -> dict[str, object]:
+    pred = model.disaggregated(1, 1, [0.0], [shape[0]], [shape[1]])
+    ok = [m for m in lone if m.ok]
+    ttft = statistics.median(m.ttft_ms for m in ok) if ok else float("inf")
+    tpot = statistics.median(m.tpot_ms for m in ok) if ok else float("inf")
+    return {
+        "inputTokens": shape[0],
+        "outputTokens": shape[1],
+        "ttftMillis": {"predicted": round(pred.ttft_ms[0], 1), "measuredMedian": round(ttft, 1)},
+        "tpotMillis": {"predicted": round(pred.tpot_ms[0], 1), "measuredMedian": round(tpot, 1)},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-f", "--filename", default=str(ROOT / "benchmarks/fidelity-smollm2.yaml"))
+    parser.add_argument("--profile", default=str(ROOT / "deploy/profiles/smollm2-135m-cpu.json"))
+    parser.add_argument("--requests", type=int, default=50, help="requests per rate")
+    parser.add_argument("--rates", help="comma-separated req/s (default: 0.5x, 1x, 1.5x predicted goodput)")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/fidelity.json"))
+    args = parser.parse_args()
+
+    spec = api.load_manifest(args.filename).spec
+    ttft_slo, tpot_slo = float(spec.slo.ttft_millis), float(spec.slo.tpot_millis)
+    target = spec.slo.attainment_percent / 100
+    w = spec.workload
+    reqs = generate(
+        args.requests, args.seed, Lengths.from_spec(w.input_tokens), Lengths.from_spec(w.output_tokens)
+    )
+    inputs, outputs = list(reqs.inputs), list(reqs.outputs)
+    model = ModelSide.load(args.profile, spec)
+
+    def predict(rate: float) -> Predicted:
+        return model.disaggregated(1, 1, reqs.arrivals(rate), inputs, outputs)
+
+    predicted_goodput = goodput(lambda r: predict(r).attainment(ttft_slo, tpot_slo), target, high=50.0)
+    rates = (
+        [float(r) for r in args.rates.split(",")]
+        if args.rates
+        else [round(predicted_goodput * k, 3) for k in (0.5, 1.0, 1.5)]
+    )
+    print(
+        f"predicted goodput {predicted_goodput:.3f} req/s for {args.requests} requests "
+        f"(inputs mean {reqs.mean_input:.0f}, outputs {reqs.mean_output:.0f}); rates {rates}",
+        file=sys.stderr,
+    )
+    load_before = os.getloadavg()
+    config = StackConfig(
+        model=ModelSpec.from_api(spec.model),
+        prefill=1,
+        decode=1,
+        threads=1,  # one core's worth per worker process, as the profile was measured
+        slo_millis=(spec.slo.ttft_millis, spec.slo.tpot_millis),
+    )
+    started = time.perf_counter()
+    rows = []
+    lone_shape = (round(reqs.mean_input), round(reqs.mean_output))
+    lone, runs = measure_rates(config, reqs, rates, args.seed, "disaggregated", lone=lone_shape)
+    for rate, (meas, wall, load) in zip(rates, runs, strict=True):
+        row: dict[str, object] = {
+            "rate": rate,
+            "wallSeconds": round(wall, 1),
+            "loadAverage1m": round(load, 2),
+        }
+        row |= summary(predict(rate), meas, ttft_slo, tpot_slo)
+        rows.append(row)
+    if not args.rates and all(float(r["attainmentPercent"]["measured"]) < 100 * target for r in rows):  # type: ignore[index]
+        # The real goodput is below every rate tried: one lower rate so it can still be bracketed.
+        low = round(rates[0] / 2, 3)
+        _, extra = measure_rates(config, reqs, [low], args.seed, "disaggregated (extra low rate)")
+        meas, wall, load = extra[0]
+        row = {"rate": low, "wallSeconds": round(wall, 1), "loadAverage1m": round(load, 2)}
+        rows.insert(0, row | summary(predict(low), meas, ttft_slo, tpot_slo))
+        rates.insert(0, low)
+    measured_att = [float(r["attainmentPercent"]["measured"]) / 100 for r in rows]  # type: ignore[index]
+    predicted_att = [float(r["attainmentPercent"]["predicted"]) / 100 for r in rows]  # type: ignore[index]
+    measured_goodput = interpolated_goodput(rates, measured_att, target)
+    predicted_interp = interpolated_goodput(rates, predicted_att, target)
+    result = {
+        "benchmark": "planner fidelity",
+        "created": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+        "machine": {
+            "host": platform.node(),
+            "cpus": os.cpu_count(),
+            "loadAverageBefore": [round(x, 2) for x in load_before],
+            "loadAverageAfter": [round(x, 2) for x in os.getloadavg()],
+        },
+        "manifest": os.path.relpath(args.filename, ROOT),
+        "profile": os.path.relpath(args.profile, ROOT),
+        "slo": {"ttftMillis": ttft_slo, "tpotMillis": tpot_slo, "attainmentPercent": 100 * target},
+        "requestsPerRate": args.requests,
+        "seed": args.seed,
+        "configuration": "1 prefill + 1 decode process, 1 torch thread each, router on loopback",
+        # One request alone on the idle stack: what the environment (CPU share, router, client)
+        # costs before any queueing, against the profile's prediction for the same request.
+        "loneRequest": lone_row(model, lone_shape, lone),
+        "rates": rows,
+        "goodput": {
+            "predicted": round(predicted_goodput, 3),
+            "predictedInterpolated": None if predicted_interp is None else round(predicted_interp, 3),
+            "measured": None if measured_goodput is None else round(measured_goodput, 3),
+            "measuredBound": None
+            if measured_goodput is not None
+            else (f"below {min(rates)}" if max(measured_att) < target else f"at least {max(rates)}"),
+            "relativeError": None
+            if measured_goodput is None
+            else round(rel(predicted_goodput, measured_goodput), 3),
+        },
+        "targets": TARGETS,
+        "benchmarkSeconds": round(time.perf_counter() - started, 1),
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    return 0
+
+
+def table(result: dict[str, object]) -> str:
+    lines = [
+        f"{'rate':>6} | {'TTFT p90 pred/meas ms':>22} | {'TPOT p90 pred/meas ms':>22} | {'attain pred/meas %':>19}"
+    ]
+    for r in result["rates"]:  # type: ignore[attr-defined]
+        t, p, a = r["ttftP90Millis"], r["tpotP90Millis"], r["attainmentPercent"]
+        lines.append(
+            f"{r['rate']:>6} | {t['predicted']:>10} / {t['measured']:<9} | {p['predicted']:>10} / "
+            f"{p['measured']:<9} | {a['predicted']:>8} / {a['measured']:<8}"
+        )
+    g = result["goodput"]
+    lines.append(
+        f"goodput req/s: predicted {g['predicted']} (interpolated {g['predictedInterpolated']}), measured {g['measured']}"
+    )  # type: ignore[index]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""The planner's side of the fidelity benchmark: the same requests through the planner's own
+simulator with a fitted profile, for one disaggregated or colocated configuration, and the
+goodput (highest rate meeting the attainment target) by bisection over the rate."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from distserve_operator import api
+from distserve_operator.planner import architecture, hardware, profiles
+from distserve_operator.planner import simulator as sim
+from distserve_operator.planner.latency import InstanceTiming, kv_transfer_ms
+
+
+@dataclass(frozen=True)
+class Predicted:
+    ttft_ms: list[float]
+    tpot_ms: list[float]
+
+    def attainment(self, ttft_slo: float, tpot_slo: float) -> float:
+        return sim.joint_attainment(self.ttft_ms, self.tpot_ms, ttft_slo, tpot_slo)
+
+
+@dataclass(frozen=True)
+class ModelSide:
+    timing: InstanceTiming
+    transfer_ms: Callable[[int], float]
+    token_budget: int = 2048  # the prefill worker's default --token-budget
+    kv_tokens: int = 65536  # the decode worker's default --max-kv-tokens
+
+    @staticmethod
+    def load(profile_path: str | Path, spec: api.DistServeDeploymentSpec) -> ModelSide:
+        profile = profiles.load(profile_path, spec.model.name)
+        timing = profiles.latency_model(profile).instance(1, 1, 0.0)
+        if timing is None:
+            raise ValueError(f"{profile_path} has no TP1xPP1 entry")
+        arch = architecture.resolve(spec.model)
+        links = hardware.Links.from_spec(spec.cluster.interconnect)
+        return ModelSide(timing, lambda tokens: kv_transfer_ms(arch, tokens, links.intra_node, 1))
+
+    def disaggregated(
+        self, prefill: int, decode: int, arrivals_s: list[float], inputs: list[int], outputs: list[int]
+    ) -> Predicted:
+        out = sim.simulate_disaggregated(
+            [self.timing] * prefill,
+            [self.timing] * decode,
+            self.kv_tokens,
+            self.transfer_ms,
+            [a * 1e3 for a in arrivals_s],
+            inputs,
+            outputs,
+            max(self.token_budget, max(inputs)),
+        )
+        return Predicted(out.ttft, out.tpot)
+
+    def colocated(
+        self, replicas: int, arrivals_s: list[float], inputs: list[int], outputs: list[int]
+    ) -> Predicted:
+        arrivals = [a * 1e3 for a in arrivals_s]
+        first, last = [0.0] * len(arrivals), [0.0] * len(arrivals)
+        for k in range(replicas):
+            idx = list(range(k, len(arrivals), replicas))
+            f, la = sim.simulate_colocated(
+                self.timing,
+                [arrivals[i] for i in idx],
+                [inputs[i] for i in idx],
+                [outputs[i] for i in idx],
+                self.kv_tokens,
+                max(self.token_budget, max(inputs)),
+            )
+            for i, a, b in zip(idx, f, la, strict=True):
+                first[i], last[i] = a, b
+        return Predicted(
+            [f - a for f, a in zip(first, arrivals, strict=True)], sim.tpot(first, last, outputs)
+        )
+
+
+def goodput(
+    attainment_at: Callable[[float], float], target: float, high: float, iterations: int = 24
+) -> float:
+    """Highest rate with attainment >= target, by bisection in (0, high]."""
+    lo, hi = 0.0, high
+    if attainment_at(hi) >= target:
+        return hi
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if attainment_at(mid) >= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def interpolated_goodput(rates: list[float], attainments: list[float], target: float) -> float | None:
+    """Where attainment crosses the target between measured rates (linear), or None if it never does
+    within them (all above: at least the highest rate; all below: under the lowest)."""
+    pairs = sorted(zip(rates, attainments, strict=True))
+    for (r0, a0), (r1, a1) in itertools.pairwise(pairs):
+        if a0 >= target > a1:
+            return r0 + (a0 - target) / (a0 - a1) * (r1 - r0)
+    return None

@@ -1,0 +1,67 @@
+"""The measured side: start the real local stack once, warm it up, then drive it with the same
+request list at each rate in turn (open-loop Poisson, see fidelity_load.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+
+from fidelity_load import Measured, run_load
+
+from distserve_operator.planner.workload import Requests
+from distserve_worker.local.stack import LocalStack, StackConfig
+
+
+def measure_rates(
+    config: StackConfig,
+    reqs: Requests,
+    rates: list[float],
+    seed: int,
+    label: str = "",
+    lone: tuple[int, int] | None = None,
+) -> tuple[list[Measured], list[tuple[list[Measured], float, float]]]:
+    """(lone, per rate). Lone: 3 requests of `lone` (prompt, output) tokens one after another on the
+    idle stack, the floor any load adds to. Per rate: (results in request order, wall seconds,
+    1-minute load average after)."""
+    out = []
+    alone: list[Measured] = []
+    # A SIGTERM (timeout, Ctrl-C from make) must still stop the workers: they run in their own
+    # sessions, so only LocalStack.stop() reaches them.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with LocalStack(config) as stack:
+        stack.wait_ready(timeout=300)
+        # Warm-up: first forwards allocate and pick kernels; not part of any measurement.
+        warm, _ = asyncio.run(run_load(stack.url, config.model.name, [0.0, 0.0], [32, 96], [8, 8], seed=99))
+        if not all(m.ok for m in warm):
+            raise RuntimeError(f"warm-up requests failed: {[m.error for m in warm]}")
+        for k in range(3 if lone else 0):
+            assert lone is not None
+            one, _ = asyncio.run(run_load(stack.url, config.model.name, [0.0], [lone[0]], [lone[1]], seed=k))
+            alone.extend(one)
+        for rate in rates:
+            started = time.perf_counter()
+            meas, wall = asyncio.run(
+                run_load(
+                    stack.url,
+                    config.model.name,
+                    reqs.arrivals(rate),
+                    list(reqs.inputs),
+                    list(reqs.outputs),
+                    seed,
+                )
+            )
+            load = os.getloadavg()[0]
+            ok = sum(m.ok for m in meas)
+            errors = {m.error for m in meas if not m.ok}
+            print(
+                f"[bench] {label} rate {rate:.3f}: {ok}/{len(meas)} ok in {time.perf_counter() - started:.0f} s "
+                f"(load {load:.2f}){' errors: ' + '; '.join(sorted(errors))[:300] if errors else ''}",
+                file=sys.stderr,
+                flush=True,
+            )
+            out.append((meas, wall, load))
+            time.sleep(2.0)  # every request has finished; let the caches be released
+    return alone, out

@@ -1,0 +1,129 @@
+"""`distserve profile` as a user runs it: a profile the planner loads, whose coefficients reproduce
+the measured points within the error it states. Timings are never asserted (shared machine)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distserve_operator import cli
+from distserve_operator.planner import profiles
+from distserve_worker.profiling import fit
+
+LOCAL = str(Path(__file__).parents[2] / "deploy" / "examples" / "local-smollm2.yaml")
+
+
+def _profile(tmp_path: Path, *extra: str) -> tuple[int, Path, Path]:
+    out, samples = tmp_path / "profile.json", tmp_path / "samples.json"
+    code = cli.main(
+        ["profile", "--random-llama", "tiny", "--quick", "-o", str(out), "--samples", str(samples), *extra]
+    )
+    return code, out, samples
+
+
+def test_quick_profile_is_loadable_and_reproduces_its_points(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, samples = _profile(tmp_path)
+    assert code == 0
+    stdout, stderr = capsys.readouterr()
+    assert f"wrote {out}" in stdout and "[profile] prefill" in stderr
+    profile = profiles.load(out)
+    assert profile.model == "random-llama-tiny" and profile.dtype == "float32"
+    assert profile.device.startswith("CPU (") and profile.created.endswith("Z")
+    assert "distserve profile" in profile.source and "load average" in profile.source
+    entry = profile.entry(1, 1)
+    assert entry is not None and entry.samples is not None and entry.fit_error_percent is not None
+    assert all(c >= 0 for c in (*entry.prefill, *entry.decode_small, *entry.decode_large))
+    # The stated fit error is what the coefficients really give on the measured points.
+    raw = json.loads(samples.read_text())
+    coefficients = profiles.latency_model(profile).coefficients(1, 1)
+    assert coefficients is not None
+    predicted, measured = [], []
+    for p in raw["prefill"]:
+        lengths = p["lengths"]
+        predicted.append(coefficients.prefill_ms(sum(lengths), sum(n * n for n in lengths)))
+        measured.append(p["ms"])
+    for p in raw["decode"]:
+        predicted.append(coefficients.decode_ms(p["ctxTokens"], p["batch"]))
+        measured.append(p["ms"])
+    assert entry.samples == len(measured)
+    assert fit.errors(predicted, measured).mean_percent == pytest.approx(entry.fit_error_percent, abs=0.5)
+
+
+def test_planner_uses_the_profile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _profile(tmp_path, "-q")
+    assert code == 0
+    capsys.readouterr()
+    assert (
+        cli.main(
+            [
+                "simulate",
+                "-f",
+                LOCAL,
+                "--profile",
+                str(out),
+                "--prefill",
+                "1x1",
+                "--decode",
+                "1x1",
+                "-o",
+                "json",
+            ]
+        )
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert "random-llama-tiny" in result["profile"] and result["ttftMillis"]["p90"] > 0
+
+
+def test_fit_recovers_known_coefficients() -> None:
+    prefill = [
+        fit.PrefillPoint(lengths, 3.0 + 0.5 * sum(lengths) + 0.001 * sum(n * n for n in lengths))
+        for lengths in [(8,), (64,), (256,), (32, 32), (128,) * 4]
+    ]
+    coef, err = fit.fit_prefill(prefill)
+    assert coef == pytest.approx((3.0, 0.5, 0.001), rel=1e-6) and err.max_percent < 1e-6
+    decode = [
+        fit.DecodePoint(
+            b, b * ctx, (10 + 0.01 * b * ctx + 0.2 * b) if b < 8 else (4 + 0.02 * b * ctx + 1.0 * b)
+        )
+        for b in (1, 2, 4, 8, 16, 32)
+        for ctx in (32, 128, 512)
+    ]
+    d = fit.fit_decode(decode)
+    assert d.threshold == 8
+    assert d.small == pytest.approx((10, 0.01, 0.2), rel=1e-6) and d.large == pytest.approx(
+        (4, 0.02, 1.0), rel=1e-6
+    )
+
+
+def test_fit_keeps_coefficients_non_negative() -> None:
+    # Noise that would pull an unconstrained fit's per-token cost below zero.
+    points = [fit.PrefillPoint((n,), ms) for n, ms in [(8, 5.0), (16, 4.9), (32, 4.8), (64, 4.7)]]
+    coef, _ = fit.fit_prefill(points)
+    assert min(coef) >= 0 and coef[0] == pytest.approx(4.85, rel=0.05)
+
+
+def test_cuda_without_cuda_is_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, out, _ = _profile(tmp_path, "--device", "cuda")
+    assert code == 2 and not out.exists()
+    assert "torch sees no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_profile_on_cuda(tmp_path: Path) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    code, out, _ = _profile(tmp_path, "--device", "cuda", "--dtype", "bfloat16")
+    assert code == 0
+    profile = profiles.load(out)
+    assert profile.dtype == "bfloat16" and profile.device == torch.cuda.get_device_name(0)

@@ -1,0 +1,95 @@
+"""The colocated baseline: one process does both phases (vLLM-style), to measure whether
+disaggregation pays against the same core budget.
+
+It is the prefill and decode workers themselves, sharing one model, one runner and ONE forward
+thread: a prefill forward and a decode step never run at once, so a prompt stalls every running
+decode exactly as in a colocated engine. The process serves PrefillService, DecodeService and
+KVTransferService on one gRPC port; the router lists it as both its prefill and its decode
+instance. The decode half pulls each cache from its own process over loopback (one encode and
+one copy of a few MB per request: small next to a forward, and counted in what is measured).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+from distserve_worker.metrics import RuntimeMetrics
+from distserve_worker.settings import DecodeSettings, PrefillSettings
+
+
+@dataclass(frozen=True)
+class ColocatedSettings:
+    """Prefill and decode settings of one process: same host, gRPC port and HTTP port."""
+
+    prefill: PrefillSettings
+    decode: DecodeSettings
+
+
+class _BothMetrics:
+    """/metrics of the process: the prefill half's series, then the decode half's."""
+
+    def __init__(self, *parts: RuntimeMetrics) -> None:
+        self.parts = parts
+
+    def exposition(self) -> bytes:
+        return b"".join(p.exposition() for p in self.parts)
+
+
+async def serve_colocated(settings: ColocatedSettings, loaded: Any = None) -> None:
+    import grpc
+
+    from distserve_protos.generation.v1 import generation_pb2_grpc as gen_grpc
+    from distserve_worker.decode import DecodeWorker
+    from distserve_worker.engine.runner import ModelRunner, probe_kv_layout
+    from distserve_worker.health import start_http
+    from distserve_worker.kvtransfer.transport import GrpcKVPuller, KVTransferServicer, channel_options
+    from distserve_worker.kvtransfer.transport import add_to_server as add_kv_transfer
+    from distserve_worker.model_source import eos_token_ids, load_model, max_context
+    from distserve_worker.prefill import PrefillWorker
+
+    p, d = settings.prefill, settings.decode
+    instance = p.instance or p.address
+    prefill_metrics = RuntimeMetrics("prefill", p.model.name, instance)
+    decode_metrics = RuntimeMetrics("decode", p.model.name, instance)
+    state = {"ready": False}
+    metrics: Any = _BothMetrics(prefill_metrics, decode_metrics)
+    http = await start_http(p.host, p.http_port, metrics, lambda: state["ready"])
+    server = grpc.aio.server(options=channel_options(p.max_chunk_bytes))
+    puller = GrpcKVPuller(d.max_chunk_bytes)
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        model, tokenizer = loaded or await asyncio.to_thread(load_model, p.model)
+        runner = ModelRunner(model, p.threads or None)
+        layout = probe_kv_layout(runner)
+        context = max_context(model)
+        prefill = PrefillWorker(p, runner, layout, context, prefill_metrics)
+        decode = DecodeWorker(
+            d, runner, tokenizer, layout, context, eos_token_ids(model, tokenizer), puller, decode_metrics
+        )
+        # The point of the baseline: one forward thread for both phases (FIFO: a waiting prefill
+        # runs after at most one decode step, then decode resumes).
+        decode.executor.shutdown(wait=False)
+        decode.executor = prefill.executor
+        gen_grpc.add_PrefillServiceServicer_to_server(prefill, server)
+        gen_grpc.add_DecodeServiceServicer_to_server(decode, server)
+        add_kv_transfer(KVTransferServicer(prefill.buffer, p.max_chunk_bytes, prefill.on_kv_sent), server)
+        server.add_insecure_port(f"{p.host}:{p.port}")
+        await server.start()
+        tasks = [
+            asyncio.create_task(prefill.batch_loop()),
+            asyncio.create_task(prefill.reap_loop()),
+            asyncio.create_task(decode.step_loop()),
+        ]
+        state["ready"] = True
+        print(f"[distserve] colocated (prefill + decode) serving gRPC on {p.host}:{p.port}", flush=True)
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await server.stop(grace=1.0)
+        await puller.close()
+        await http.cleanup()
