@@ -6,6 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from .fake_router import Traffic
+from .local_http import serve_on_loopback
 
 
 class FakePrometheus:
@@ -39,11 +40,7 @@ class FakePrometheus:
 
         app = web.Application()
         app.router.add_get("/api/v1/query", query)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve_on_loopback(app)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

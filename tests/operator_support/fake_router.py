@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from .local_http import serve_on_loopback
+
 PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
 OUTPUT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
 
@@ -86,11 +88,7 @@ class FakeRouter:
 
         app = web.Application()
         app.router.add_get("/metrics", metrics)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve_on_loopback(app)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
