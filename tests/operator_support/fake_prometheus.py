@@ -6,15 +6,14 @@ from __future__ import annotations
 from aiohttp import web
 
 from .fake_router import Traffic
-from .local_http import serve_on_loopback
+from .local_http import LoopbackServer
 
 
-class FakePrometheus:
+class FakePrometheus(LoopbackServer):
     def __init__(self, traffic: Traffic) -> None:
+        super().__init__()
         self.traffic = traffic
         self.queries: list[str] = []
-        self._runner: web.AppRunner | None = None
-        self.port = 0
 
     def answer(self, query: str) -> float | None:
         t = self.traffic
@@ -28,7 +27,7 @@ class FakePrometheus:
             return t.requests_per_second
         return None
 
-    async def __aenter__(self) -> FakePrometheus:
+    def app(self) -> web.Application:
         async def query(request: web.Request) -> web.Response:
             q = request.query.get("query", "")
             self.queries.append(q)
@@ -40,13 +39,4 @@ class FakePrometheus:
 
         app = web.Application()
         app.router.add_get("/api/v1/query", query)
-        self._runner, self.port = await serve_on_loopback(app)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return app

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from .local_http import serve_on_loopback
+from .local_http import LoopbackServer
 
 PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
 OUTPUT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
@@ -22,8 +22,11 @@ class Traffic:
     attainment_percent: float = 99.0
 
 
-class FakeRouter:
+class FakeRouter(LoopbackServer):
+    path = "/metrics"
+
     def __init__(self, traffic: Traffic) -> None:
+        super().__init__()
         self.traffic = traffic
         self._t = time.monotonic()
         self.requests = 0.0
@@ -31,8 +34,6 @@ class FakeRouter:
         self.prompt_sum = 0.0
         self.output_sum = 0.0
         self.scrapes = 0
-        self._runner: web.AppRunner | None = None
-        self.port = 0
 
     def set(self, traffic: Traffic) -> None:
         self._advance()
@@ -82,19 +83,10 @@ class FakeRouter:
         lines += self._hist("distserve_request_output_tokens", OUTPUT_BUCKETS, self.output_sum, t.output_mean)
         return "\n".join(lines) + "\n"
 
-    async def __aenter__(self) -> FakeRouter:
+    def app(self) -> web.Application:
         async def metrics(_: web.Request) -> web.Response:
             return web.Response(text=self.render(), content_type="text/plain")
 
         app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        self._runner, self.port = await serve_on_loopback(app)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/metrics"
+        app.router.add_get(self.path, metrics)
+        return app

@@ -12,7 +12,6 @@ one copy of a few MB per request: small next to a forward, and counted in what i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +48,7 @@ async def serve_colocated(settings: ColocatedSettings, loaded: Any = None) -> No
     from distserve_worker.kvtransfer.transport import add_to_server as add_kv_transfer
     from distserve_worker.model_source import eos_token_ids, load_model, max_context
     from distserve_worker.prefill import PrefillWorker
+    from distserve_worker.serving import serve_until_stopped
 
     p, d = settings.prefill, settings.decode
     instance = p.instance or p.address
@@ -59,7 +59,6 @@ async def serve_colocated(settings: ColocatedSettings, loaded: Any = None) -> No
     http = await start_http(p.host, p.http_port, metrics, lambda: state["ready"])
     server = grpc.aio.server(options=channel_options(p.max_chunk_bytes))
     puller = GrpcKVPuller(d.max_chunk_bytes)
-    tasks: list[asyncio.Task[None]] = []
     try:
         model, tokenizer = loaded or await asyncio.to_thread(load_model, p.model)
         runner = ModelRunner(model, p.threads or None)
@@ -76,20 +75,13 @@ async def serve_colocated(settings: ColocatedSettings, loaded: Any = None) -> No
         gen_grpc.add_PrefillServiceServicer_to_server(prefill, server)
         gen_grpc.add_DecodeServiceServicer_to_server(decode, server)
         add_kv_transfer(KVTransferServicer(prefill.buffer, p.max_chunk_bytes, prefill.on_kv_sent), server)
-        server.add_insecure_port(f"{p.host}:{p.port}")
-        await server.start()
-        tasks = [
-            asyncio.create_task(prefill.batch_loop()),
-            asyncio.create_task(prefill.reap_loop()),
-            asyncio.create_task(decode.step_loop()),
-        ]
-        state["ready"] = True
-        print(f"[distserve] colocated (prefill + decode) serving gRPC on {p.host}:{p.port}", flush=True)
-        await asyncio.gather(*tasks)
+        await serve_until_stopped(
+            server,
+            f"{p.host}:{p.port}",
+            [prefill.batch_loop, prefill.reap_loop, decode.step_loop],
+            state=state,
+            label="colocated (prefill + decode)",
+        )
     finally:
-        for task in tasks:
-            task.cancel()
-        with contextlib.suppress(Exception):
-            await server.stop(grace=1.0)
         await puller.close()
         await http.cleanup()

@@ -15,7 +15,6 @@ Lifecycle of a request:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -275,13 +274,13 @@ async def serve_decode(settings: DecodeSettings, loaded: Any = None) -> None:
     from distserve_worker.health import start_http
     from distserve_worker.kvtransfer.transport import GrpcKVPuller
     from distserve_worker.model_source import eos_token_ids, load_model, max_context
+    from distserve_worker.serving import serve_until_stopped
 
     metrics = RuntimeMetrics("decode", settings.model.name, settings.instance or settings.address)
     state = {"ready": False}
     http = await start_http(settings.host, settings.http_port, metrics, lambda: state["ready"])
     server = grpc.aio.server()
     puller = GrpcKVPuller(settings.max_chunk_bytes)
-    task: asyncio.Task[None] | None = None
     try:
         model, tokenizer = loaded or await asyncio.to_thread(load_model, settings.model)
         runner = ModelRunner(model, settings.threads or None)
@@ -296,16 +295,9 @@ async def serve_decode(settings: DecodeSettings, loaded: Any = None) -> None:
             metrics,
         )
         gen_grpc.add_DecodeServiceServicer_to_server(worker, server)
-        server.add_insecure_port(f"{settings.host}:{settings.port}")
-        await server.start()
-        task = asyncio.create_task(worker.step_loop())
-        state["ready"] = True
-        print(f"[distserve] decode serving gRPC on {settings.host}:{settings.port}", flush=True)
-        await task
+        await serve_until_stopped(
+            server, f"{settings.host}:{settings.port}", [worker.step_loop], state=state, label="decode"
+        )
     finally:
-        if task:
-            task.cancel()
-        with contextlib.suppress(Exception):
-            await server.stop(grace=1.0)
         await puller.close()
         await http.cleanup()

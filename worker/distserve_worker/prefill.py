@@ -16,7 +16,6 @@ Lifecycle of a request:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -191,11 +190,11 @@ async def serve_prefill(settings: PrefillSettings, loaded: Any = None) -> None:
     from distserve_worker.kvtransfer.transport import KVTransferServicer, channel_options
     from distserve_worker.kvtransfer.transport import add_to_server as add_kv_transfer
     from distserve_worker.model_source import load_model, max_context
+    from distserve_worker.serving import serve_until_stopped
 
     metrics = RuntimeMetrics("prefill", settings.model.name, settings.instance or settings.address)
     state = {"ready": False}
     http = await start_http(settings.host, settings.http_port, metrics, lambda: state["ready"])
-    tasks: list[asyncio.Task[None]] = []
     server = grpc.aio.server(options=channel_options(settings.max_chunk_bytes))
     try:
         model, _ = loaded or await asyncio.to_thread(load_model, settings.model)
@@ -205,15 +204,12 @@ async def serve_prefill(settings: PrefillSettings, loaded: Any = None) -> None:
         add_kv_transfer(
             KVTransferServicer(worker.buffer, settings.max_chunk_bytes, worker.on_kv_sent), server
         )
-        server.add_insecure_port(f"{settings.host}:{settings.port}")
-        await server.start()
-        tasks = [asyncio.create_task(worker.batch_loop()), asyncio.create_task(worker.reap_loop())]
-        state["ready"] = True
-        print(f"[distserve] prefill serving gRPC on {settings.host}:{settings.port}", flush=True)
-        await asyncio.gather(*tasks)
+        await serve_until_stopped(
+            server,
+            f"{settings.host}:{settings.port}",
+            [worker.batch_loop, worker.reap_loop],
+            state=state,
+            label="prefill",
+        )
     finally:
-        for task in tasks:
-            task.cancel()
-        with contextlib.suppress(Exception):
-            await server.stop(grace=1.0)
         await http.cleanup()

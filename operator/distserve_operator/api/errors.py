@@ -100,3 +100,7 @@ class SpecError(ValueError):
     def __init__(self, problems: Iterable[str]):
         self.problems = list(problems)
         super().__init__("; ".join(self.problems))
+
+    def report(self, source: str) -> str:
+        """For a person at a terminal: which file, then one problem per line."""
+        return "\n".join([f"{source}: invalid DistServeDeployment", *(f"  {line}" for line in self.problems)])

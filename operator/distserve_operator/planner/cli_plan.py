@@ -53,9 +53,7 @@ def run(args: argparse.Namespace) -> int:
             colocated_profile=args.colocated_profile,
         )
     except api.SpecError as exc:
-        print(f"{args.filename}: invalid DistServeDeployment", file=sys.stderr)
-        for line in exc.problems:
-            print(f"  {line}", file=sys.stderr)
+        print(exc.report(args.filename), file=sys.stderr)
         return 2
     except (ValueError, OSError) as exc:
         print(f"{args.filename}: cannot plan: {exc}", file=sys.stderr)

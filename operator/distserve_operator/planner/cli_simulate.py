@@ -54,9 +54,7 @@ def run(args: argparse.Namespace) -> int:
             colocated_choice=parse_choice(args.colocated) if args.colocated else None,
         )
     except api.SpecError as exc:
-        print(f"{args.filename}: invalid DistServeDeployment", file=sys.stderr)
-        for line in exc.problems:
-            print(f"  {line}", file=sys.stderr)
+        print(exc.report(args.filename), file=sys.stderr)
         return 2
     except (ValueError, OSError) as exc:
         print(f"cannot simulate: {exc}", file=sys.stderr)
