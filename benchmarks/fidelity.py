@@ -26,7 +26,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fidelity_load import Measured
 from fidelity_model import ModelSide, Predicted, goodput, interpolated_goodput
 from fidelity_stack import measure_rates
 
@@ -35,6 +34,7 @@ from distserve_operator.planner import simulator as sim
 from distserve_operator.planner.workload import Lengths, generate
 from distserve_worker.local.stack import StackConfig
 from distserve_worker.model_source import ModelSpec
+from distserve_worker.testing.load import Measured
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"p90RelativeError": 0.20, "attainmentPoints": 10.0, "goodputRelativeError": 0.15}
@@ -120,6 +120,8 @@ def main() -> int:
         prefill=1,
         decode=1,
         threads=1,  # one core's worth per worker process, as the profile was measured
+        prefill_args=model.engine.prefill_args(),
+        decode_args=model.engine.decode_args(),
         slo_millis=(spec.slo.ttft_millis, spec.slo.tpot_millis),
     )
     started = time.perf_counter()
@@ -161,6 +163,7 @@ def main() -> int:
         "requestsPerRate": args.requests,
         "seed": args.seed,
         "configuration": "1 prefill + 1 decode process, 1 torch thread each, router on loopback",
+        "engine": model.engine.describe(),
         # One request alone on the idle stack: what the environment (CPU share, router, client)
         # costs before any queueing, against the profile's prediction for the same request.
         "loneRequest": lone_row(model, lone_shape, lone),

@@ -25,21 +25,48 @@ class Predicted:
 
 
 @dataclass(frozen=True)
+class Engine:
+    """The worker limits both sides use: the simulator simulates them, the real stack is started
+    with them (`stack_args`)."""
+
+    # Prompt tokens per prefill forward, padding counted. 512 rather than the worker's 2,048:
+    # on a CPU core a forward is compute-bound from ~64 tokens on, so a bigger batch adds latency
+    # (a 2,048-token forward takes ~4 s here) and almost no throughput.
+    token_budget: int = 512
+    max_batch: int = 32  # the decode worker's default --max-batch
+    kv_tokens: int = 65536  # the decode worker's default --max-kv-tokens
+
+    def prefill_args(self) -> list[str]:
+        return ["--token-budget", str(self.token_budget)]
+
+    def decode_args(self) -> list[str]:
+        return ["--max-batch", str(self.max_batch), "--max-kv-tokens", str(self.kv_tokens)]
+
+    def describe(self) -> dict[str, int]:
+        return {
+            "prefillTokenBudget": self.token_budget,
+            "decodeMaxBatch": self.max_batch,
+            "decodeMaxKvTokens": self.kv_tokens,
+        }
+
+
+@dataclass(frozen=True)
 class ModelSide:
     timing: InstanceTiming
     transfer_ms: Callable[[int], float]
-    token_budget: int = 2048  # the prefill worker's default --token-budget
-    kv_tokens: int = 65536  # the decode worker's default --max-kv-tokens
+    engine: Engine = Engine()
 
     @staticmethod
-    def load(profile_path: str | Path, spec: api.DistServeDeploymentSpec) -> ModelSide:
+    def load(
+        profile_path: str | Path, spec: api.DistServeDeploymentSpec, engine: Engine = Engine()
+    ) -> ModelSide:
         profile = profiles.load(profile_path, spec.model.name)
         timing = profiles.latency_model(profile).instance(1, 1, 0.0)
         if timing is None:
             raise ValueError(f"{profile_path} has no TP1xPP1 entry")
         arch = architecture.resolve(spec.model)
         links = hardware.Links.from_spec(spec.cluster.interconnect)
-        return ModelSide(timing, lambda tokens: kv_transfer_ms(arch, tokens, links.intra_node, 1))
+        return ModelSide(timing, lambda tokens: kv_transfer_ms(arch, tokens, links.intra_node, 1), engine)
 
     def disaggregated(
         self, prefill: int, decode: int, arrivals_s: list[float], inputs: list[int], outputs: list[int]
@@ -47,12 +74,13 @@ class ModelSide:
         out = sim.simulate_disaggregated(
             [self.timing] * prefill,
             [self.timing] * decode,
-            self.kv_tokens,
+            self.engine.kv_tokens,
             self.transfer_ms,
             [a * 1e3 for a in arrivals_s],
             inputs,
             outputs,
-            max(self.token_budget, max(inputs)),
+            self.engine.token_budget,
+            max_batch=self.engine.max_batch,
         )
         return Predicted(out.ttft, out.tpot)
 
@@ -68,8 +96,9 @@ class ModelSide:
                 [arrivals[i] for i in idx],
                 [inputs[i] for i in idx],
                 [outputs[i] for i in idx],
-                self.kv_tokens,
-                max(self.token_budget, max(inputs)),
+                self.engine.kv_tokens,
+                self.engine.token_budget,
+                self.engine.max_batch,
             )
             for i, a, b in zip(idx, f, la, strict=True):
                 first[i], last[i] = a, b

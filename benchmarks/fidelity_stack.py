@@ -1,5 +1,5 @@
 """The measured side: start the real local stack once, warm it up, then drive it with the same
-request list at each rate in turn (open-loop Poisson, see fidelity_load.py)."""
+request list at each rate in turn (open-loop Poisson, see distserve_worker/testing/load.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import signal
 import sys
 import time
 
-from fidelity_load import Measured, run_load
-
 from distserve_operator.planner.workload import Requests
 from distserve_worker.local.stack import LocalStack, StackConfig
+from distserve_worker.testing.load import Measured, run_load
 
 
 def measure_rates(

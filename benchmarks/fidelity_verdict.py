@@ -70,12 +70,25 @@ def main() -> int:
             "disaggregated 1P+1D": (
                 lambda r, q=reqs, i=ins, o=outs: side.disaggregated(1, 1, q.arrivals(r), i, o),
                 lambda r, q=many, i=m_ins, o=m_outs: side.disaggregated(1, 1, q.arrivals(r), i, o),
-                StackConfig(model, prefill=1, decode=1, threads=1),
+                StackConfig(
+                    model,
+                    prefill=1,
+                    decode=1,
+                    threads=1,
+                    prefill_args=side.engine.prefill_args(),
+                    decode_args=side.engine.decode_args(),
+                ),
             ),
             "colocated x2": (
                 lambda r, q=reqs, i=ins, o=outs: side.colocated(2, q.arrivals(r), i, o),
                 lambda r, q=many, i=m_ins, o=m_outs: side.colocated(2, q.arrivals(r), i, o),
-                StackConfig(model, colocated=2, threads=1),
+                StackConfig(
+                    model,
+                    colocated=2,
+                    threads=1,
+                    prefill_args=side.engine.prefill_args(),
+                    decode_args=side.engine.decode_args(),
+                ),
             ),
         }
         entry: dict[str, object] = {"workload": name, "inputTokens": prompt, "outputTokens": output}

@@ -187,3 +187,35 @@ def test_prefill_memory_holds_requests_waiting_for_decode() -> None:
     roomy = sim.simulate_disaggregated(*common, prefill_kv_capacity=10**7)
     tight = sim.simulate_disaggregated(*common, prefill_kv_capacity=512 * 4)
     assert tight.memory_bound and roomy.prefill_memory_peak < 1 < tight.prefill_memory_peak
+
+
+def test_a_padded_decode_batch_pays_for_its_longest_row() -> None:
+    """Two requests decoding together, prompts of 10 and 100 tokens: with paged attention a step
+    costs the sum of their contexts, with a padded batch twice the longer one."""
+    ms_per_token = (0.0, 1.0, 0.0)
+    paged = InstanceTiming(PhaseCoefficients(ms_per_token, ms_per_token, ms_per_token), 1, 0.0)
+    padded = InstanceTiming(PhaseCoefficients(ms_per_token, ms_per_token, ms_per_token, padded=True), 1, 0.0)
+    ready, inputs, outputs = [0.0, 0.0], [10, 100], [3, 3]
+    # Two steps each (the first token came from prefill); contexts 11+101, then 12+102.
+    assert sim.simulate_decode(paged, ready, inputs, outputs, 10_000).last_token == [226.0, 226.0]
+    assert sim.simulate_decode(padded, ready, inputs, outputs, 10_000).last_token == [2 * 101 + 2 * 102] * 2
+    # Alone, padding costs nothing.
+    alone = sim.simulate_decode(padded, [0.0], [100], [3], 10_000).last_token
+    assert alone == sim.simulate_decode(paged, [0.0], [100], [3], 10_000).last_token == [101.0 + 102.0]
+    # When the long one finishes, the short one stops paying for it.
+    both = sim.simulate_decode(padded, ready, inputs, [4, 2], 10_000).last_token
+    assert both == [202.0 + 12 + 13, 202.0]
+
+
+def test_a_padded_prefill_batch_pays_for_its_longest_prompt() -> None:
+    per_token = PhaseCoefficients((0.0, 1.0, 0.0), (1.0, 0.0, 0.0), (1.0, 0.0, 0.0))
+    packed = InstanceTiming(per_token, 1, 0.0)
+    padded = InstanceTiming(
+        PhaseCoefficients(per_token.prefill, per_token.decode_small, per_token.decode_large, padded=True),
+        1,
+        0.0,
+    )
+    # Three prompts waiting together form one batch.
+    arrivals, inputs = [0.0, 0.0, 0.0], [10, 100, 40]
+    assert sim.simulate_prefill(packed, arrivals, inputs, 2048) == [150.0] * 3
+    assert sim.simulate_prefill(padded, arrivals, inputs, 2048) == [300.0] * 3

@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from distserve_worker.engine import kvcache
 from distserve_worker.engine.detokenizer import Detokenizer
 from distserve_worker.engine.runner import ModelRunner, probe_kv_layout, reference_greedy
 from distserve_worker.engine.sampling import SamplingParams, sample
@@ -25,44 +26,119 @@ def test_batched_prefill_and_decode_match_the_reference_loop(arch):
     reference = [reference_greedy(model, p, steps, eos=set()) for p in ps]
     outs = runner.prefill(ps)
     tokens = [[int(o.last_logits.argmax())] for o in outs]
-    lengths = [len(p) for p in ps]
     batch = runner.batch([o.kv for o in outs])
     for _ in range(steps - 1):
-        logits = runner.decode_step(batch, [t[-1] for t in tokens], lengths)
+        logits = runner.decode_step(batch, [t[-1] for t in tokens])
         assert logits.shape[0] == len(ps)  # one forward for the whole batch
         for i, row in enumerate(logits):
             tokens[i].append(int(row.argmax()))
-            lengths[i] += 1
     assert tokens == reference
+    assert batch.lengths == [len(p) + steps - 1 for p in ps]
 
 
-def test_rebuilding_the_batch_carries_caches_over():
+def test_requests_join_and_leave_a_running_batch_without_changing_anyone_s_tokens(monkeypatch):
+    # Little spare room, so the run below also moves the live region and reallocates.
+    monkeypatch.setattr(kvcache, "RIGHT_ROOM", 8)
     model = tiny_model("llama")
     runner = ModelRunner(model)
-    ps = prompts(3)
-    reference = [reference_greedy(model, p, 12, eos=set()) for p in ps]
+    ps = prompts(5)
+    reference = [reference_greedy(model, p, 80, eos=set()) for p in ps]
     outs = runner.prefill(ps)
     tokens = [[int(o.last_logits.argmax())] for o in outs]
-    lengths = [len(p) for p in ps]
+    batch = runner.empty_batch(outs[0].kv)
+    rows: list[int] = []  # which request each batch row is
 
-    def step(batch, rows):
-        logits = runner.decode_step(batch, [tokens[r][-1] for r in rows], [lengths[r] for r in rows])
+    def join(r):
+        batch.add(outs[r].kv)
+        rows.append(r)
+
+    def leave(r):
+        i = rows.index(r)
+        batch.remove(i)
+        last = rows.pop()
+        if i < len(rows):
+            rows[i] = last  # the last row moved into the gap
+
+    def step(n=1):
+        for _ in range(n):
+            logits = runner.decode_step(batch, [tokens[r][-1] for r in rows])
+            for i, r in enumerate(rows):
+                tokens[r].append(int(logits[i].argmax()))
+
+    join(0)
+    step(2)
+    join(4)  # longer than everyone running: the live span widens to the left
+    join(1)
+    step(3)
+    leave(0)  # not the last row: the last one moves into its place
+    join(2)
+    step(70)  # past the spare columns on the right: at least one re-layout
+    leave(1)
+    leave(2)  # the longest departs: the span shrinks
+    join(3)
+    step(5)
+    assert batch.reallocations >= 2
+    assert sorted(rows) == [3, 4]
+    assert [len(t) for t in tokens] == [6, 74, 71, 6, 79]
+    for t, ref in zip(tokens, reference, strict=True):
+        assert t == ref[: len(t)]
+    for i, r in enumerate(rows):
+        assert batch.row(i).num_tokens == len(ps[r]) + len(tokens[r]) - 1
+
+
+def test_a_steady_stream_of_requests_moves_the_cache_instead_of_reallocating(monkeypatch):
+    """Continuous batching: requests keep joining and leaving, so the live region drifts right;
+    it is moved back in place, and new buffers are needed only while the batch is still growing."""
+    monkeypatch.setattr(kvcache, "RIGHT_ROOM", 8)
+    model = tiny_model("llama")
+    runner = ModelRunner(model)
+    rng = random.Random(3)
+    ps = [[rng.randrange(1, 257) for _ in range(rng.randrange(3, 12))] for _ in range(64)]
+    budgets = [rng.randrange(4, 12) for _ in ps]
+    reference = [reference_greedy(model, p, b, eos=set()) for p, b in zip(ps, budgets, strict=True)]
+    outs = runner.prefill(ps)
+    tokens = [[int(o.last_logits.argmax())] for o in outs]
+    batch = runner.empty_batch(outs[0].kv, max_rows=4)
+    rows: list[int] = []
+    waiting = list(range(len(ps)))
+    while waiting or rows:
+        while waiting and len(rows) < 4:
+            r = waiting.pop(0)
+            batch.add(outs[r].kv)
+            rows.append(r)
+        logits = runner.decode_step(batch, [tokens[r][-1] for r in rows])
         for i, r in enumerate(rows):
             tokens[r].append(int(logits[i].argmax()))
-            lengths[r] += 1
+        for r in [r for r in rows if len(tokens[r]) >= budgets[r]]:
+            i = rows.index(r)
+            batch.remove(i)
+            last = rows.pop()
+            if i < len(rows):
+                rows[i] = last
+    assert tokens == reference
+    assert batch.moves >= 2
+    assert batch.capacity_rows == 4
+    with pytest.raises(ValueError, match="limit of 4 rows"):
+        for o in outs[:5]:
+            batch.add(o.kv)
 
-    # Row 0 runs alone for two steps, then rows 1 and 2 join, then row 1 leaves.
-    batch = runner.batch([outs[0].kv])
-    for _ in range(2):
-        step(batch, [0])
-    batch = runner.batch([batch.row(0), outs[1].kv, outs[2].kv])
+
+def test_the_batch_grows_past_its_initial_rows():
+    model = tiny_model("opt")
+    runner = ModelRunner(model)
+    ps = prompts(8)
+    reference = [reference_greedy(model, p, 4, eos=set()) for p in ps]
+    outs = runner.prefill(ps)
+    tokens = [[int(o.last_logits.argmax())] for o in outs]
+    batch = runner.empty_batch(outs[0].kv)
+    for o in outs:  # one at a time, past the initial capacity of 4 rows
+        batch.add(o.kv)
     for _ in range(3):
-        step(batch, [0, 1, 2])
-    batch = runner.batch([batch.row(0), batch.row(2)])
-    for _ in range(3):
-        step(batch, [0, 2])
-    assert [len(t) for t in tokens] == [9, 4, 7]
-    assert all(t == ref[: len(t)] for t, ref in zip(tokens, reference, strict=True))
+        logits = runner.decode_step(batch, [t[-1] for t in tokens])
+        for i, row in enumerate(logits):
+            tokens[i].append(int(row.argmax()))
+    assert tokens == reference
+    assert batch.capacity_rows >= 8
 
 
 def test_kv_layout_is_read_from_the_model():

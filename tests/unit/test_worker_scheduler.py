@@ -50,11 +50,13 @@ def test_cached_tokens_count_prompt_and_all_but_the_last_output():
     assert x.cached_tokens == 8
 
 
-def test_prefill_batches_up_to_the_token_budget():
+def test_prefill_batches_up_to_the_token_budget_counting_padding():
     b = PrefillBatcher(token_budget=100)
-    for rid, n in [("a", 60), ("b", 30), ("c", 20), ("d", 500)]:
+    for rid, n in [("a", 40), ("b", 30), ("c", 20), ("d", 60), ("e", 10), ("f", 500)]:
         b.add(rid, n)
-    assert b.next_batch() == ["a", "b"]
-    assert b.next_batch() == ["c"]
-    assert b.next_batch() == ["d"]  # longer than the budget: runs alone
+    assert b.next_batch() == ["a", "b"]  # padded to 40: 80 tokens; a third row would make 120
+    assert b.next_batch() == ["c"]  # 20 + 60 real tokens fit, but padded they are 2 x 60
+    assert b.next_batch() == ["d"]
+    assert b.next_batch() == ["e"]
+    assert b.next_batch() == ["f"]  # longer than the budget: runs alone
     assert b.next_batch() == []

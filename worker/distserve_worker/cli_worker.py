@@ -248,7 +248,19 @@ async def _serve(settings: PrefillSettings | DecodeSettings | RouterSettings | C
 
 
 def run(args: argparse.Namespace) -> int:
-    asyncio.run(_serve(build_settings(args)))
+    settings = build_settings(args)
+    if not isinstance(settings, RouterSettings):
+        from distserve_worker.kvtransfer.memory import keep_freed_memory
+
+        # Before any tensor exists: per-step tensors and KV chunks are then reused warm for the
+        # life of the process (see kvtransfer/memory.py); `distserve profile` does the same.
+        chunk = (
+            settings.prefill.max_chunk_bytes
+            if isinstance(settings, ColocatedSettings)
+            else settings.max_chunk_bytes
+        )
+        keep_freed_memory(chunk)
+    asyncio.run(_serve(settings))
     return 0
 
 

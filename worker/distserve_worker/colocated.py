@@ -36,6 +36,9 @@ class _BothMetrics:
     def exposition(self) -> bytes:
         return b"".join(p.exposition() for p in self.parts)
 
+    def forwards(self) -> object:
+        return [p.forwards() for p in self.parts]
+
 
 async def serve_colocated(settings: ColocatedSettings, loaded: Any = None) -> None:
     import grpc

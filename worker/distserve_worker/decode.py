@@ -227,18 +227,16 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
                 self.wake.clear()
                 await self.wake.wait()
                 continue
-            if rows != self.batch_rows:
-                self._rebuild(rows)
+            self._sync_batch(rows)
             assert self.batch is not None
+            rows = list(self.batch_rows)
             self.metrics.batch(len(rows))
+            started, width = time.perf_counter(), self.batch.span + 1
             try:
                 logits = await loop.run_in_executor(
-                    self.executor,
-                    self.runner.decode_step,
-                    self.batch,
-                    [s.output[-1] for s in rows],
-                    [s.cached_tokens for s in rows],
+                    self.executor, self.runner.decode_step, self.batch, [s.output[-1] for s in rows]
                 )
+                self.metrics.forward(len(rows), width, time.perf_counter() - started)
             except Exception as exc:  # a failed forward fails its batch, not the worker
                 for seq in rows:
                     self._fail(seq, RuntimeError(f"decode step failed: {exc}"))
@@ -246,17 +244,29 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
                 continue
             self._postprocess(rows, logits)
 
-    def _rebuild(self, rows: list[Sequence]) -> None:
-        """Re-form the padded batch for a new membership, carrying each surviving row's cache over."""
-        old = {id(s): i for i, s in enumerate(self.batch_rows)}
-        caches = []
+    def _sync_batch(self, rows: list[Sequence]) -> None:
+        """Make the batch's rows exactly `rows`: departed rows are dropped (the last row moves
+        into the gap), newcomers' caches are copied in; rows already there are not touched."""
+        keep = {id(s) for s in rows}
+        i = 0
+        while i < len(self.batch_rows):
+            if id(self.batch_rows[i]) in keep:
+                i += 1
+                continue
+            assert self.batch is not None
+            self.batch.remove(i)
+            last = self.batch_rows.pop()
+            if i < len(self.batch_rows):
+                self.batch_rows[i] = last
+        present = {id(s) for s in self.batch_rows}
         for seq in rows:
-            if id(seq) in old and self.batch is not None:
-                seq.kv = self.batch.row(old[id(seq)])
-            caches.append(seq.kv)
-        self.batch = self.runner.batch(caches)
-        self.batch_rows = list(rows)
-        for seq in rows:
+            if id(seq) in present:
+                continue
+            assert seq.kv is not None
+            if self.batch is None:
+                self.batch = self.runner.empty_batch(seq.kv, self.settings.max_batch)
+            self.batch.add(seq.kv)
+            self.batch_rows.append(seq)
             seq.kv = None  # the batch holds it now
 
     def _postprocess(self, rows: list[Sequence], logits: torch.Tensor) -> None:

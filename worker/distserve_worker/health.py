@@ -1,17 +1,21 @@
-"""The small HTTP side of a worker: /healthz (alive), /readyz (model loaded, serving), /metrics."""
+"""The small HTTP side of a worker: /healthz (alive), /readyz (model loaded, serving), /metrics,
+and /forwards (the recent forwards' shapes and times, JSON; `distserve profile --in-stack`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from aiohttp import web
 
-from distserve_worker.metrics import RuntimeMetrics
+
+class Exposed(Protocol):
+    def exposition(self) -> bytes: ...
+
+    def forwards(self) -> object: ...
 
 
-async def start_http(
-    host: str, port: int, metrics: RuntimeMetrics, ready: Callable[[], bool]
-) -> web.AppRunner:
+async def start_http(host: str, port: int, metrics: Exposed, ready: Callable[[], bool]) -> web.AppRunner:
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -22,9 +26,17 @@ async def start_http(
     async def metrics_handler(_: web.Request) -> web.Response:
         return web.Response(body=metrics.exposition(), content_type="text/plain", charset="utf-8")
 
+    async def forwards(_: web.Request) -> web.Response:
+        return web.json_response(metrics.forwards())
+
     app = web.Application()
     app.add_routes(
-        [web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics_handler)]
+        [
+            web.get("/healthz", healthz),
+            web.get("/readyz", readyz),
+            web.get("/metrics", metrics_handler),
+            web.get("/forwards", forwards),
+        ]
     )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

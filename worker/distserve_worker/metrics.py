@@ -6,11 +6,15 @@ code calls the small methods here with plain numbers; nothing else touches prome
 
 from __future__ import annotations
 
+from collections import deque
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Recent forwards kept for `/forwards` (`distserve profile --in-stack` fits a profile to them).
+RECENT_FORWARDS = 8192
 
 
 class RuntimeMetrics:
@@ -62,6 +66,16 @@ class RuntimeMetrics:
         self.batch_size = Histogram(
             "distserve_batch_size", "Requests per forward", names, buckets=BATCH_BUCKETS, registry=reg
         )
+        self.forward_seconds = Histogram(
+            "distserve_forward_seconds",
+            "Wall time of one batched forward (prefill batch or decode step)",
+            names,
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        # (rows, width, milliseconds): width is the longest prompt of a prefill batch, or the
+        # context a decode step attends to (the longest row's, new token included).
+        self.recent: deque[tuple[int, int, float]] = deque(maxlen=RECENT_FORWARDS)
 
     def request(self, status: str) -> None:
         self.requests.labels(**self.labels, status=status).inc()
@@ -71,6 +85,14 @@ class RuntimeMetrics:
 
     def batch(self, n: int) -> None:
         self.batch_size.labels(**self.labels).observe(n)
+
+    def forward(self, rows: int, width: int, seconds: float) -> None:
+        self.forward_seconds.labels(**self.labels).observe(seconds)
+        self.recent.append((rows, width, round(seconds * 1e3, 3)))
+
+    def forwards(self) -> dict[str, object]:
+        """The recent forwards, for `GET /forwards`."""
+        return {"role": self.labels["role"], "forwards": [list(f) for f in self.recent]}
 
     def kv_transfer(self, nbytes: int, seconds: float | None) -> None:
         self.kv_bytes.labels(**self.labels).inc(nbytes)

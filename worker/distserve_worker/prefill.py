@@ -163,6 +163,8 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
                     outs = await loop.run_in_executor(
                         self.executor, self.runner.prefill, [p.prompt for _, p in batch]
                     )
+                    longest = max(len(p.prompt) for _, p in batch)
+                    self.metrics.forward(len(batch), longest, time.perf_counter() - now)
                 except Exception as exc:  # a failed forward fails its batch, not the worker
                     for _, p in batch:
                         if not p.done.done():

@@ -30,14 +30,23 @@ STAGE_HOP_MS = 0.2
 
 @dataclass(frozen=True)
 class PhaseCoefficients:
-    """Milliseconds. Decode uses `decode_large` from `decode_threshold` requests in a batch on."""
+    """Milliseconds. Decode uses `decode_large` from `decode_threshold` requests in a batch on.
+
+    `padded`: how the engine batches requests of different lengths. False (packed: paged or
+    variable-length attention, as vLLM and the DistServe prototype): a batch costs what the sum of
+    its lengths costs. True (the distserve worker's padded batches): every row costs as much as
+    the longest, so prefill pays for batch x longest tokens (and squares), decode for batch x the
+    longest context."""
 
     prefill: Abc
     decode_small: Abc
     decode_large: Abc
     decode_threshold: int = 1 << 30
+    padded: bool = False
 
     def prefill_ms(self, tokens: float, sum_sq: float) -> float:
+        """A batch of `tokens` prompt tokens whose squared lengths sum to `sum_sq` (for a padded
+        batch: rows x longest and rows x longest^2; see `prefill_batch_ms`)."""
         a, b, c = self.prefill
         return a + b * tokens + c * sum_sq
 
@@ -62,6 +71,10 @@ class InstanceTiming:
     coefficients: PhaseCoefficients
     pp: int
     hop_ms: float  # one stage-to-stage activation hand-off for a typical batch
+
+    @property
+    def padded(self) -> bool:
+        return self.coefficients.padded
 
     def prefill(self, tokens: float, sum_sq: float) -> tuple[float, float]:
         """(latency, busy): when the batch's first token is out, and when the next batch may start."""

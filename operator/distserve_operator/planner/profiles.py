@@ -28,11 +28,23 @@ class ProfileEntry(BaseModel):
     decode_small: tuple[float, float, float] = Field(..., description="a + b*context_tokens + c*batch")
     decode_large: tuple[float, float, float] = Field(..., description="same, from decode_threshold on")
     decode_threshold: int = Field(1 << 30, ge=1, description="batch size where decode_large starts")
+    batching: Literal["packed", "padded"] = Field(
+        "packed",
+        description="how the engine batches requests of different lengths: packed (paged or "
+        "variable-length attention: a batch costs the sum of its lengths) or padded (every row as "
+        "long as the longest, as the distserve worker runs: batch x longest)",
+    )
     samples: int | None = Field(None, ge=0, description="measurements the fit used")
     fit_error_percent: float | None = Field(None, ge=0, description="mean absolute relative error of the fit")
 
     def coefficients(self) -> PhaseCoefficients:
-        return PhaseCoefficients(self.prefill, self.decode_small, self.decode_large, self.decode_threshold)
+        return PhaseCoefficients(
+            self.prefill,
+            self.decode_small,
+            self.decode_large,
+            self.decode_threshold,
+            padded=self.batching == "padded",
+        )
 
 
 class Profile(BaseModel):

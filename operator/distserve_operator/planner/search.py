@@ -10,7 +10,7 @@ colocated baseline share them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from distserve_operator.api import Bottleneck
@@ -177,15 +177,23 @@ def _ttft_reason(ctx: Context, timing: InstanceTiming, low: float) -> str:
     )
 
 
+def _p90(values: Sequence[int]) -> float:
+    ordered = sorted(values)
+    return float(ordered[int(0.9 * (len(ordered) - 1))]) if ordered else 0.0
+
+
 def decode_capacity(ctx: Context, timing: InstanceTiming, kv_tokens: int) -> tuple[float, Bottleneck]:
     """Largest stable decode throughput whose step time stays within the TPOT SLO, and what caps it."""
     reqs = ctx.requests
     mean_in, mean_out = reqs.mean_input, reqs.mean_output
     by_memory = min(MAX_DECODE_BATCH, int(kv_tokens // (mean_in + mean_out)))
 
+    # A padded batch pays for its longest row in every row: take a long prompt (p90) as typical.
+    per_row = (_p90(reqs.inputs) if timing.padded else mean_in) + mean_out / 2
+
     def step_ms(batch: int) -> float:
         a, b, c = timing.decode_abc(batch)
-        return a + b * batch * (mean_in + mean_out / 2) + c * batch
+        return a + b * batch * per_row + c * batch
 
     batch, bottleneck = by_memory, Bottleneck.MEMORY
     if batch < 1 or step_ms(batch) > ctx.slo.tpot_ms:

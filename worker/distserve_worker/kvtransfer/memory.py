@@ -6,7 +6,10 @@ are `mmap`ped (a chunk is above the 128 KiB threshold) or the freed top of the h
 (`M_TRIM_THRESHOLD`), so the next pull page-faults the same amount of memory in again, and the
 kernel zero-fills every page first: on the shared dev box that was most of a 64 MiB pull's CPU time
 on each side (measured in BENCHMARKS.md, "Serving runtime"). Raising the two thresholds keeps
-chunk-sized blocks on the heap, where freed ones are reused warm.
+chunk-sized blocks on the heap, where freed ones are reused warm. The same holds for the model's own
+per-step tensors (activations, logits), so every worker process sets it at start-up
+(`cli_worker.run`) and `distserve profile` sets it before timing, so a profile times the
+allocator the workers run with.
 
 The cost is that a process keeps up to `TRIM_THRESHOLD_BYTES` of freed heap mapped (resident)
 instead of returning it at once. glibc only; elsewhere, or when the operator set the thresholds

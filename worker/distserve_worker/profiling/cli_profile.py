@@ -41,6 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--quick", action="store_true", help="a small sweep (seconds on a tiny model)")
     r.add_argument("--repetitions", type=int, default=None, help="timings per point (median taken)")
     r.add_argument("--seed", type=int, default=0)
+    st = parser.add_argument_group("in the running stack (instead of forwards timed alone)")
+    st.add_argument(
+        "--in-stack",
+        action="store_true",
+        help="time the forwards of a running local stack (router + prefill + decode) under load: "
+        "the deployment's own contention is then part of the profile (CPU only)",
+    )
+    st.add_argument("--stack-rates", default="0.5,1,2,4", help="requests/s of the load ramp")
+    st.add_argument("--stack-seconds", type=float, default=20.0, help="seconds of arrivals per rate")
+    st.add_argument("--token-budget", type=int, default=512, help="the prefill worker's --token-budget")
     parser.add_argument("-o", "--output", required=True, help="profile file to write")
     parser.add_argument("--samples", help="also write the raw measured points (JSON) here")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
@@ -55,10 +65,15 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         device = _device(args.device)
-        model, name, dtype = _load(args, device)
+        if args.in_stack and (device.type != "cpu" or args.random_llama):
+            raise ValueError("--in-stack runs the local stack's workers: CPU and a loadable model only")
+        model, name, dtype, request_vocab = _load(args, device)
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"cannot profile: {exc}", file=sys.stderr)
         return 2
+    from distserve_worker.kvtransfer.memory import keep_freed_memory
+
+    keep_freed_memory(measure.CHUNK_BYTES)  # the allocator as the workers set it (cli_worker.run)
     torch.set_num_threads(max(1, args.threads))
     runner = ModelRunner(model)  # threads set above; ModelRunner only sets them when given
     sweep = measure.QUICK if args.quick else measure.FULL
@@ -71,18 +86,52 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.quiet
     prefill_points = measure.measure_prefill(runner, sweep, vocab, args.seed, progress)
     decode_points = measure.measure_decode(runner, sweep, vocab, args.seed, progress)
-    load_after = os.getloadavg()[0]
+    method = f"{len(prefill_points)} prefill + {len(decode_points)} decode points x {sweep.repetitions} reps, median"
     prefill_coef, prefill_err = fit.fit_prefill(prefill_points)
     decode_fit = fit.fit_decode(decode_points)
+    stack_samples: dict[str, object] | None = None
+    if args.in_stack:
+        from distserve_worker.profiling import instack
+
+        del runner, model  # the stack's workers load their own copies
+        cal = instack.Calibration(
+            rates=tuple(float(r) for r in args.stack_rates.split(",")),
+            seconds=args.stack_seconds,
+            token_budget=args.token_budget,
+            vocab=request_vocab,
+        )
+        spec = _spec(args, dtype)
+        stack_prefill, stack_decode, seen = instack.calibrate(spec, args.threads, cal, progress)
+        if not stack_prefill or not stack_decode:
+            print("cannot profile: the stack timed no forwards; see its logs above", file=sys.stderr)
+            return 2
+        scaled = instack.scale_to_stack(prefill_coef, decode_fit, stack_prefill, stack_decode)
+        prefill_coef, decode_fit = scaled.prefill, scaled.decode
+        prefill_err = fit.errors(
+            [fit.prefill_ms(prefill_coef, p) for p in stack_prefill], [p.ms for p in stack_prefill]
+        )
+        prefill_points, decode_points = stack_prefill, stack_decode
+        decode_fit = fit.DecodeFit(
+            decode_fit.small,
+            decode_fit.large,
+            decode_fit.threshold,
+            fit.errors([decode_fit.ms(p) for p in stack_decode], [p.ms for p in stack_decode]),
+        )
+        method += (
+            f"; scaled to the running local stack ({seen} forwards under load at {args.stack_rates} req/s, "
+            f"{args.stack_seconds:g} s each, token budget {args.token_budget}): prefill x{scaled.prefill_factor:.3f}, "
+            f"decode x{scaled.decode_factor:.3f}; fit errors below are against the stack's forwards"
+        )
+        stack_samples = {"prefillFactor": scaled.prefill_factor, "decodeFactor": scaled.decode_factor}
+    load_after = os.getloadavg()[0]
     all_pred = [fit.prefill_ms(prefill_coef, p) for p in prefill_points] + [
         decode_fit.ms(p) for p in decode_points
     ]
     all_meas = [p.ms for p in prefill_points] + [p.ms for p in decode_points]
     overall = fit.errors(all_pred, all_meas)
     source = (
-        f"distserve profile (torch {torch.__version__}, {args.threads} thread(s), "
-        f"{len(prefill_points)} prefill + {len(decode_points)} decode points x {sweep.repetitions} reps, "
-        f"median; fit error prefill median {prefill_err.median_percent:.1f}% max "
+        f"distserve profile (torch {torch.__version__}, {args.threads} thread(s), {method}; "
+        f"fit error prefill median {prefill_err.median_percent:.1f}% max "
         f"{prefill_err.max_percent:.1f}%, decode median {decode_fit.error.median_percent:.1f}% max "
         f"{decode_fit.error.max_percent:.1f}%; load average {load_before:.2f}->{load_after:.2f} "
         f"on {os.cpu_count()} cores; {platform.node()})"
@@ -101,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
                 decode_small=_round(decode_fit.small),
                 decode_large=_round(decode_fit.large),
                 decode_threshold=decode_fit.threshold,
+                # The worker pads a batch to its longest row, prefill and decode (engine/).
+                batching="padded",
                 samples=len(prefill_points) + len(decode_points),
                 fit_error_percent=round(overall.mean_percent, 2),
             )
@@ -117,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
                         {"batch": p.batch, "ctxTokens": p.ctx_tokens, "ms": round(p.ms, 4)}
                         for p in decode_points
                     ],
-                },
+                }
+                | ({"inStack": stack_samples} if stack_samples else {}),
                 indent=1,
             )
             + "\n"
@@ -168,18 +220,32 @@ def _device_name(device: Any, threads: int) -> str:
     return f"CPU ({cpu}, {threads} thread{'s' if threads != 1 else ''})"
 
 
-def _load(args: argparse.Namespace, device: Any) -> tuple[Any, str, str]:
-    """(model on `device`, model name, dtype)."""
+def _load(args: argparse.Namespace, device: Any) -> tuple[Any, str, str, int]:
+    """(model on `device`, model name, dtype, ids a request may use)."""
     dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
     if args.random_llama:
         from distserve_worker.profiling.randommodel import MODEL_NAMES, random_llama
 
-        return (
-            random_llama(args.random_llama, dtype, str(device), args.seed),
-            MODEL_NAMES[args.random_llama],
-            dtype,
-        )
-    from distserve_worker.model_source import ModelSpec, load_model
+        model = random_llama(args.random_llama, dtype, str(device), args.seed)
+        return model, MODEL_NAMES[args.random_llama], dtype, measure_vocab(model)
+    from distserve_worker.model_source import load_model
+
+    spec = _spec(args, dtype)
+    with contextlib.redirect_stdout(sys.stderr):  # the loader's progress lines are not our output
+        model, tokenizer = load_model(spec)
+    # The ids a request may use are the tokenizer's (a model's embedding table may be larger).
+    return model.to(device), spec.name, spec.dtype, len(tokenizer)
+
+
+def measure_vocab(model: Any) -> int:
+    from distserve_worker.profiling.measure import vocab_size
+
+    return vocab_size(model)
+
+
+def _spec(args: argparse.Namespace, dtype: str) -> Any:
+    """The model to profile as the workers load it: -f's spec.model, or the --model-* flags."""
+    from distserve_worker.model_source import ModelSpec
 
     if args.filename:
         from distserve_operator import api
@@ -187,14 +253,11 @@ def _load(args: argparse.Namespace, device: Any) -> tuple[Any, str, str]:
         spec = ModelSpec.from_api(api.load_manifest(args.filename).spec.model)
         if args.dtype:
             spec = ModelSpec(spec.name, spec.kind, spec.path, args.dtype, spec.gguf_file)
-    else:
-        spec = ModelSpec(
-            name=args.model_name or ModelSpec.name,
-            kind=args.model_source,
-            path=args.model_path,
-            dtype=dtype,
-            gguf_file=args.gguf_file,
-        )
-    with contextlib.redirect_stdout(sys.stderr):  # the loader's progress lines are not our output
-        model, _ = load_model(spec)
-    return model.to(device), spec.name, spec.dtype
+        return spec
+    return ModelSpec(
+        name=args.model_name or ModelSpec.name,
+        kind=args.model_source,
+        path=args.model_path,
+        dtype=args.dtype or dtype,
+        gguf_file=args.gguf_file,
+    )

@@ -117,16 +117,13 @@ def _decode_step(
     runner: ModelRunner, batch: BatchedKV, context: int, rng: random.Random, vocab: int
 ) -> Callable[[], None]:
     """One decode step over `batch` as the decode worker runs it: the forward, then a sample per row."""
-    rows = len(batch.pads)
-    lengths = [context] * rows
+    rows = batch.rows
     tokens = [rng.randrange(1, vocab) for _ in range(rows)]
 
-    def step() -> None:
-        logits = runner.decode_step(batch, tokens, lengths)
+    def step() -> None:  # each step caches one more token per row
+        logits = runner.decode_step(batch, tokens)
         for row in range(rows):
             sample(logits[row], GREEDY, index=1)
-        for row in range(rows):  # each step caches one more token per row
-            lengths[row] += 1
 
     return step
 

@@ -1,5 +1,6 @@
-"""Open-loop Poisson load on a running stack: each request is sent at its arrival time whatever
-the others are doing, streams its tokens (SSE), and records TTFT and TPOT client-side.
+"""Open-loop load on a running stack: each request is sent at its arrival time whatever the others
+are doing, streams its tokens (SSE), and records TTFT and TPOT client-side. Used by the fidelity
+benchmarks and by `distserve profile --in-stack`.
 
 Prompts are random token ids of exactly the requested length; `ignore_eos` makes every output
 exactly `max_tokens` long, so the real stack and the simulator see the same request lengths.
@@ -52,16 +53,27 @@ async def _one(
     return Measured(ttft, tpot, True)
 
 
-def prompts(inputs: list[int], seed: int) -> list[list[int]]:
+def token_range(vocab: int) -> tuple[int, int]:
+    """SmolLM2's ordinary ids, or for a small vocabulary (the tests' tiny models) all but id 0."""
+    return TOKEN_RANGE if vocab > TOKEN_RANGE[1] else (1, vocab)
+
+
+def prompts(inputs: list[int], seed: int, ids: tuple[int, int] = TOKEN_RANGE) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(*TOKEN_RANGE) for _ in range(n)] for n in inputs]
+    return [[rng.randrange(*ids) for _ in range(n)] for n in inputs]
 
 
 async def run_load(
-    url: str, model: str, arrivals_s: list[float], inputs: list[int], outputs: list[int], seed: int = 0
+    url: str,
+    model: str,
+    arrivals_s: list[float],
+    inputs: list[int],
+    outputs: list[int],
+    seed: int = 0,
+    ids: tuple[int, int] = TOKEN_RANGE,
 ) -> tuple[list[Measured], float]:
     """(per-request results in request order, wall seconds from the first send to the last answer)."""
-    bodies = prompts(inputs, seed)
+    bodies = prompts(inputs, seed, ids)
     connector = aiohttp.TCPConnector(limit=0)  # open loop: never queue on the client's side
     async with aiohttp.ClientSession(connector=connector) as session:
         started = time.perf_counter()

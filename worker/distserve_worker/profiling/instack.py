@@ -1,0 +1,150 @@
+"""Profiling inside the running stack: start the local stack (router, one prefill and one decode
+process, as `distserve up`), drive it with open-loop load at a ramp of rates, read back every
+forward the workers timed (`GET /forwards`), and scale the profile measured alone to them.
+
+Why: a forward timed alone (`measure.py`) runs on a core of its own. In the stack the same forward
+shares the machine with the other worker, the router, the clients, gRPC and KV transfer; on the
+2-core dev box that made prefill forwards 16% and decode steps 28% slower than the isolated profile
+said, and the simulator's predictions inherited the error. Fitted to these timings, the profile
+describes the deployment as it runs.
+
+Why scale rather than refit: a serving run covers the shapes its traffic has (mostly short single
+prompts, decode batches of whatever size the load made), so a free three-coefficient fit to it
+extrapolates badly (tried: it put prefill cost on the squared term and predicted 9 s for a
+512-token prompt that takes 1.4 s). The shape of the cost comes from the sweep alone; the stack
+supplies one factor per phase: the median of measured / predicted over its forwards.
+
+Points are medians per shape bucket (prefill: rows x longest prompt; decode: rows x attended
+context), so a single preempted forward does not pull the fit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import sys
+import urllib.request
+from collections import defaultdict
+from dataclasses import dataclass
+
+from distserve_worker.local.stack import LocalStack, StackConfig
+from distserve_worker.model_source import ModelSpec
+from distserve_worker.profiling.fit import Abc, DecodeFit, DecodePoint, PrefillPoint, prefill_ms
+from distserve_worker.testing.load import run_load, token_range
+
+PREFILL_WIDTH_BUCKET = 16  # prompt tokens
+DECODE_WIDTH_BUCKET = 32  # context tokens
+
+
+@dataclass(frozen=True)
+class Calibration:
+    rates: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # requests/s, each for `seconds`
+    seconds: float = 20.0
+    mean_input: int = 64
+    p90_input: int = 160
+    output: int = 32
+    token_budget: int = 512
+    max_batch: int = 32
+    seed: int = 1000  # not a seed the fidelity benchmark uses
+    vocab: int = 49152
+
+
+def calibrate(
+    model: ModelSpec, threads: int, cal: Calibration, progress: bool = True
+) -> tuple[list[PrefillPoint], list[DecodePoint], int]:
+    """(prefill points, decode points, forwards seen) from the running stack under the ramp."""
+    from distserve_operator.planner.workload import Lengths, generate
+
+    config = StackConfig(
+        model,
+        prefill=1,
+        decode=1,
+        threads=threads,
+        prefill_args=["--token-budget", str(cal.token_budget)],
+        decode_args=["--max-batch", str(cal.max_batch)],
+    )
+    with LocalStack(config) as stack:
+        _say(progress, "starting the local stack (router, 1 prefill, 1 decode)")
+        stack.wait_ready(timeout=300)
+        for k, rate in enumerate(cal.rates):
+            n = max(1, round(rate * cal.seconds))
+            reqs = generate(n, cal.seed + k, Lengths(cal.mean_input, cal.p90_input), Lengths(cal.output))
+            results, wall = asyncio.run(
+                run_load(
+                    stack.url,
+                    model.name,
+                    reqs.arrivals(rate),
+                    list(reqs.inputs),
+                    list(reqs.outputs),
+                    cal.seed + k,
+                    token_range(cal.vocab),
+                )
+            )
+            ok = sum(r.ok for r in results)
+            errors = sorted({r.error for r in results if not r.ok})
+            _say(
+                progress,
+                f"rate {rate} req/s: {ok}/{n} requests answered in {wall:.0f} s"
+                + (f" (errors: {'; '.join(errors)[:300]})" if errors else ""),
+            )
+        prefill = _fetch(stack.proc("prefill-0").http_port)
+        decode = _fetch(stack.proc("decode-0").http_port)
+    return _prefill_points(prefill), _decode_points(decode), len(prefill) + len(decode)
+
+
+@dataclass(frozen=True)
+class Scaled:
+    prefill: Abc
+    decode: DecodeFit
+    prefill_factor: float
+    decode_factor: float
+
+
+def scale_to_stack(
+    prefill: Abc, decode: DecodeFit, stack_prefill: list[PrefillPoint], stack_decode: list[DecodePoint]
+) -> Scaled:
+    """The isolated fit, each phase multiplied by the median measured/predicted of the stack's forwards."""
+    fp = statistics.median(p.ms / prefill_ms(prefill, p) for p in stack_prefill)
+    fd = statistics.median(p.ms / decode.ms(p) for p in stack_decode)
+
+    def times(c: Abc, k: float) -> Abc:
+        return (c[0] * k, c[1] * k, c[2] * k)
+
+    return Scaled(
+        times(prefill, fp),
+        DecodeFit(times(decode.small, fd), times(decode.large, fd), decode.threshold, decode.error),
+        fp,
+        fd,
+    )
+
+
+def _fetch(port: int) -> list[tuple[int, int, float]]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/forwards", timeout=10) as response:
+        body = json.load(response)
+    return [(int(r), int(w), float(ms)) for r, w, ms in body["forwards"]]
+
+
+def _buckets(samples: list[tuple[int, int, float]], width: int) -> list[tuple[int, int, float]]:
+    """(rows, median width, median ms) per (rows, width bucket)."""
+    groups: dict[tuple[int, int], list[tuple[int, float]]] = defaultdict(list)
+    for rows, w, ms in samples:
+        groups[(rows, w // width)].append((w, ms))
+    return [
+        (rows, round(statistics.median(w for w, _ in g)), statistics.median(ms for _, ms in g))
+        for (rows, _), g in sorted(groups.items())
+    ]
+
+
+def _prefill_points(samples: list[tuple[int, int, float]]) -> list[PrefillPoint]:
+    # A padded batch computes rows x the longest prompt: that is the shape it costs.
+    return [PrefillPoint((w,) * rows, ms) for rows, w, ms in _buckets(samples, PREFILL_WIDTH_BUCKET)]
+
+
+def _decode_points(samples: list[tuple[int, int, float]]) -> list[DecodePoint]:
+    return [DecodePoint(rows, rows * w, ms) for rows, w, ms in _buckets(samples, DECODE_WIDTH_BUCKET)]
+
+
+def _say(progress: bool, line: str) -> None:
+    if progress:
+        print(f"[profile] {line}", file=sys.stderr, flush=True)
