@@ -2,7 +2,7 @@
 stack (router + one prefill + one decode process, one torch thread each) under the same Poisson load.
 
     .venv/bin/python benchmarks/fidelity.py [--profile deploy/profiles/smollm2-135m-cpu.json]
-        [-f benchmarks/fidelity-smollm2.yaml] [--requests 50] [--rates 0.3,0.6,0.9]
+        [-f benchmarks/fidelity-smollm2.yaml] [--requests 150] [--rates 0.3,0.6,0.9]
         [--json benchmarks/results/fidelity.json]
 
 Requests (arrival times at 1 req/s, prompt and output lengths) come from the manifest's workload with
@@ -37,6 +37,7 @@ from distserve_worker.model_source import ModelSpec
 from distserve_worker.testing.load import Measured
 
 ROOT = Path(__file__).resolve().parents[1]
+BRACKET = 0.10  # bisect the measured goodput's bracket down to this relative width
 TARGETS = {"p90RelativeError": 0.20, "attainmentPoints": 10.0, "goodputRelativeError": 0.15}
 
 
@@ -84,9 +85,12 @@ def main() -> int:
     )
     parser.add_argument("-f", "--filename", default=str(ROOT / "benchmarks/fidelity-smollm2.yaml"))
     parser.add_argument("--profile", default=str(ROOT / "deploy/profiles/smollm2-135m-cpu.json"))
-    parser.add_argument("--requests", type=int, default=50, help="requests per rate")
+    parser.add_argument("--requests", type=int, default=150, help="requests per rate")
     parser.add_argument("--rates", help="comma-separated req/s (default: 0.5x, 1x, 1.5x predicted goodput)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--bisections", type=int, default=3, help="extra rates measured to narrow down the goodput"
+    )
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/fidelity.json"))
     args = parser.parse_args()
 
@@ -136,14 +140,31 @@ def main() -> int:
         }
         row |= summary(predict(rate), meas, ttft_slo, tpot_slo)
         rows.append(row)
-    if not args.rates and all(float(r["attainmentPercent"]["measured"]) < 100 * target for r in rows):  # type: ignore[index]
-        # The real goodput is below every rate tried: one lower rate so it can still be bracketed.
-        low = round(rates[0] / 2, 3)
-        _, extra = measure_rates(config, reqs, [low], args.seed, "disaggregated (extra low rate)")
+
+    def measure_one(rate: float, label: str) -> None:
+        _, extra = measure_rates(config, reqs, [rate], args.seed, f"disaggregated ({label})")
         meas, wall, load = extra[0]
-        row = {"rate": low, "wallSeconds": round(wall, 1), "loadAverage1m": round(load, 2)}
-        rows.insert(0, row | summary(predict(low), meas, ttft_slo, tpot_slo))
-        rates.insert(0, low)
+        row = {"rate": rate, "wallSeconds": round(wall, 1), "loadAverage1m": round(load, 2)}
+        rows.append(row | summary(predict(rate), meas, ttft_slo, tpot_slo))
+        rates.append(rate)
+        order = sorted(range(len(rates)), key=rates.__getitem__)
+        rows[:] = [rows[i] for i in order]
+        rates[:] = [rates[i] for i in order]
+
+    def attained(row: dict[str, object]) -> bool:
+        return float(row["attainmentPercent"]["measured"]) >= 100 * target  # type: ignore[index]
+
+    if not args.rates and not any(attained(r) for r in rows):
+        # The real goodput is below every rate tried: one lower rate so it can still be bracketed.
+        measure_one(round(rates[0] / 2, 3), "extra low rate")
+    # Attainment falls steeply at the knee, so a straight line between rates 2x apart says little
+    # about where it crosses: bisect the bracket until it is within BRACKET of its midpoint.
+    for _ in range(0 if args.rates else args.bisections):
+        ok = [r for r, row in zip(rates, rows, strict=True) if attained(row)]
+        bad = [r for r, row in zip(rates, rows, strict=True) if not attained(row) and ok and r > max(ok)]
+        if not ok or not bad or min(bad) / max(ok) - 1 <= BRACKET:
+            break
+        measure_one(round((max(ok) + min(bad)) / 2, 3), "bisecting the knee")
     measured_att = [float(r["attainmentPercent"]["measured"]) / 100 for r in rows]  # type: ignore[index]
     predicted_att = [float(r["attainmentPercent"]["predicted"]) / 100 for r in rows]  # type: ignore[index]
     measured_goodput = interpolated_goodput(rates, measured_att, target)

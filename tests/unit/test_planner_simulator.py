@@ -219,3 +219,14 @@ def test_a_padded_prefill_batch_pays_for_its_longest_prompt() -> None:
     arrivals, inputs = [0.0, 0.0, 0.0], [10, 100, 40]
     assert sim.simulate_prefill(packed, arrivals, inputs, 2048) == [150.0] * 3
     assert sim.simulate_prefill(padded, arrivals, inputs, 2048) == [300.0] * 3
+
+
+def test_the_decode_batch_never_exceeds_the_engine_s_limit() -> None:
+    """Three requests ready at once on an engine that runs at most two: the third starts when
+    one of the first two leaves, exactly as the decode worker's --max-batch makes it wait."""
+    step = InstanceTiming(PhaseCoefficients((0.0, 0.0, 0.0), (10.0, 0.0, 0.0), (10.0, 0.0, 0.0)), 1, 0.0)
+    ready, inputs = [0.0, 0.0, 0.0], [5, 5, 5]
+    unlimited = sim.simulate_decode(step, ready, inputs, [3, 5, 3], 10_000).last_token
+    assert unlimited == [20.0, 40.0, 20.0]
+    limited = sim.simulate_decode(step, ready, inputs, [3, 5, 3], 10_000, max_batch=2).last_token
+    assert limited == [20.0, 40.0, 40.0]

@@ -1,4 +1,4 @@
-"""Per-request KV caches and the batched, left-padded cache a decode step runs on.
+"""Per-request KV caches and the batched, padded cache a decode step runs on.
 
 A request's cache is a `SequenceKV`: per layer a (keys, values) pair shaped [kv_heads, tokens,
 head_dim], unpadded. That is what prefill holds, what KV transfer moves, and what decode stores.
@@ -12,8 +12,9 @@ Why preallocated buffers rather than transformers' `DynamicCache`: a `DynamicCac
 and a padded batch has to be rebuilt whenever a request joins or leaves. Measured on SmolLM2 at
 31 rows, rebuilds alone stalled the decode loop for up to 1.2 s and took a fifth of its time. Here a
 step writes one column per layer into spare room, a joining request copies only its own cache
-into a free row, a leaving one is replaced by the last row (one row copied), and the whole cache
-is re-laid out only when a side runs out of room (amortised: the room grows with the context).
+into a free row, a leaving one is replaced by the last row (one row copied), and the live region
+is moved back in place when it reaches the end of the buffers (amortised: the room grows with
+the context); new buffers only when the live span outgrows them.
 """
 
 from __future__ import annotations
@@ -162,10 +163,6 @@ class BatchedKV:
     @property
     def pads(self) -> list[int]:
         return [self.span - n for n in self.lengths]
-
-    @property
-    def length(self) -> int:
-        return self.span
 
     def _views(self) -> None:
         for layer in self.cache.layers:

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="time the forwards of a running local stack (router + prefill + decode) under load: "
         "the deployment's own contention is then part of the profile (CPU only)",
     )
-    st.add_argument("--stack-rates", default="0.5,1,2,4", help="requests/s of the load ramp")
+    st.add_argument("--stack-rates", default="1,2,3,4", help="requests/s of the load ramp")
     st.add_argument("--stack-seconds", type=float, default=20.0, help="seconds of arrivals per rate")
     st.add_argument("--token-budget", type=int, default=512, help="the prefill worker's --token-budget")
     parser.add_argument("-o", "--output", required=True, help="profile file to write")
@@ -101,11 +101,13 @@ def run(args: argparse.Namespace) -> int:
             vocab=request_vocab,
         )
         spec = _spec(args, dtype)
-        stack_prefill, stack_decode, seen = instack.calibrate(spec, args.threads, cal, progress)
-        if not stack_prefill or not stack_decode:
+        forwards = instack.calibrate(spec, args.threads, cal, progress)
+        if not forwards.prefill or not forwards.decode:
             print("cannot profile: the stack timed no forwards; see its logs above", file=sys.stderr)
             return 2
-        scaled = instack.scale_to_stack(prefill_coef, decode_fit, stack_prefill, stack_decode)
+        seen = len(forwards.prefill) + len(forwards.decode)
+        stack_prefill, stack_decode = forwards.prefill_points(), forwards.decode_points()
+        scaled = instack.scale_to_stack(prefill_coef, decode_fit, forwards)
         prefill_coef, decode_fit = scaled.prefill, scaled.decode
         prefill_err = fit.errors(
             [fit.prefill_ms(prefill_coef, p) for p in stack_prefill], [p.ms for p in stack_prefill]
