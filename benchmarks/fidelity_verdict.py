@@ -69,31 +69,15 @@ def main() -> int:
         ins, outs = list(reqs.inputs), list(reqs.outputs)
         # The predicted goodput is on exactly the requests measured (100 by default: enough that a
         # fast rate is not one burst), as in the fidelity benchmark.
-        many = reqs
-        m_ins, m_outs = list(many.inputs), list(many.outputs)
+        engine_args = {"prefill_args": side.engine.prefill_args(), "decode_args": side.engine.decode_args()}
         configs = {
             "disaggregated 1P+1D": (
                 lambda r, q=reqs, i=ins, o=outs: side.disaggregated(1, 1, q.arrivals(r), i, o),
-                lambda r, q=many, i=m_ins, o=m_outs: side.disaggregated(1, 1, q.arrivals(r), i, o),
-                StackConfig(
-                    model,
-                    prefill=1,
-                    decode=1,
-                    threads=1,
-                    prefill_args=side.engine.prefill_args(),
-                    decode_args=side.engine.decode_args(),
-                ),
+                StackConfig(model, prefill=1, decode=1, threads=1, **engine_args),
             ),
             "colocated x2": (
                 lambda r, q=reqs, i=ins, o=outs: side.colocated(2, q.arrivals(r), i, o),
-                lambda r, q=many, i=m_ins, o=m_outs: side.colocated(2, q.arrivals(r), i, o),
-                StackConfig(
-                    model,
-                    colocated=2,
-                    threads=1,
-                    prefill_args=side.engine.prefill_args(),
-                    decode_args=side.engine.decode_args(),
-                ),
+                StackConfig(model, colocated=2, threads=1, **engine_args),
             ),
         }
         entry: dict[str, object] = {
@@ -102,8 +86,8 @@ def main() -> int:
             "outputTokens": output,
             "slo": {"ttftMillis": ttft_slo, "tpotMillis": tpot_slo, "attainmentPercent": 100 * target},
         }
-        for label, (predict, steady, config) in configs.items():
-            g = goodput(lambda r, p=steady, a=ttft_slo, b=tpot_slo: p(r).attainment(a, b), target, high=50.0)
+        for label, (predict, config) in configs.items():
+            g = goodput(lambda r, p=predict, a=ttft_slo, b=tpot_slo: p(r).attainment(a, b), target, high=50.0)
             rates = [round(max(g, 0.05) * k, 3) for k in FACTORS]
             _, runs = measure_rates(config, reqs, rates, args.seed, f"{name} / {label}")
             # Until the measured attainment crosses the target somewhere: a config that meets it at

@@ -36,15 +36,20 @@ def test_batched_prefill_and_decode_match_the_reference_loop(arch):
     assert batch.lengths == [len(p) + steps - 1 for p in ps]
 
 
+def _prefilled(arch, ps, max_tokens):
+    """(runner, reference tokens, prefill outputs, tokens so far: the first) for prompts `ps`."""
+    model = tiny_model(arch)
+    runner = ModelRunner(model)
+    reference = [reference_greedy(model, p, max_tokens, eos=set()) for p in ps]
+    outs = runner.prefill(ps)
+    return runner, reference, outs, [[int(o.last_logits.argmax())] for o in outs]
+
+
 def test_requests_join_and_leave_a_running_batch_without_changing_anyone_s_tokens(monkeypatch):
     # Little spare room, so the run below also moves the live region and reallocates.
     monkeypatch.setattr(kvcache, "RIGHT_ROOM", 8)
-    model = tiny_model("llama")
-    runner = ModelRunner(model)
     ps = prompts(5)
-    reference = [reference_greedy(model, p, 80, eos=set()) for p in ps]
-    outs = runner.prefill(ps)
-    tokens = [[int(o.last_logits.argmax())] for o in outs]
+    runner, reference, outs, tokens = _prefilled("llama", ps, 80)
     batch = runner.empty_batch(outs[0].kv)
     rows: list[int] = []  # which request each batch row is
 
@@ -124,12 +129,7 @@ def test_a_steady_stream_of_requests_moves_the_cache_instead_of_reallocating(mon
 
 
 def test_the_batch_grows_past_its_initial_rows():
-    model = tiny_model("opt")
-    runner = ModelRunner(model)
-    ps = prompts(8)
-    reference = [reference_greedy(model, p, 4, eos=set()) for p in ps]
-    outs = runner.prefill(ps)
-    tokens = [[int(o.last_logits.argmax())] for o in outs]
+    runner, reference, outs, tokens = _prefilled("opt", prompts(8), 4)
     batch = runner.empty_batch(outs[0].kv)
     for o in outs:  # one at a time, past the initial capacity of 4 rows
         batch.add(o.kv)

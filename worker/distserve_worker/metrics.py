@@ -23,55 +23,36 @@ class RuntimeMetrics:
         self.labels = {"role": role, "model": model, "instance": instance}
         names = list(self.labels)
         reg = self.registry
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, names, buckets=buckets, registry=reg)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, names, registry=reg)
+
         self.requests = Counter("distserve_requests", "Requests handled", [*names, "status"], registry=reg)
-        self.prompt_tokens = Histogram(
-            "distserve_request_prompt_tokens",
-            "Prompt tokens per request",
-            names,
-            buckets=TOKEN_BUCKETS,
-            registry=reg,
+        self.prompt_tokens = histogram(
+            "distserve_request_prompt_tokens", "Prompt tokens per request", TOKEN_BUCKETS
         )
-        self.output_tokens = Histogram(
-            "distserve_request_output_tokens",
-            "Output tokens per request",
-            names,
-            buckets=TOKEN_BUCKETS,
-            registry=reg,
+        self.output_tokens = histogram(
+            "distserve_request_output_tokens", "Output tokens per request", TOKEN_BUCKETS
         )
-        self.ttft = Histogram(
-            "distserve_ttft_seconds", "Time to first token", names, buckets=LATENCY_BUCKETS, registry=reg
+        self.ttft = histogram("distserve_ttft_seconds", "Time to first token", LATENCY_BUCKETS)
+        self.tpot = histogram(
+            "distserve_tpot_seconds", "Time per output token after the first", LATENCY_BUCKETS
         )
-        self.tpot = Histogram(
-            "distserve_tpot_seconds",
-            "Time per output token after the first",
-            names,
-            buckets=LATENCY_BUCKETS,
-            registry=reg,
-        )
-        self.slo_attained = Counter(
-            "distserve_slo_attained", "Requests meeting both SLOs", names, registry=reg
-        )
-        self.slo_missed = Counter("distserve_slo_missed", "Requests missing an SLO", names, registry=reg)
+        self.slo_attained = counter("distserve_slo_attained", "Requests meeting both SLOs")
+        self.slo_missed = counter("distserve_slo_missed", "Requests missing an SLO")
         self.queue = Gauge("distserve_queue_requests", "Requests waiting", names, registry=reg)
-        self.kv_bytes = Counter(
-            "distserve_kv_transfer_bytes", "KV cache bytes transferred", names, registry=reg
+        self.kv_bytes = counter("distserve_kv_transfer_bytes", "KV cache bytes transferred")
+        self.kv_seconds = histogram(
+            "distserve_kv_transfer_seconds", "Time to transfer one KV cache", LATENCY_BUCKETS
         )
-        self.kv_seconds = Histogram(
-            "distserve_kv_transfer_seconds",
-            "Time to transfer one KV cache",
-            names,
-            buckets=LATENCY_BUCKETS,
-            registry=reg,
-        )
-        self.batch_size = Histogram(
-            "distserve_batch_size", "Requests per forward", names, buckets=BATCH_BUCKETS, registry=reg
-        )
-        self.forward_seconds = Histogram(
+        self.batch_size = histogram("distserve_batch_size", "Requests per forward", BATCH_BUCKETS)
+        self.forward_seconds = histogram(
             "distserve_forward_seconds",
             "Wall time of one batched forward (prefill batch or decode step)",
-            names,
-            buckets=LATENCY_BUCKETS,
-            registry=reg,
+            LATENCY_BUCKETS,
         )
         # (rows, width, milliseconds): width is the longest prompt of a prefill batch, or the
         # context a decode step attends to (the longest row's, new token included).

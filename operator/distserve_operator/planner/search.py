@@ -169,7 +169,7 @@ def prefill_rate(ctx: Context, tp: int, pp: int, stage_bw: float) -> PhaseResult
 
 
 def _ttft_reason(ctx: Context, timing: InstanceTiming, low: float) -> str:
-    i = sorted(ctx.requests.inputs)[int(0.9 * (len(ctx.requests) - 1))]
+    i = int(_p90(ctx.requests.inputs))
     bare = timing.prefill(i, i * i)[0]
     return (
         f"TTFT: even at low load only {low:.0%} of requests meet {ctx.slo.ttft_ms:.0f} ms "

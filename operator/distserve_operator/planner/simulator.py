@@ -69,11 +69,12 @@ def _within_budget(
     return tokens + nxt <= budget
 
 
-def _prefill_paid(timing: InstanceTiming, batch: Sequence[int], tokens: int, sum_sq: int) -> tuple[int, int]:
+def _prefill_paid(
+    timing: InstanceTiming, rows: int, longest: int, tokens: int, sum_sq: int
+) -> tuple[int, int]:
     """(tokens, sum of squared lengths) a prefill batch pays for: its own, or padded to its longest."""
-    if timing.padded and len(batch) > 1:
-        longest = max(batch)
-        return len(batch) * longest, len(batch) * longest * longest
+    if timing.padded:
+        return rows * longest, rows * longest * longest
     return tokens, sum_sq
 
 
@@ -110,7 +111,7 @@ def simulate_prefill(
             sq += inputs[j] * inputs[j]
             longest = max(longest, inputs[j])
             j += 1
-        latency, busy = timing.prefill(*_prefill_paid(timing, inputs[i:j], tokens, sq))
+        latency, busy = timing.prefill(*_prefill_paid(timing, j - i, longest, tokens, sq))
         for k in range(i, j):
             done[k] = start + latency
         free, i = start + busy, j
@@ -222,7 +223,7 @@ def simulate_colocated(
                 widest = max(widest, inputs[j])
                 used += inputs[j] + outputs[j]
                 j += 1
-            t += timing.prefill(*_prefill_paid(timing, inputs[i:j], tokens, sq))[0]
+            t += timing.prefill(*_prefill_paid(timing, j - i, widest, tokens, sq))[0]
             for r in range(i, j):
                 first[r] = t
                 if outputs[r] <= 1:

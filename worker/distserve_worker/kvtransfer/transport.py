@@ -25,7 +25,6 @@ from distserve_worker.kvtransfer.codec import (
     Expected,
     algorithm_name,
     encode_wire,
-    split_wire,
 )
 from distserve_worker.kvtransfer.memory import keep_freed_memory
 
@@ -109,12 +108,7 @@ class GrpcKVPuller:
         # the check itself now.
         try:
             async for raw in call:
-                header, chunk, data = split_wire(raw)
-                if header is not None:
-                    assembler.feed_header(header)
-                else:
-                    assert chunk is not None
-                    assembler.feed_chunk(chunk, data)
+                assembler.feed_wire(raw)
         except ValueError as exc:
             call.cancel()
             raise KVPullError(f"pulling KV of {request_id} from {address}: {exc}") from exc

@@ -229,7 +229,9 @@ def _load(args: argparse.Namespace, device: Any) -> tuple[Any, str, str, int]:
         from distserve_worker.profiling.randommodel import MODEL_NAMES, random_llama
 
         model = random_llama(args.random_llama, dtype, str(device), args.seed)
-        return model, MODEL_NAMES[args.random_llama], dtype, measure_vocab(model)
+        from distserve_worker.profiling.measure import vocab_size
+
+        return model, MODEL_NAMES[args.random_llama], dtype, vocab_size(model)
     from distserve_worker.model_source import load_model
 
     spec = _spec(args, dtype)
@@ -237,12 +239,6 @@ def _load(args: argparse.Namespace, device: Any) -> tuple[Any, str, str, int]:
         model, tokenizer = load_model(spec)
     # The ids a request may use are the tokenizer's (a model's embedding table may be larger).
     return model.to(device), spec.name, spec.dtype, len(tokenizer)
-
-
-def measure_vocab(model: Any) -> int:
-    from distserve_worker.profiling.measure import vocab_size
-
-    return vocab_size(model)
 
 
 def _spec(args: argparse.Namespace, dtype: str) -> Any:
