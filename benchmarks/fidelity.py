@@ -132,20 +132,15 @@ def main() -> int:
     rows = []
     lone_shape = (round(reqs.mean_input), round(reqs.mean_output))
     lone, runs = measure_rates(config, reqs, rates, args.seed, "disaggregated", lone=lone_shape)
-    for rate, (meas, wall, load) in zip(rates, runs, strict=True):
-        row: dict[str, object] = {
-            "rate": rate,
-            "wallSeconds": round(wall, 1),
-            "loadAverage1m": round(load, 2),
-        }
-        row |= summary(predict(rate), meas, ttft_slo, tpot_slo)
+    for rate, run in zip(rates, runs, strict=True):
+        row: dict[str, object] = {"rate": rate} | run.describe()
+        row |= summary(predict(rate), run.results, ttft_slo, tpot_slo)
         rows.append(row)
 
     def measure_one(rate: float, label: str) -> None:
         _, extra = measure_rates(config, reqs, [rate], args.seed, f"disaggregated ({label})")
-        meas, wall, load = extra[0]
-        row = {"rate": rate, "wallSeconds": round(wall, 1), "loadAverage1m": round(load, 2)}
-        rows.append(row | summary(predict(rate), meas, ttft_slo, tpot_slo))
+        row = {"rate": rate} | extra[0].describe()
+        rows.append(row | summary(predict(rate), extra[0].results, ttft_slo, tpot_slo))
         rates.append(rate)
         order = sorted(range(len(rates)), key=rates.__getitem__)
         rows[:] = [rows[i] for i in order]

@@ -8,10 +8,29 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 
 from distserve_operator.planner.workload import Requests
 from distserve_worker.local.stack import LocalStack, StackConfig
 from distserve_worker.testing.load import Measured, run_load
+from distserve_worker.testing.quiet import Quiet, wait_quiet
+
+
+@dataclass(frozen=True)
+class RateRun:
+    results: list[Measured]  # in request order
+    wall_s: float
+    load_1m: float  # 1-minute load average after the run (our stack included)
+    before: Quiet  # the machine just before the run, our stack idle
+
+    def describe(self) -> dict[str, object]:
+        """The run's conditions, for the JSON summaries."""
+        return {
+            "wallSeconds": round(self.wall_s, 1),
+            "loadAverage1m": round(self.load_1m, 2),
+            "busyCoresBefore": self.before.busy_cores,
+            "quietBefore": self.before.quiet,
+        }
 
 
 def measure_rates(
@@ -21,10 +40,9 @@ def measure_rates(
     seed: int,
     label: str = "",
     lone: tuple[int, int] | None = None,
-) -> tuple[list[Measured], list[tuple[list[Measured], float, float]]]:
+) -> tuple[list[Measured], list[RateRun]]:
     """(lone, per rate). Lone: 3 requests of `lone` (prompt, output) tokens one after another on the
-    idle stack, the floor any load adds to. Per rate: (results in request order, wall seconds,
-    1-minute load average after)."""
+    idle stack, the floor any load adds to. Each rate starts once the machine is quiet."""
     out = []
     alone: list[Measured] = []
     # A SIGTERM (timeout, Ctrl-C from make) must still stop the workers: they run in their own
@@ -37,10 +55,12 @@ def measure_rates(
         if not all(m.ok for m in warm):
             raise RuntimeError(f"warm-up requests failed: {[m.error for m in warm]}")
         for k in range(3 if lone else 0):
+            wait_quiet()
             assert lone is not None
             one, _ = asyncio.run(run_load(stack.url, config.model.name, [0.0], [lone[0]], [lone[1]], seed=k))
             alone.extend(one)
         for rate in rates:
+            before = wait_quiet()
             started = time.perf_counter()
             meas, wall = asyncio.run(
                 run_load(
@@ -57,10 +77,11 @@ def measure_rates(
             errors = {m.error for m in meas if not m.ok}
             print(
                 f"[bench] {label} rate {rate:.3f}: {ok}/{len(meas)} ok in {time.perf_counter() - started:.0f} s "
-                f"(load {load:.2f}){' errors: ' + '; '.join(sorted(errors))[:300] if errors else ''}",
+                f"(load {load:.2f}; {before.busy_cores:.2f} cores busy before)"
+                f"{' errors: ' + '; '.join(sorted(errors))[:300] if errors else ''}",
                 file=sys.stderr,
                 flush=True,
             )
-            out.append((meas, wall, load))
+            out.append(RateRun(meas, wall, load, before))
             time.sleep(2.0)  # every request has finished; let the caches be released
     return alone, out

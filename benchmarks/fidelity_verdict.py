@@ -95,10 +95,10 @@ def main() -> int:
             for _ in range(EXTENSIONS):
                 passed = [
                     sim.joint_attainment(
-                        [m.ttft_ms for m in meas], [m.tpot_ms for m in meas], ttft_slo, tpot_slo
+                        [m.ttft_ms for m in run.results], [m.tpot_ms for m in run.results], ttft_slo, tpot_slo
                     )
                     >= target
-                    for meas, _, _ in runs
+                    for run in runs
                 ]
                 if all(passed):
                     more = round(rates[-1] * STEP_UP, 3)
@@ -113,7 +113,8 @@ def main() -> int:
                 rates[:] = [rates[i] for i in order]
                 runs[:] = [runs[i] for i in order]
             rows = []
-            for rate, (meas, _, load) in zip(rates, runs, strict=True):
+            for rate, run in zip(rates, runs, strict=True):
+                meas = run.results
                 m_att = sim.joint_attainment(
                     [m.ttft_ms for m in meas], [m.tpot_ms for m in meas], ttft_slo, tpot_slo
                 )
@@ -126,8 +127,8 @@ def main() -> int:
                         },
                         "ttftP90Millis": round(sim.percentile([m.ttft_ms for m in meas], 90), 1),
                         "tpotP90Millis": round(sim.percentile([m.tpot_ms for m in meas], 90), 1),
-                        "loadAverage1m": round(load, 2),
                     }
+                    | run.describe()
                 )
             measured_att = [r["attainmentPercent"]["measured"] / 100 for r in rows]  # type: ignore[index]
             crossing = interpolated_goodput(rates, measured_att, target)

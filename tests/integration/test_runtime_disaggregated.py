@@ -88,6 +88,11 @@ async def test_streamed_and_collected_text_agree(tiny_stack):
     assert streamed.status == 200 and streamed.error is None
     assert streamed.text == full.text and streamed.chunks == len(full.token_ids)
     assert streamed.body["usage"]["completion_tokens"] == len(full.token_ids)
+    # Where each request's time to first token went, in both forms of the answer.
+    for info in (full.body["distserve"], streamed.body["distserve"]):
+        parts = [info["prefill_queue_ms"], info["prefill_ms"], info["handoff_ms"]]
+        assert all(p >= 0 for p in parts) and info["prefill_ms"] > 0
+        assert sum(parts) <= info["ttft_ms"] + 1.0  # the rest: tokenizing, the router's own hops
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,31 @@ def test_batched_prefill_and_decode_match_the_reference_loop(arch):
     assert batch.lengths == [len(p) + steps - 1 for p in ps]
 
 
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward has no `logits_to_keep` (older or custom models)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache):
+        return self.inner(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache
+        )
+
+
+def test_prefill_logits_are_each_prompt_s_last_position_with_or_without_logits_to_keep():
+    model = tiny_model("llama")
+    ps = prompts(5)  # five lengths in one padded batch
+    expected = [model(input_ids=torch.tensor([p])).logits[0, -1] for p in ps]
+    kept, full = ModelRunner(model), ModelRunner(_NoLogitsToKeep(model))
+    assert kept.keeps_logits and not full.keeps_logits
+    for runner in (kept, full):
+        for out, want in zip(runner.prefill(ps), expected, strict=True):
+            assert out.last_logits.shape == want.shape
+            assert torch.allclose(out.last_logits, want, atol=1e-5)
+
+
 def _prefilled(arch, ps, max_tokens):
     """(runner, reference tokens, prefill outputs, tokens so far: the first) for prompts `ps`."""
     model = tiny_model(arch)

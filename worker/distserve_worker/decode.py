@@ -111,7 +111,9 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
             return
         yield first
         self.scheduler.add(seq)
-        self._update_queue()
+        # Admitted and pulling now, while the current step runs, so that the request can join the
+        # very next step (admitting only between steps cost 1.5-2 steps per request).
+        self._admit()
         self.wake.set()
         try:
             while True:
@@ -213,14 +215,18 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
 
     # --- the step loop ------------------------------------------------------------------------------
 
+    def _admit(self) -> None:
+        """Admit the waiting requests that fit and start pulling their caches."""
+        for seq in self.scheduler.admit():
+            task = asyncio.create_task(self._pull(seq))
+            self.pulls.add(task)
+            task.add_done_callback(self.pulls.discard)
+        self._update_queue()
+
     async def step_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            for seq in self.scheduler.admit():
-                task = asyncio.create_task(self._pull(seq))
-                self.pulls.add(task)
-                task.add_done_callback(self.pulls.discard)
-            self._update_queue()
+            self._admit()  # slots freed by the last step
             rows = self.scheduler.running()
             if not rows:
                 self.batch, self.batch_rows = None, []

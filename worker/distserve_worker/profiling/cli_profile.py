@@ -51,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     st.add_argument("--stack-rates", default="1,2,3,4", help="requests/s of the load ramp")
     st.add_argument("--stack-seconds", type=float, default=20.0, help="seconds of arrivals per rate")
     st.add_argument("--token-budget", type=int, default=512, help="the prefill worker's --token-budget")
+    st.add_argument(
+        "--quiet-timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait before each rate for the machine to be quiet (other work would be measured as contention)",
+    )
     parser.add_argument("-o", "--output", required=True, help="profile file to write")
     parser.add_argument("--samples", help="also write the raw measured points (JSON) here")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
@@ -99,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
             seconds=args.stack_seconds,
             token_budget=args.token_budget,
             vocab=request_vocab,
+            quiet_timeout_s=args.quiet_timeout,
         )
         spec = _spec(args, dtype)
         forwards = instack.calibrate(spec, args.threads, cal, progress)

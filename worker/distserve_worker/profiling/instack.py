@@ -38,6 +38,7 @@ from distserve_worker.local.stack import LocalStack, StackConfig
 from distserve_worker.model_source import ModelSpec
 from distserve_worker.profiling.fit import Abc, DecodeFit, DecodePoint, PrefillPoint, prefill_ms
 from distserve_worker.testing.load import run_load, token_range
+from distserve_worker.testing.quiet import wait_quiet
 
 PREFILL_WIDTH_BUCKET = 16  # prompt tokens
 DECODE_WIDTH_BUCKET = 32  # context tokens
@@ -54,6 +55,8 @@ class Calibration:
     max_batch: int = 32
     seed: int = 1000  # not a seed the fidelity benchmark uses
     vocab: int = 49152
+    # How long to wait for a quiet machine before each rate (then it measures anyway, and says so).
+    quiet_timeout_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,8 @@ def calibrate(model: ModelSpec, threads: int, cal: Calibration, progress: bool =
         _say(progress, "starting the local stack (router, 1 prefill, 1 decode)")
         stack.wait_ready(timeout=300)
         for k, rate in enumerate(cal.rates):
+            # Someone else's work would be calibrated in as contention.
+            wait_quiet(timeout_s=cal.quiet_timeout_s, label="[distserve]")
             n = max(1, round(rate * cal.seconds))
             reqs = generate(n, cal.seed + k, Lengths(cal.mean_input, cal.p90_input), Lengths(cal.output))
             results, wall = asyncio.run(

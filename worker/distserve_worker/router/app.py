@@ -54,6 +54,12 @@ class Timing:
     first: float | None = None
     last: float | None = None
     kv_seconds: float = 0.0
+    # From the prefill instance's answer: time queued there, and from its batch's forward start
+    # to the answer; `prefilled` is when the router had it (the rest of TTFT is the hand-off to
+    # decode and the way back to the client).
+    prefill_queue: float = 0.0
+    prefill: float = 0.0
+    prefilled: float | None = None
 
     def ttft(self) -> float:
         return (self.first or time.perf_counter()) - self.arrived
@@ -192,12 +198,15 @@ class Router:
     # --- dispatch -----------------------------------------------------------------------------------
 
     async def generate(
-        self, req: GenerationRequest, prompt: list[int], max_tokens: int
+        self, req: GenerationRequest, prompt: list[int], max_tokens: int, timing: Timing | None = None
     ) -> AsyncGenerator[gen.TokenEvent, None]:
         sampling = gen.SamplingParams(temperature=req.temperature, top_p=req.top_p)
         if req.seed is not None:
             sampling.seed = req.seed
         first = await self._prefill(req.id, prompt, sampling)
+        if timing is not None:
+            timing.prefilled = time.perf_counter()
+            timing.prefill_queue, timing.prefill = first.queue_seconds, first.prefill_seconds
         decode_request = gen.DecodeRequest(
             request_id=req.id,
             kv_address=first.kv_address,
@@ -269,6 +278,12 @@ class Router:
             "ttft_ms": round(timing.ttft() * 1000, 2),
             "tpot_ms": None if tpot is None else round(tpot * 1000, 2),
             "kv_transfer_ms": round(timing.kv_seconds * 1000, 2),
+            "prefill_queue_ms": round(timing.prefill_queue * 1000, 2),
+            "prefill_ms": round(timing.prefill * 1000, 2),
+            # Router to first token out: decode instance's accept of the request and the way back.
+            "handoff_ms": round(((timing.first or 0.0) - (timing.prefilled or 0.0)) * 1000, 2)
+            if timing.first and timing.prefilled
+            else None,
             "slo_attained": met,
         }
 
@@ -369,7 +384,7 @@ async def _collect(
     timing = Timing(arrived)
     text, tokens, finish = [], [], "stop"
     try:
-        async for event in router.generate(req, prompt, max_tokens):
+        async for event in router.generate(req, prompt, max_tokens, timing):
             now = time.perf_counter()
             timing.first = timing.first or now
             timing.last = now
@@ -406,7 +421,7 @@ async def _stream(
         data = payload if isinstance(payload, str) else json.dumps(payload)
         await response.write(f"data: {data}\n\n".encode())
 
-    events = router.generate(req, prompt, max_tokens)
+    events = router.generate(req, prompt, max_tokens, timing)
     try:
         async for event in events:
             if not response.prepared:

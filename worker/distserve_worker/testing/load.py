@@ -27,6 +27,11 @@ class Measured:
     tpot_ms: float
     ok: bool
     error: str = ""
+    # The router's breakdown of TTFT (its `distserve` block): queued at prefill, prefill forward
+    # to answer, and prefill answer to first token out of the router.
+    prefill_queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    handoff_ms: float = 0.0
 
 
 async def _one(
@@ -50,7 +55,15 @@ async def _one(
     ttft = result.ttft * 1e3
     # The last event arrives with the last token; [DONE] follows at once.
     tpot = (result.elapsed * 1e3 - ttft) / (output - 1) if output > 1 else 0.0
-    return Measured(ttft, tpot, True)
+    info = result.body.get("distserve", {})
+    return Measured(
+        ttft,
+        tpot,
+        True,
+        prefill_queue_ms=info.get("prefill_queue_ms") or 0.0,
+        prefill_ms=info.get("prefill_ms") or 0.0,
+        handoff_ms=info.get("handoff_ms") or 0.0,
+    )
 
 
 def token_range(vocab: int) -> tuple[int, int]:
