@@ -281,9 +281,9 @@ class Router:
             "prefill_queue_ms": round(timing.prefill_queue * 1000, 2),
             "prefill_ms": round(timing.prefill * 1000, 2),
             # Router to first token out: decode instance's accept of the request and the way back.
-            "handoff_ms": round(((timing.first or 0.0) - (timing.prefilled or 0.0)) * 1000, 2)
-            if timing.first and timing.prefilled
-            else None,
+            "handoff_ms": None
+            if timing.first is None or timing.prefilled is None
+            else round((timing.first - timing.prefilled) * 1000, 2),
             "slo_attained": met,
         }
 
