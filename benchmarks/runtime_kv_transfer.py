@@ -9,7 +9,7 @@ only moves the bytes (sendall / recv_into a fresh buffer). A third figure is the
 bytes as plain gRPC messages. Each round pulls socket, gRPC, plain gRPC back to back, and the
 ratios are medians of the per-round ratios, so a change in the box's load between figures does not
 skew them. The servers and the puller run as they do in the workers (including the allocator
-setting of kvtransfer/memory.py, applied by KVTransferServicer and GrpcKVPuller).
+setting of kvtransfer/memory.py, which both processes apply at start as a worker process does).
 
     .venv/bin/python benchmarks/runtime_kv_transfer.py [--runs 7] [--chunk-mib 2]
 """
@@ -195,6 +195,9 @@ def main() -> None:
     parser.add_argument("--chunk-mib", type=float, default=2.0)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from distserve_worker.kvtransfer.memory import keep_freed_memory
+
+    keep_freed_memory(int(args.chunk_mib * MiB))  # as `distserve worker` does at start
     if args.serve:
         serve(int(args.chunk_mib * MiB))
         return

@@ -23,13 +23,9 @@ MAX_TOKENS = 10
 def colocated_stack(tmp_path_factory):
     path = save_tiny_model("llama", tmp_path_factory.mktemp("llama"))
     config = StackConfig(ModelSpec(name="tiny-llama", kind="Path", path=str(path)), colocated=1, threads=1)
-    stack = LocalStack(config)
-    stack.start()
-    try:
+    with LocalStack(config) as stack:
         stack.wait_ready(180)
         yield stack
-    finally:
-        stack.stop()
 
 
 def _metric(text: str, name: str, role: str) -> float:

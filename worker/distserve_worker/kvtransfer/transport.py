@@ -26,7 +26,6 @@ from distserve_worker.kvtransfer.codec import (
     algorithm_name,
     encode_wire,
 )
-from distserve_worker.kvtransfer.memory import keep_freed_memory
 
 
 class KVPullError(RuntimeError):
@@ -60,7 +59,6 @@ class GrpcKVPuller:
     def __init__(self, max_chunk_bytes: int) -> None:
         self.max_chunk_bytes = max_chunk_bytes
         self.channels: dict[str, grpc.aio.Channel] = {}
-        keep_freed_memory(max_chunk_bytes)  # each pull's buffers are reused warm (see memory.py)
 
     def _stub(self, address: str) -> pb_grpc.KVTransferServiceStub:
         if address not in self.channels:
@@ -134,7 +132,6 @@ class KVTransferServicer(pb_grpc.KVTransferServiceServicer):
     ) -> None:
         self.buffer = buffer
         self.max_chunk_bytes = max_chunk_bytes
-        keep_freed_memory(max_chunk_bytes)  # gRPC's send buffers are reused warm (see memory.py)
         self.on_sent = on_sent
 
     async def Pull(

@@ -80,21 +80,14 @@ class LocalStack:
         common = [*model_args, "--host", "127.0.0.1", "--threads", str(threads)]
         self.prefill_addresses: list[str] = []
         self.decode_addresses: list[str] = []
-        roles = (
-            [
-                (
-                    "colocated",
-                    config.colocated,
-                    config.prefill_args + config.decode_args,
-                    self.prefill_addresses,
-                )
-            ]
-            if config.colocated
-            else [
+        if config.colocated:
+            both = config.prefill_args + config.decode_args
+            roles = [("colocated", config.colocated, both, self.prefill_addresses)]
+        else:
+            roles = [
                 ("prefill", config.prefill, config.prefill_args, self.prefill_addresses),
                 ("decode", config.decode, config.decode_args, self.decode_addresses),
             ]
-        )
         for role, count, extra, addresses in roles:
             for index in range(count):
                 port, http_port = free_port(), free_port()
