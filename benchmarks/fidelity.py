@@ -33,8 +33,8 @@ from distserve_operator import api
 from distserve_operator.planner import simulator as sim
 from distserve_operator.planner.workload import Lengths, generate
 from distserve_worker.local.stack import StackConfig
-from distserve_worker.model_source import ModelSpec
-from distserve_worker.testing.load import Measured
+from distserve_worker.model_source import ModelSpec, load_tokenizer
+from distserve_worker.testing.load import Measured, token_range
 
 ROOT = Path(__file__).resolve().parents[1]
 BRACKET = 0.10  # bisect the measured goodput's bracket down to this relative width
@@ -79,7 +79,7 @@ def lone_row(model: ModelSide, shape: tuple[int, int], lone: list[Measured]) -> 
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -92,7 +92,13 @@ def main() -> int:
         "--bisections", type=int, default=3, help="extra rates measured to narrow down the goodput"
     )
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/fidelity.json"))
-    args = parser.parse_args()
+    parser.add_argument(
+        "--quiet-timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait before each rate for the machine to be quiet (then it measures anyway)",
+    )
+    args = parser.parse_args(argv)
 
     spec = api.load_manifest(args.filename).spec
     ttft_slo, tpot_slo = float(spec.slo.ttft_millis), float(spec.slo.tpot_millis)
@@ -119,8 +125,11 @@ def main() -> int:
         file=sys.stderr,
     )
     load_before = os.getloadavg()
+    model_spec = ModelSpec.from_api(spec.model)
+    # Prompts are random ids of the model's own ordinary vocabulary (any manifest's model).
+    ids = token_range(len(load_tokenizer(model_spec)))
     config = StackConfig(
-        model=ModelSpec.from_api(spec.model),
+        model=model_spec,
         prefill=1,
         decode=1,
         threads=1,  # one core's worth per worker process, as the profile was measured
@@ -131,14 +140,31 @@ def main() -> int:
     started = time.perf_counter()
     rows = []
     lone_shape = (round(reqs.mean_input), round(reqs.mean_output))
-    lone, runs = measure_rates(config, reqs, rates, args.seed, "disaggregated", lone=lone_shape)
+    lone, runs = measure_rates(
+        config,
+        reqs,
+        rates,
+        args.seed,
+        "disaggregated",
+        lone=lone_shape,
+        ids=ids,
+        quiet_timeout_s=args.quiet_timeout,
+    )
     for rate, run in zip(rates, runs, strict=True):
         row: dict[str, object] = {"rate": rate} | run.describe()
         row |= summary(predict(rate), run.results, ttft_slo, tpot_slo)
         rows.append(row)
 
     def measure_one(rate: float, label: str) -> None:
-        _, extra = measure_rates(config, reqs, [rate], args.seed, f"disaggregated ({label})")
+        _, extra = measure_rates(
+            config,
+            reqs,
+            [rate],
+            args.seed,
+            f"disaggregated ({label})",
+            ids=ids,
+            quiet_timeout_s=args.quiet_timeout,
+        )
         row = {"rate": rate} | extra[0].describe()
         rows.append(row | summary(predict(rate), extra[0].results, ttft_slo, tpot_slo))
         rates.append(rate)

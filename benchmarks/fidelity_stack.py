@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from distserve_operator.planner.workload import Requests
 from distserve_worker.local.stack import LocalStack, StackConfig
-from distserve_worker.testing.load import Measured, run_load
+from distserve_worker.testing.load import TOKEN_RANGE, Measured, run_load
 from distserve_worker.testing.quiet import Quiet, wait_quiet
 
 
@@ -40,9 +40,13 @@ def measure_rates(
     seed: int,
     label: str = "",
     lone: tuple[int, int] | None = None,
+    *,
+    ids: tuple[int, int] = TOKEN_RANGE,
+    quiet_timeout_s: float = 300.0,
 ) -> tuple[list[Measured], list[RateRun]]:
     """(lone, per rate). Lone: 3 requests of `lone` (prompt, output) tokens one after another on the
-    idle stack, the floor any load adds to. Each rate starts once the machine is quiet."""
+    idle stack, the floor any load adds to. Each rate starts once the machine is quiet (or after
+    `quiet_timeout_s`). Prompts are token ids drawn from `ids` (the model's ordinary vocabulary)."""
     out = []
     alone: list[Measured] = []
     # A SIGTERM (timeout, Ctrl-C from make) must still stop the workers: they run in their own
@@ -51,16 +55,20 @@ def measure_rates(
     with LocalStack(config) as stack:
         stack.wait_ready(timeout=300)
         # Warm-up: first forwards allocate and pick kernels; not part of any measurement.
-        warm, _ = asyncio.run(run_load(stack.url, config.model.name, [0.0, 0.0], [32, 96], [8, 8], seed=99))
+        warm, _ = asyncio.run(
+            run_load(stack.url, config.model.name, [0.0, 0.0], [32, 96], [8, 8], seed=99, ids=ids)
+        )
         if not all(m.ok for m in warm):
             raise RuntimeError(f"warm-up requests failed: {[m.error for m in warm]}")
         for k in range(3 if lone else 0):
-            wait_quiet()
+            wait_quiet(timeout_s=quiet_timeout_s)
             assert lone is not None
-            one, _ = asyncio.run(run_load(stack.url, config.model.name, [0.0], [lone[0]], [lone[1]], seed=k))
+            one, _ = asyncio.run(
+                run_load(stack.url, config.model.name, [0.0], [lone[0]], [lone[1]], seed=k, ids=ids)
+            )
             alone.extend(one)
         for rate in rates:
-            before = wait_quiet()
+            before = wait_quiet(timeout_s=quiet_timeout_s)
             started = time.perf_counter()
             meas, wall = asyncio.run(
                 run_load(
@@ -70,6 +78,7 @@ def measure_rates(
                     list(reqs.inputs),
                     list(reqs.outputs),
                     seed,
+                    ids,
                 )
             )
             load = os.getloadavg()[0]

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from distserve_operator import cli
 from distserve_operator.planner import profiles
@@ -17,17 +18,26 @@ def test_in_stack_profile_comes_from_the_running_workers(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     model = save_tiny_model("llama", tmp_path / "llama")
+    # The deployment's manifest gives the model and the traffic the ramp sends.
+    manifest = {
+        "apiVersion": "distserve.io/v1alpha1",
+        "kind": "DistServeDeployment",
+        "metadata": {"name": "tiny"},
+        "spec": {
+            "model": {"name": "tiny-llama", "source": {"kind": "Path", "path": str(model)}},
+            "slo": {"ttftMillis": 1000, "tpotMillis": 100},
+            "workload": {"requestsPerSecond": "1", "inputTokens": {"mean": 24}, "outputTokens": {"mean": 6}},
+            "cluster": {"gpu": {"type": "CPU"}, "gpusPerNode": 2, "nodes": 1},
+        },
+    }
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(manifest))
     out, samples = tmp_path / "profile.json", tmp_path / "samples.json"
     code = cli.main(
         [
             "profile",
             "--in-stack",
-            "--model-name",
-            "tiny-llama",
-            "--model-source",
-            "Path",
-            "--model-path",
-            str(model),
+            "-f",
+            str(tmp_path / "tiny.yaml"),
             "--stack-rates",
             "5,2000",
             "--stack-seconds",
@@ -57,6 +67,9 @@ def test_in_stack_profile_comes_from_the_running_workers(
     assert all(len(set(p["lengths"])) == 1 for p in raw["prefill"])  # padded: rows x longest
     assert raw["inStack"]["prefillFactor"] > 0 and raw["inStack"]["decodeFactor"] > 0
     assert "scaled to the running local stack" in profile.source
+    assert "prompts mean 24, outputs mean 6 tokens" in profile.source  # the manifest's traffic
+    # The ramp really sent the manifest's 24-token prompts: every prefill forward is 24 wide.
+    assert {w for p in raw["prefill"] for w in p["lengths"]} == {24}
 
 
 def test_in_stack_refuses_what_the_local_workers_cannot_load(capsys: pytest.CaptureFixture[str]) -> None:

@@ -58,7 +58,7 @@ def test_analytical_coefficients_by_hand() -> None:
     a = 1.0 + 2208 / hbm * 1e3
     assert c.prefill == pytest.approx((a, 2048 / flops * 1e3, 2 * 2 * 8 / (1e12 * 0.25) * 1e3))
     lm_head = 2 * 10 * 8 / flops * 1e3
-    assert c.decode_small == pytest.approx((a, 64 / hbm * 1e3, 2048 / flops * 1e3 + lm_head))
+    assert c.decode_abc(1) == pytest.approx((a, 64 / hbm * 1e3, 2048 / flops * 1e3 + lm_head))
     # TP2 halves every per-GPU term and adds the all-reduce of 2 layers * 2 * hidden * bytes per token.
     c2 = latency.analytical_coefficients(TOY, TOY_DEVICE, 2, 100e9)
     allreduce = 2 * 2 * 8 * 2 * 2 * (1 / 2) / (100e9 * latency.LINK_EFFICIENCY) * 1e3
@@ -67,7 +67,7 @@ def test_analytical_coefficients_by_hand() -> None:
 
 
 def test_pipeline_parallelism_keeps_latency_and_raises_throughput() -> None:
-    coeff = latency.PhaseCoefficients((10.0, 0.1, 0.0), (10.0, 0.001, 0.5), (10.0, 0.001, 0.5))
+    coeff = latency.PhaseCoefficients((10.0, 0.1, 0.0), ((1, (10.0, 0.001, 0.5)),))
     one = latency.InstanceTiming(coeff, 1, 0.0)
     two = latency.InstanceTiming(coeff, 2, 0.5)
     assert one.prefill(100, 0) == (20.0, 20.0)
@@ -166,6 +166,63 @@ def test_own_profile_round_trips(tmp_path: Path) -> None:
     assert profiles.load(tmp_path / "p.json") == prof
     timing = profiles.latency_model(prof).instance(1, 2, hop_ms=1.0)
     assert timing is not None and timing.pp == 1  # a measured PP2 entry is used as is
+
+
+def test_profile_decode_ranges_round_trip_and_pick_by_batch(tmp_path: Path) -> None:
+    ranges = [(1, (58.0, 0.01, 1.5)), (4, (60.0, 0.01, 8.0)), (16, (88.0, 0.01, 2.9))]
+    prof = profiles.Profile(
+        model="toy",
+        device="CPU",
+        entries=[
+            profiles.ProfileEntry(
+                tp=1,
+                prefill=(1, 2, 3),
+                decode_ranges=tuple(
+                    profiles.DecodeRangeEntry(from_batch=b, coefficients=c) for b, c in ranges
+                ),
+                batching="padded",
+            )
+        ],
+    )
+    profiles.save(prof, tmp_path / "p.json")
+    assert "decode_small" not in (tmp_path / "p.json").read_text()  # one shape on disk, not both
+    loaded = profiles.load(tmp_path / "p.json")
+    assert loaded == prof
+    c = loaded.entries[0].coefficients()
+    assert c.padded and [c.decode_abc(b) for b in (1, 3, 4, 15, 16, 64)] == [
+        ranges[0][1],
+        ranges[0][1],
+        ranges[1][1],
+        ranges[1][1],
+        ranges[2][1],
+        ranges[2][1],
+    ]
+    assert c.decode_ms(100, 15) > c.decode_ms(100, 16)  # the kernel change, as measured
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"decode_ranges": [{"from_batch": 4, "coefficients": [1, 0, 0]}]}, "start at from_batch 1"),
+        (
+            {"decode_ranges": [{"from_batch": 1, "coefficients": [1, 0, 0]}], "decode_small": [1, 0, 0]},
+            "not both",
+        ),
+        ({"decode_small": [1, 0, 0]}, "decode cost missing"),
+    ],
+)
+def test_profile_decode_shape_errors_say_how_to_fix(
+    tmp_path: Path, entry: dict[str, object], message: str
+) -> None:
+    doc = {
+        "format": profiles.FORMAT,
+        "model": "toy",
+        "device": "CPU",
+        "entries": [{"tp": 1, "prefill": [1, 0, 0], **entry}],
+    }
+    (tmp_path / "p.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=message):
+        profiles.load(tmp_path / "p.json")
 
 
 def test_profile_load_rejects_other_json(tmp_path: Path) -> None:

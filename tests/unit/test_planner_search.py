@@ -31,8 +31,8 @@ def _toy_input(**overrides: Any) -> PlanInput:
     """A made-up latency table where the answer is obvious: TP2 prefill is 5x faster than TP1 (so
     2.5x better per GPU), while TP2 decode gains almost nothing (so TP1 is best per GPU)."""
     table = {
-        1: PhaseCoefficients((10.0, 0.1, 0.0), (10.0, 0.0, 0.2), (10.0, 0.0, 0.2)),
-        2: PhaseCoefficients((2.0, 0.02, 0.0), (9.5, 0.0, 0.19), (9.5, 0.0, 0.19)),
+        1: PhaseCoefficients((10.0, 0.1, 0.0), ((1, (10.0, 0.0, 0.2)),)),
+        2: PhaseCoefficients((2.0, 0.02, 0.0), ((1, (9.5, 0.0, 0.19)),)),
     }
     model = LatencyModel(lambda tp, pp: table.get(tp) if pp == 1 else None, "toy table", "toy has TP1, TP2")
     fields: dict[str, Any] = dict(
@@ -155,3 +155,28 @@ def test_paper_method_baseline_runs() -> None:
     report = plan(replace(_toy_input(n_requests=100), method="paper"))
     assert report.plan.feasible
     assert report.plan.prefill.replicas == report.plan.decode.replicas == 1
+
+
+def test_decode_capacity_looks_past_a_kernel_change() -> None:
+    from distserve_operator.planner.latency import InstanceTiming
+    from distserve_operator.planner.search import Context, decode_capacity
+    from distserve_operator.planner.workload import Requests
+
+    # Up to 15 rows a step costs 10 ms a row; from 16 a blocked kernel costs 60 ms + 1 ms a row.
+    # Under a 100 ms TPOT the first range fits 10 rows and the second 40: capacity is 40 rows'.
+    coeff = PhaseCoefficients((1.0, 0.0, 0.0), ((1, (0.0, 0.0, 10.0)), (16, (60.0, 0.0, 1.0))))
+    ctx = Context(
+        CATALOGUE["llama-3-8b"],
+        BUILTIN[api.GpuType.H100_SXM],
+        Links(300e9, 25e9),
+        LatencyModel(lambda tp, pp: coeff, "toy"),
+        SloTargets(ttft_ms=1000, tpot_ms=100, attainment=0.9),
+        Requests((0.0, 1.0), (10, 10), (11, 11)),
+        2048,
+    )
+    rate, bottleneck = decode_capacity(ctx, InstanceTiming(coeff, 1, 0.0), kv_tokens=1_000_000)
+    assert bottleneck is api.Bottleneck.TPOT
+    assert rate == pytest.approx(40 / (100 * 10) * 1e3)
+    # Memory for 12 sequences only: the best that fits is 10 rows of the first range.
+    rate, bottleneck = decode_capacity(ctx, InstanceTiming(coeff, 1, 0.0), kv_tokens=12 * 21)
+    assert rate == pytest.approx(10 / (100 * 10) * 1e3)

@@ -14,7 +14,7 @@ from distserve_operator.planner import simulator as sim
 from distserve_operator.planner import workload
 from distserve_operator.planner.latency import InstanceTiming, PhaseCoefficients
 
-COEFF = PhaseCoefficients((18.0, 0.1, 7e-6), (20.0, 0.0006, 0.04), (7.0, 0.0006, 0.16), decode_threshold=95)
+COEFF = PhaseCoefficients((18.0, 0.1, 7e-6), ((1, (20.0, 0.0006, 0.04)), (95, (7.0, 0.0006, 0.16))))
 TIMING = InstanceTiming(COEFF, 1, 0.0)
 REQS = workload.generate(300, 0, workload.Lengths(512), workload.Lengths(128))
 
@@ -193,8 +193,8 @@ def test_a_padded_decode_batch_pays_for_its_longest_row() -> None:
     """Two requests decoding together, prompts of 10 and 100 tokens: with paged attention a step
     costs the sum of their contexts, with a padded batch twice the longer one."""
     ms_per_token = (0.0, 1.0, 0.0)
-    paged = InstanceTiming(PhaseCoefficients(ms_per_token, ms_per_token, ms_per_token), 1, 0.0)
-    padded = InstanceTiming(PhaseCoefficients(ms_per_token, ms_per_token, ms_per_token, padded=True), 1, 0.0)
+    paged = InstanceTiming(PhaseCoefficients(ms_per_token, ((1, ms_per_token),)), 1, 0.0)
+    padded = InstanceTiming(PhaseCoefficients(ms_per_token, ((1, ms_per_token),), padded=True), 1, 0.0)
     ready, inputs, outputs = [0.0, 0.0], [10, 100], [3, 3]
     # Two steps each (the first token came from prefill); contexts 11+101, then 12+102.
     assert sim.simulate_decode(paged, ready, inputs, outputs, 10_000).last_token == [226.0, 226.0]
@@ -208,10 +208,10 @@ def test_a_padded_decode_batch_pays_for_its_longest_row() -> None:
 
 
 def test_a_padded_prefill_batch_pays_for_its_longest_prompt() -> None:
-    per_token = PhaseCoefficients((0.0, 1.0, 0.0), (1.0, 0.0, 0.0), (1.0, 0.0, 0.0))
+    per_token = PhaseCoefficients((0.0, 1.0, 0.0), ((1, (1.0, 0.0, 0.0)),))
     packed = InstanceTiming(per_token, 1, 0.0)
     padded = InstanceTiming(
-        PhaseCoefficients(per_token.prefill, per_token.decode_small, per_token.decode_large, padded=True),
+        PhaseCoefficients(per_token.prefill, per_token.decode, padded=True),
         1,
         0.0,
     )
@@ -224,7 +224,7 @@ def test_a_padded_prefill_batch_pays_for_its_longest_prompt() -> None:
 def test_the_decode_batch_never_exceeds_the_engine_s_limit() -> None:
     """Three requests ready at once on an engine that runs at most two: the third starts when
     one of the first two leaves, exactly as the decode worker's --max-batch makes it wait."""
-    step = InstanceTiming(PhaseCoefficients((0.0, 0.0, 0.0), (10.0, 0.0, 0.0), (10.0, 0.0, 0.0)), 1, 0.0)
+    step = InstanceTiming(PhaseCoefficients((0.0, 0.0, 0.0), ((1, (10.0, 0.0, 0.0)),)), 1, 0.0)
     ready, inputs = [0.0, 0.0, 0.0], [5, 5, 5]
     unlimited = sim.simulate_decode(step, ready, inputs, [3, 5, 3], 10_000).last_token
     assert unlimited == [20.0, 40.0, 20.0]

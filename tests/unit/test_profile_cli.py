@@ -36,7 +36,8 @@ def test_quick_profile_is_loadable_and_reproduces_its_points(
     assert "distserve profile" in profile.source and "load average" in profile.source
     entry = profile.entry(1, 1)
     assert entry is not None and entry.samples is not None and entry.fit_error_percent is not None
-    assert all(c >= 0 for c in (*entry.prefill, *entry.decode_small, *entry.decode_large))
+    assert entry.decode_ranges and entry.decode_ranges[0].from_batch == 1
+    assert all(c >= 0 for c in (*entry.prefill, *(x for r in entry.decode_ranges for x in r.coefficients)))
     # The stated fit error is what the coefficients really give on the measured points.
     raw = json.loads(samples.read_text())
     coefficients = profiles.latency_model(profile).coefficients(1, 1)
@@ -94,10 +95,36 @@ def test_fit_recovers_known_coefficients() -> None:
         for ctx in (32, 128, 512)
     ]
     d = fit.fit_decode(decode)
-    assert d.threshold == 8
-    assert d.small == pytest.approx((10, 0.01, 0.2), rel=1e-6) and d.large == pytest.approx(
-        (4, 0.02, 1.0), rel=1e-6
-    )
+    assert [start for start, _ in d.ranges] == [1, 8]
+    assert d.abc(1) == pytest.approx((10, 0.01, 0.2), rel=1e-6)
+    assert d.abc(8) == pytest.approx((4, 0.02, 1.0), rel=1e-6)
+
+
+def test_fit_finds_each_kernel_change_in_batch_size() -> None:
+    # The shape a CPU BLAS gives (measured on SmolLM2): a per-row kernel below 4 rows, a slower
+    # one from 4 whose cost climbs fast, and a blocked one from 16 that is cheaper than 15 rows.
+    def step(b: int, ctx: int) -> float:
+        if b < 4:
+            return 58 + 0.01 * ctx + 1.5 * b
+        if b < 16:
+            return 60 + 0.01 * ctx + 8.0 * b
+        return 88 + 0.01 * ctx + 2.9 * b
+
+    points = [
+        fit.DecodePoint(b, b * ctx, step(b, b * ctx))
+        for b in (1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32)
+        for ctx in (32, 128, 384)
+    ]
+    d = fit.fit_decode(points)
+    assert [start for start, _ in d.ranges] == [1, 4, 16]
+    assert d.error.max_percent < 1e-6
+    assert d.ms(fit.DecodePoint(15, 1500, 0)) > d.ms(fit.DecodePoint(16, 1600, 0))
+    # Noise alone is no reason to split: one line through a straight cost with +-2% jitter.
+    jitter = [
+        fit.DecodePoint(p.batch, p.ctx_tokens, (20 + 3 * p.batch) * (1.02 if i % 2 else 0.98))
+        for i, p in enumerate(points)
+    ]
+    assert len(fit.fit_decode(jitter).ranges) == 1
 
 
 def test_fit_keeps_coefficients_non_negative() -> None:

@@ -28,9 +28,19 @@ LINK_EFFICIENCY = 0.25
 STAGE_HOP_MS = 0.2
 
 
+NO_THRESHOLD = 1 << 30
+DecodeRange = tuple[int, Abc]  # (first batch size it applies to, a b c)
+
+
 @dataclass(frozen=True)
 class PhaseCoefficients:
-    """Milliseconds. Decode uses `decode_large` from `decode_threshold` requests in a batch on.
+    """Milliseconds. Decode is piecewise in the batch size: `decode` holds one `a + b*ctx + c*batch`
+    per range of batch sizes, each from its first batch size on (the first from 1).
+
+    Why ranges: the matmul kernels change algorithm with the row count. DistServe's profiler fits
+    two (small and large batches, `two_ranges`); on the CPU the local stack runs, a step of 15 rows
+    costs 35% more than one of 16 (the BLAS switches from a per-row to a blocked kernel at 16
+    rows, and at 4 before that), which one or two straight lines cannot follow.
 
     `padded`: how the engine batches requests of different lengths. False (packed: paged or
     variable-length attention, as vLLM and the DistServe prototype): a batch costs what the sum of
@@ -39,10 +49,24 @@ class PhaseCoefficients:
     longest context."""
 
     prefill: Abc
-    decode_small: Abc
-    decode_large: Abc
-    decode_threshold: int = 1 << 30
+    decode: tuple[DecodeRange, ...]
     padded: bool = False
+
+    def __post_init__(self) -> None:
+        starts = [start for start, _ in self.decode]
+        if not starts or starts[0] != 1 or starts != sorted(set(starts)):
+            raise ValueError(f"decode ranges must start at batch 1 and increase, got starts {starts}")
+
+    @classmethod
+    def two_ranges(
+        cls, prefill: Abc, small: Abc, large: Abc, threshold: int = NO_THRESHOLD, padded: bool = False
+    ) -> PhaseCoefficients:
+        """DistServe's shape: `small` below `threshold` requests in a batch, `large` from it on."""
+        if threshold <= 1:
+            return cls(prefill, ((1, large),), padded)
+        return cls(
+            prefill, ((1, small),) if threshold >= NO_THRESHOLD else ((1, small), (threshold, large)), padded
+        )
 
     def prefill_ms(self, tokens: float, sum_sq: float) -> float:
         """A batch of `tokens` prompt tokens whose squared lengths sum to `sum_sq` (for a padded
@@ -51,7 +75,12 @@ class PhaseCoefficients:
         return a + b * tokens + c * sum_sq
 
     def decode_abc(self, batch: int) -> Abc:
-        return self.decode_large if batch >= self.decode_threshold else self.decode_small
+        chosen = self.decode[0][1]
+        for start, abc in self.decode:  # a handful of ranges, in order
+            if batch < start:
+                break
+            chosen = abc
+        return chosen
 
     def decode_ms(self, ctx_tokens: float, batch: int) -> float:
         a, b, c = self.decode_abc(batch)
@@ -135,7 +164,7 @@ def analytical_coefficients(
     lm_head_ms = arch.lm_head_flops / tp / flops * 1e3
     prefill = (fixed_ms + weights_ms, per_token_ms, per_sq_ms)
     decode = (fixed_ms + weights_ms, kv_read_ms, per_token_ms + lm_head_ms)
-    return PhaseCoefficients(prefill, decode, decode)
+    return PhaseCoefficients(prefill, ((1, decode),))
 
 
 def analytical(arch: ModelArchitecture, device: DeviceSpec, link_bytes_per_s: float) -> LatencyModel:

@@ -10,24 +10,43 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .architecture import catalogue_key
-from .latency import LatencyModel, PhaseCoefficients
+from .latency import NO_THRESHOLD, LatencyModel, PhaseCoefficients
 
 FORMAT = "distserve-profile/v1"
 
 
+class DecodeRangeEntry(BaseModel):
+    """Decode step cost for batches of `from_batch` requests up to the next range's start."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    from_batch: int = Field(..., ge=1)
+    coefficients: tuple[float, float, float] = Field(..., description="a + b*context_tokens + c*batch")
+
+
 class ProfileEntry(BaseModel):
-    """Coefficients of one (TP, PP), milliseconds."""
+    """Coefficients of one (TP, PP), milliseconds. Decode is given either as ranges of batch sizes
+    (`decode_ranges`, what `distserve profile` writes) or in DistServe's two-range shape
+    (`decode_small` below `decode_threshold`, `decode_large` from it on)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     tp: int = Field(..., ge=1)
     pp: int = Field(1, ge=1)
     prefill: tuple[float, float, float] = Field(..., description="a + b*tokens + c*sum(len^2)")
-    decode_small: tuple[float, float, float] = Field(..., description="a + b*context_tokens + c*batch")
-    decode_large: tuple[float, float, float] = Field(..., description="same, from decode_threshold on")
-    decode_threshold: int = Field(1 << 30, ge=1, description="batch size where decode_large starts")
+    decode_ranges: tuple[DecodeRangeEntry, ...] | None = Field(
+        None, description="decode step cost per range of batch sizes, the first from batch 1"
+    )
+    decode_small: tuple[float, float, float] | None = Field(
+        None, description="a + b*context_tokens + c*batch"
+    )
+    decode_large: tuple[float, float, float] | None = Field(
+        None, description="same, from decode_threshold on"
+    )
+    decode_threshold: int | None = Field(
+        None, ge=1, description="batch size where decode_large starts (none: decode_small throughout)"
+    )
     batching: Literal["packed", "padded"] = Field(
         "packed",
         description="how the engine batches requests of different lengths: packed (paged or "
@@ -37,13 +56,30 @@ class ProfileEntry(BaseModel):
     samples: int | None = Field(None, ge=0, description="measurements the fit used")
     fit_error_percent: float | None = Field(None, ge=0, description="mean absolute relative error of the fit")
 
+    @model_validator(mode="after")
+    def _one_decode_shape(self) -> ProfileEntry:
+        two = self.decode_small is not None or self.decode_large is not None
+        if self.decode_ranges is not None and (two or self.decode_threshold is not None):
+            raise ValueError("give decode_ranges or decode_small/decode_large/decode_threshold, not both")
+        if self.decode_ranges is None and (self.decode_small is None or self.decode_large is None):
+            raise ValueError("decode cost missing: give decode_ranges, or decode_small and decode_large")
+        if self.decode_ranges is not None:
+            starts = [r.from_batch for r in self.decode_ranges]
+            if not starts or starts[0] != 1 or starts != sorted(set(starts)):
+                raise ValueError(
+                    f"decode_ranges must start at from_batch 1 and increase (got {starts}); fix: "
+                    "sort the ranges and let the first one start at 1"
+                )
+        return self
+
     def coefficients(self) -> PhaseCoefficients:
-        return PhaseCoefficients(
-            self.prefill,
-            self.decode_small,
-            self.decode_large,
-            self.decode_threshold,
-            padded=self.batching == "padded",
+        padded = self.batching == "padded"
+        if self.decode_ranges is not None:
+            ranges = tuple((r.from_batch, r.coefficients) for r in self.decode_ranges)
+            return PhaseCoefficients(self.prefill, ranges, padded)
+        assert self.decode_small is not None and self.decode_large is not None  # the validator's
+        return PhaseCoefficients.two_ranges(
+            self.prefill, self.decode_small, self.decode_large, self.decode_threshold or NO_THRESHOLD, padded
         )
 
 
@@ -62,7 +98,7 @@ class Profile(BaseModel):
 
 
 def save(profile: Profile, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(profile.model_dump(mode="json"), indent=2) + "\n")
+    Path(path).write_text(json.dumps(profile.model_dump(mode="json", exclude_none=True), indent=2) + "\n")
 
 
 def load(path: str | Path, model: str | None = None) -> Profile:
@@ -99,7 +135,7 @@ def import_distserve(data: dict[str, Any], model: str | None, source: str = "") 
                 prefill=tuple(row["prefill"]),
                 decode_small=tuple(row["decoding_smallbs"]),
                 decode_large=tuple(row["decoding_largebs"]),
-                decode_threshold=int(row.get("decoding_large_small_bs_threshold", 1 << 30)),
+                decode_threshold=row.get("decoding_large_small_bs_threshold"),
             )
         )
     return Profile(

@@ -186,7 +186,7 @@ def decode_capacity(ctx: Context, timing: InstanceTiming, kv_tokens: int) -> tup
     """Largest stable decode throughput whose step time stays within the TPOT SLO, and what caps it."""
     reqs = ctx.requests
     mean_in, mean_out = reqs.mean_input, reqs.mean_output
-    by_memory = min(MAX_DECODE_BATCH, int(kv_tokens // (mean_in + mean_out)))
+    by_memory = max(1, min(MAX_DECODE_BATCH, int(kv_tokens // (mean_in + mean_out))))
 
     # A padded batch pays for its longest row in every row: take a long prompt (p90) as typical.
     per_row = (_p90(reqs.inputs) if timing.padded else mean_in) + mean_out / 2
@@ -195,17 +195,33 @@ def decode_capacity(ctx: Context, timing: InstanceTiming, kv_tokens: int) -> tup
         a, b, c = timing.decode_abc(batch)
         return a + b * batch * per_row + c * batch
 
-    batch, bottleneck = by_memory, Bottleneck.MEMORY
-    if batch < 1 or step_ms(batch) > ctx.slo.tpot_ms:
-        bottleneck = Bottleneck.TPOT
-        lo, hi = 0, max(1, batch)
-        while lo < hi:  # largest batch whose step fits the TPOT SLO
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if step_ms(mid) <= ctx.slo.tpot_ms else (lo, mid - 1)
-        batch = lo
+    # The step cost is piecewise in the batch size and need not grow across a range's start (a
+    # kernel change can make 16 rows cheaper than 15), so search each range on its own: within
+    # one, the cost grows with the batch (non-negative coefficients), and a bisection holds.
+    starts = [start for start, _ in timing.coefficients.decode]
+    batch = 0
+    for lo, nxt in zip(starts, [*starts[1:], by_memory + 1], strict=True):
+        hi = min(nxt - 1, by_memory)
+        if lo > hi:
+            break
+        fits = _largest_batch_within(step_ms, lo, hi, ctx.slo.tpot_ms)
+        if fits and (not batch or fits / step_ms(fits) > batch / step_ms(batch)):
+            batch = fits
     if batch < 1:
         return 0.0, Bottleneck.TPOT
+    bottleneck = Bottleneck.MEMORY if batch == by_memory else Bottleneck.TPOT
     return batch / (step_ms(batch) * max(1.0, mean_out - 1)) * 1e3, bottleneck
+
+
+def _largest_batch_within(step_ms: Callable[[int], float], lo: int, hi: int, limit: float) -> int:
+    """Largest batch in [lo, hi] whose step takes at most `limit` ms (0: none), for a step cost
+    that grows with the batch."""
+    if step_ms(lo) > limit:
+        return 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if step_ms(mid) <= limit else (lo, mid - 1)
+    return lo
 
 
 def decode_rate(

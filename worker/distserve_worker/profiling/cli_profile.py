@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -24,7 +25,12 @@ from typing import Any
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("model (default: the embedded SmolLM2-135M-Instruct)")
-    m.add_argument("-f", "--filename", help="take spec.model from this DistServeDeployment manifest")
+    m.add_argument(
+        "-f",
+        "--filename",
+        help="take spec.model from this DistServeDeployment manifest (with --in-stack, also the "
+        "workload's prompt and output lengths for the ramp)",
+    )
     m.add_argument("--model-name", help="model name (default: the embedded SmolLM2)")
     m.add_argument("--model-source", default="Embedded", help="Embedded, HuggingFace, Path, GGUF, PVC")
     m.add_argument("--model-path", default="", help="directory or .gguf file")
@@ -107,31 +113,30 @@ def run(args: argparse.Namespace) -> int:
             vocab=request_vocab,
             quiet_timeout_s=args.quiet_timeout,
         )
+        if args.filename:  # the deployment's own traffic drives the ramp
+            from distserve_operator import api
+            from distserve_operator.planner.workload import Lengths
+
+            w = api.load_manifest(args.filename).spec.workload
+            cal = dataclasses.replace(
+                cal, inputs=Lengths.from_spec(w.input_tokens), outputs=Lengths.from_spec(w.output_tokens)
+            )
         spec = _spec(args, dtype)
         forwards = instack.calibrate(spec, args.threads, cal, progress)
         if not forwards.prefill or not forwards.decode:
             print("cannot profile: the stack timed no forwards; see its logs above", file=sys.stderr)
             return 2
         seen = len(forwards.prefill) + len(forwards.decode)
-        stack_prefill, stack_decode = forwards.prefill_points(), forwards.decode_points()
-        scaled = instack.scale_to_stack(prefill_coef, decode_fit, forwards)
-        prefill_coef, decode_fit = scaled.prefill, scaled.decode
-        prefill_err = fit.errors(
-            [fit.prefill_ms(prefill_coef, p) for p in stack_prefill], [p.ms for p in stack_prefill]
-        )
-        prefill_points, decode_points = stack_prefill, stack_decode
-        decode_fit = fit.DecodeFit(
-            decode_fit.small,
-            decode_fit.large,
-            decode_fit.threshold,
-            fit.errors([decode_fit.ms(p) for p in stack_decode], [p.ms for p in stack_decode]),
-        )
+        stack = instack.fit_to_stack(prefill_coef, decode_fit, forwards)
+        prefill_coef, prefill_err, decode_fit = stack.prefill, stack.prefill_error, stack.decode
+        prefill_points, decode_points = stack.prefill_points, stack.decode_points
         method += (
             f"; scaled to the running local stack ({seen} forwards under load at {args.stack_rates} req/s, "
-            f"{args.stack_seconds:g} s each, token budget {args.token_budget}): prefill x{scaled.prefill_factor:.3f}, "
-            f"decode x{scaled.decode_factor:.3f}; fit errors below are against the stack's forwards"
+            f"{args.stack_seconds:g} s each, prompts {_lengths(cal.inputs)}, outputs {_lengths(cal.outputs)} tokens, "
+            f"token budget {args.token_budget}): prefill x{stack.prefill_factor:.3f}, "
+            f"decode x{stack.decode_factor:.3f}; fit errors below are against the stack's forwards"
         )
-        stack_samples = {"prefillFactor": scaled.prefill_factor, "decodeFactor": scaled.decode_factor}
+        stack_samples = {"prefillFactor": stack.prefill_factor, "decodeFactor": stack.decode_factor}
     load_after = os.getloadavg()[0]
     all_pred = [fit.prefill_ms(prefill_coef, p) for p in prefill_points] + [
         decode_fit.ms(p) for p in decode_points
@@ -156,9 +161,10 @@ def run(args: argparse.Namespace) -> int:
                 tp=1,
                 pp=1,
                 prefill=_round(prefill_coef),
-                decode_small=_round(decode_fit.small),
-                decode_large=_round(decode_fit.large),
-                decode_threshold=decode_fit.threshold,
+                decode_ranges=tuple(
+                    profiles.DecodeRangeEntry(from_batch=start, coefficients=_round(abc))
+                    for start, abc in decode_fit.ranges
+                ),
                 # The worker pads a batch to its longest row, prefill and decode (engine/).
                 batching="padded",
                 samples=len(prefill_points) + len(decode_points),
@@ -184,24 +190,18 @@ def run(args: argparse.Namespace) -> int:
             + "\n"
         )
     print(
-        f"wrote {args.output}: {name} {dtype} on {profile.device}; prefill {_fmt(prefill_coef)}, "
-        f"decode {_fmt(decode_fit.small)}"
-        + (
-            f" / {_fmt(decode_fit.large)} from batch {decode_fit.threshold}"
-            if decode_fit.threshold < fit.NO_THRESHOLD
-            else ""
-        )
-        + f"; fit error mean {overall.mean_percent:.1f}% max {overall.max_percent:.1f}%"
+        f"wrote {args.output}: {name} {dtype} on {profile.device}; prefill {fit.format_abc(prefill_coef)}, "
+        f"decode {decode_fit.describe()}; fit error mean {overall.mean_percent:.1f}% max {overall.max_percent:.1f}%"
     )
     return 0
 
 
+def _lengths(lengths: Any) -> str:
+    return f"mean {lengths.mean:g}" + (f" p90 {lengths.p90:g}" if lengths.p90 else "")
+
+
 def _round(c: tuple[float, float, float]) -> tuple[float, float, float]:
     return (float(f"{c[0]:.6g}"), float(f"{c[1]:.6g}"), float(f"{c[2]:.6g}"))
-
-
-def _fmt(c: tuple[float, float, float]) -> str:
-    return f"({c[0]:.4g}, {c[1]:.4g}, {c[2]:.4g})"
 
 
 def _device(text: str) -> Any:

@@ -1,10 +1,11 @@
 """Least-squares fits of the planner's latency model to measured points.
 
-Prefill: `a + b*tokens + c*sum(len^2)`; decode step: `a + b*ctx_tokens + c*batch`, optionally a
-second set from a batch-size threshold on (as DistServe's profiler fits). Coefficients are kept
-non-negative (a negative cost per token would be unphysical and extrapolates badly), and rows are
-weighted by 1/measured so a 5 ms point counts as much as a 500 ms one: the planner cares about
-relative error at every size.
+Prefill: `a + b*tokens + c*sum(len^2)`; decode step: `a + b*ctx_tokens + c*batch`, one set per
+range of batch sizes (DistServe's profiler fits two, split at a threshold; `fit_decode` splits
+where the measurements say the kernels change). Coefficients are kept non-negative (a negative
+cost per token would be unphysical and extrapolates badly), and rows are weighted by 1/measured
+so a 5 ms point counts as much as a 500 ms one: the planner cares about relative error at every
+size.
 """
 
 from __future__ import annotations
@@ -85,39 +86,88 @@ def fit_prefill(points: Sequence[PrefillPoint]) -> tuple[Abc, FitError]:
     return coef, errors([prefill_ms(coef, p) for p in points], [p.ms for p in points])
 
 
+DecodeRange = tuple[int, Abc]  # (first batch size it applies to, coefficients)
+
+
 @dataclass(frozen=True)
 class DecodeFit:
-    small: Abc
-    large: Abc
-    threshold: int
+    ranges: tuple[DecodeRange, ...]  # ascending, the first from batch 1
     error: FitError
 
+    def abc(self, batch: int) -> Abc:
+        chosen = self.ranges[0][1]
+        for start, abc in self.ranges:
+            if batch >= start:
+                chosen = abc
+        return chosen
+
     def ms(self, p: DecodePoint) -> float:
-        a, b, c = self.large if p.batch >= self.threshold else self.small
+        a, b, c = self.abc(p.batch)
         return a + b * p.ctx_tokens + c * p.batch
+
+    def scaled(self, k: float) -> DecodeFit:
+        return DecodeFit(
+            tuple((start, (a * k, b * k, c * k)) for start, (a, b, c) in self.ranges), self.error
+        )
+
+    def with_error(self, points: Sequence[DecodePoint]) -> DecodeFit:
+        """The same coefficients, the error measured against `points`."""
+        return DecodeFit(self.ranges, errors([self.ms(p) for p in points], [p.ms for p in points]))
+
+    def describe(self) -> str:
+        return " / ".join(
+            format_abc(abc) + ("" if start == 1 else f" from batch {start}") for start, abc in self.ranges
+        )
+
+
+def format_abc(c: Abc) -> str:
+    return f"({c[0]:.4g}, {c[1]:.4g}, {c[2]:.4g})"
 
 
 def _fit_decode_once(points: Sequence[DecodePoint]) -> Abc:
     return _weighted_fit([(1.0, p.ctx_tokens, p.batch) for p in points], [p.ms for p in points])
 
 
-def fit_decode(points: Sequence[DecodePoint], min_gain: float = 0.2) -> DecodeFit:
-    """One set of coefficients, or two split at a batch size when that cuts the mean error by at
-    least `min_gain` (a split needs two batch sizes on each side, so it is not fitting noise)."""
-    measured = [p.ms for p in points]
-    one = _fit_decode_once(points)
-    best = DecodeFit(one, one, NO_THRESHOLD, NO_ERROR)
-    best = DecodeFit(one, one, NO_THRESHOLD, errors([best.ms(p) for p in points], measured))
+def _fit_ranges(points: Sequence[DecodePoint], starts: Sequence[int]) -> DecodeFit | None:
+    """One fit per range of batch sizes; None when a range holds fewer than two batch sizes (a
+    line through one batch size would be fitting that size's noise)."""
+    bounds = [*starts[1:], NO_THRESHOLD]
+    ranges = []
+    for start, end in zip(starts, bounds, strict=True):
+        inside = [p for p in points if start <= p.batch < end]
+        if len({p.batch for p in inside}) < 2:
+            return None
+        ranges.append((start, _fit_decode_once(inside)))
+    return DecodeFit(tuple(ranges), NO_ERROR).with_error(points)
+
+
+# Repeated timings of one step agree to about this much (mean %): a split that gains less is noise.
+NOISE_PERCENT = 0.5
+
+
+def fit_decode(points: Sequence[DecodePoint], min_gain: float = 0.2, max_ranges: int = 4) -> DecodeFit:
+    """One set of coefficients, split into ranges of batch sizes while a split cuts the mean error
+    by at least `min_gain` (greedy: each round adds the one split that helps most). The kernels
+    behind a step change algorithm with the row count (see the planner's `PhaseCoefficients`), so
+    a sweep over batch sizes is piecewise linear, not one line."""
     sizes = sorted({p.batch for p in points})
-    for t in sizes[2:-1]:
-        lo = [p for p in points if p.batch < t]
-        hi = [p for p in points if p.batch >= t]
-        if len({p.batch for p in hi}) < 2:
-            continue
-        cand = DecodeFit(_fit_decode_once(lo), _fit_decode_once(hi), t, NO_ERROR)
-        err = errors([cand.ms(p) for p in points], measured)
-        if err.mean_percent < best.error.mean_percent * (1 - min_gain):
-            best = DecodeFit(cand.small, cand.large, t, err)
+    best = _fit_ranges(points, [1]) if len(sizes) >= 2 else None
+    if best is None:  # a single batch size: nothing to split, nor to tell batch from context
+        return DecodeFit(((1, _fit_decode_once(points)),), NO_ERROR).with_error(points)
+    while len(best.ranges) < max_ranges:
+        starts = [start for start, _ in best.ranges]
+        candidates = [
+            fitted
+            for t in sizes[1:]
+            if t not in starts and (fitted := _fit_ranges(points, sorted([*starts, t]))) is not None
+        ]
+        if not candidates:
+            break
+        better = min(candidates, key=lambda f: f.error.mean_percent)
+        gain = best.error.mean_percent - better.error.mean_percent
+        if gain < best.error.mean_percent * min_gain or gain < NOISE_PERCENT:
+            break
+        best = better
     return best
 
 

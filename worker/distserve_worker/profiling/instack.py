@@ -4,7 +4,7 @@ forward the workers timed (`GET /forwards`), and scale the profile measured alon
 
 Why: a forward timed alone (`measure.py`) runs on a core of its own. In the stack the same forward
 shares the machine with the other worker, the router, the clients, gRPC and KV transfer; on the
-2-core dev box that made prefill forwards 16% and decode steps 28% slower than the isolated profile
+2-core dev box that made prefill forwards and decode steps about 20% slower than the isolated profile
 said, and the simulator's predictions inherited the error. Fitted to these timings, the profile
 describes the deployment as it runs.
 
@@ -32,11 +32,20 @@ import statistics
 import sys
 import urllib.request
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from distserve_operator.planner.workload import Lengths, generate
 from distserve_worker.local.stack import LocalStack, StackConfig
 from distserve_worker.model_source import ModelSpec
-from distserve_worker.profiling.fit import Abc, DecodeFit, DecodePoint, PrefillPoint, prefill_ms
+from distserve_worker.profiling.fit import (
+    Abc,
+    DecodeFit,
+    DecodePoint,
+    FitError,
+    PrefillPoint,
+    errors,
+    prefill_ms,
+)
 from distserve_worker.testing.load import run_load, token_range
 from distserve_worker.testing.quiet import wait_quiet
 
@@ -48,9 +57,11 @@ DECODE_WIDTH_BUCKET = 32  # context tokens
 class Calibration:
     rates: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0)  # requests/s, each for `seconds`
     seconds: float = 20.0
-    mean_input: int = 64
-    p90_input: int = 160
-    output: int = 32
+    # The ramp's traffic. How much one worker slows the other on shared cores depends on it (small
+    # forwards are bound by memory bandwidth, which both processes draw on): calibrate with the
+    # lengths the deployment will serve (`distserve profile --in-stack -f MANIFEST`).
+    inputs: Lengths = field(default_factory=lambda: Lengths(64))
+    outputs: Lengths = field(default_factory=lambda: Lengths(32))
     token_budget: int = 512
     max_batch: int = 32
     seed: int = 1000  # not a seed the fidelity benchmark uses
@@ -74,8 +85,6 @@ class StackForwards:
 
 def calibrate(model: ModelSpec, threads: int, cal: Calibration, progress: bool = True) -> StackForwards:
     """Every forward the stack's workers timed under the ramp."""
-    from distserve_operator.planner.workload import Lengths, generate
-
     config = StackConfig(
         model,
         prefill=1,
@@ -91,7 +100,7 @@ def calibrate(model: ModelSpec, threads: int, cal: Calibration, progress: bool =
             # Someone else's work would be calibrated in as contention.
             wait_quiet(timeout_s=cal.quiet_timeout_s, label="[distserve]")
             n = max(1, round(rate * cal.seconds))
-            reqs = generate(n, cal.seed + k, Lengths(cal.mean_input, cal.p90_input), Lengths(cal.output))
+            reqs = generate(n, cal.seed + k, cal.inputs, cal.outputs)
             results, wall = asyncio.run(
                 run_load(
                     stack.url,
@@ -116,11 +125,16 @@ def calibrate(model: ModelSpec, threads: int, cal: Calibration, progress: bool =
 
 
 @dataclass(frozen=True)
-class Scaled:
+class StackFit:
+    """The isolated fit scaled to the stack, its errors measured against the stack's forwards."""
+
     prefill: Abc
+    prefill_error: FitError
     decode: DecodeFit
     prefill_factor: float
     decode_factor: float
+    prefill_points: list[PrefillPoint]  # the stack's forwards, bucketed
+    decode_points: list[DecodePoint]
 
 
 # A forward this many times slower than predicted was preempted (or collected garbage), not
@@ -128,20 +142,21 @@ class Scaled:
 OUTLIER = 5.0
 
 
-def scale_to_stack(prefill: Abc, decode: DecodeFit, forwards: StackForwards) -> Scaled:
+def fit_to_stack(prefill: Abc, decode: DecodeFit, forwards: StackForwards) -> StackFit:
     """The isolated fit, each phase multiplied by its busy-time weighted measured/predicted."""
     pre = [(ms, prefill_ms(prefill, PrefillPoint((w,) * rows, ms))) for rows, w, ms in forwards.prefill]
     dec = [(ms, decode.ms(DecodePoint(rows, rows * w, ms))) for rows, w, ms in forwards.decode]
     fp, fd = _weighted_ratio(pre), _weighted_ratio(dec)
-
-    def times(c: Abc, k: float) -> Abc:
-        return (c[0] * k, c[1] * k, c[2] * k)
-
-    return Scaled(
-        times(prefill, fp),
-        DecodeFit(times(decode.small, fd), times(decode.large, fd), decode.threshold, decode.error),
+    scaled = (prefill[0] * fp, prefill[1] * fp, prefill[2] * fp)
+    prefill_points, decode_points = forwards.prefill_points(), forwards.decode_points()
+    return StackFit(
+        scaled,
+        errors([prefill_ms(scaled, p) for p in prefill_points], [p.ms for p in prefill_points]),
+        decode.scaled(fd).with_error(decode_points),
         fp,
         fd,
+        prefill_points,
+        decode_points,
     )
 
 

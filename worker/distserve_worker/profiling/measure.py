@@ -51,7 +51,9 @@ FULL = Sweep(
         (128, 128),
         (16,) * 8,
     ),
-    decode_batches=(1, 2, 4, 8, 16, 32),
+    # Dense in batch size: the step cost is piecewise (kernels change algorithm with the row
+    # count; fit.fit_decode finds where), and a break needs two sizes on each side to be found.
+    decode_batches=(1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32),
     decode_contexts=(32, 128, 384),
     repetitions=5,
 )
