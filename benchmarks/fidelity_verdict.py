@@ -18,12 +18,13 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fidelity_model import ModelSide, goodput, interpolated_goodput
+from fidelity_model import ModelSide, Predicted, goodput, interpolated_goodput
 from fidelity_stack import RateRun, measure_rates
 
 from distserve_operator import api
@@ -54,6 +55,7 @@ WORKLOADS = {
 EXTENSIONS = 3  # extra rates, each STEP_UP beyond the last, until attainment crosses the target
 STEP_UP = 1.6
 FACTORS = (0.7, 1.3)
+DISAGGREGATED, COLOCATED = "disaggregated 1P+1D", "colocated x2"  # on the same 2 cores
 BRACKET = 0.10  # bisect a measured goodput's bracket down to this relative width
 
 
@@ -87,29 +89,14 @@ def main() -> int:
         if args.only and name != args.only:
             continue
         reqs = generate(args.requests, args.seed, Lengths(prompt), Lengths(output))
-        ins, outs = list(reqs.inputs), list(reqs.outputs)
         profiled = side
         entry_calibration: dict[str, object] | None = None
         if args.calibrate:
             profiled, entry_calibration = calibrated(side, model, Lengths(prompt), Lengths(output))
-        # The predicted goodput is on exactly the requests measured (100 by default: enough that a
-        # fast rate is not one burst), as in the fidelity benchmark.
         engine_args = {"prefill_args": side.engine.prefill_args(), "decode_args": side.engine.decode_args()}
-        uncalibrated = {
-            "disaggregated 1P+1D": lambda r, q=reqs, i=ins, o=outs: side.disaggregated(
-                1, 1, q.arrivals(r), i, o
-            ),
-            "colocated x2": lambda r, q=reqs, i=ins, o=outs: side.colocated(2, q.arrivals(r), i, o),
-        }
         configs = {
-            "disaggregated 1P+1D": (
-                lambda r, q=reqs, i=ins, o=outs, m=profiled: m.disaggregated(1, 1, q.arrivals(r), i, o),
-                StackConfig(model, prefill=1, decode=1, threads=1, **engine_args),
-            ),
-            "colocated x2": (
-                lambda r, q=reqs, i=ins, o=outs, m=profiled: m.colocated(2, q.arrivals(r), i, o),
-                StackConfig(model, colocated=2, threads=1, **engine_args),
-            ),
+            DISAGGREGATED: StackConfig(model, prefill=1, decode=1, threads=1, **engine_args),
+            COLOCATED: StackConfig(model, colocated=2, threads=1, **engine_args),
         }
         entry: dict[str, object] = {
             "workload": name,
@@ -119,7 +106,10 @@ def main() -> int:
         }
         if entry_calibration is not None:
             entry["calibration"] = entry_calibration
-        for label, (predict, config) in configs.items():
+        for label, config in configs.items():
+            # The predicted goodput is on exactly the requests measured (100 by default: enough
+            # that a fast rate is not one burst), as in the fidelity benchmark.
+            predict = predictor(profiled, label, reqs)
             g = goodput(lambda r, p=predict, a=ttft_slo, b=tpot_slo: p(r).attainment(a, b), target, high=50.0)
             rates = [round(max(g, 0.05) * k, 3) for k in FACTORS]
             _, runs = measure_rates(config, reqs, rates, args.seed, f"{name} / {label}")
@@ -149,9 +139,7 @@ def main() -> int:
             rows = []
             for rate, run in zip(rates, runs, strict=True):
                 meas = run.results
-                m_att = sim.joint_attainment(
-                    [m.ttft_ms for m in meas], [m.tpot_ms for m in meas], ttft_slo, tpot_slo
-                )
+                m_att = _attainment(run, ttft_slo, tpot_slo)
                 rows.append(
                     {
                         "rate": rate,
@@ -173,7 +161,7 @@ def main() -> int:
             else:
                 measured = {"goodputBelow": rates[0]}
             if args.calibrate:
-                plain = uncalibrated[label]
+                plain = predictor(side, label, reqs)
                 g_plain = goodput(
                     lambda r, p=plain, a=ttft_slo, b=tpot_slo: p(r).attainment(a, b), target, high=50.0
                 )
@@ -202,6 +190,14 @@ def main() -> int:
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps([w["verdict"] for w in out], indent=2))
     return 0
+
+
+def predictor(side: ModelSide, label: str, reqs: Requests) -> Callable[[float], Predicted]:
+    """The simulator's outcome of `reqs` at a rate, for one of the two configurations."""
+    ins, outs = list(reqs.inputs), list(reqs.outputs)
+    if label == DISAGGREGATED:
+        return lambda rate: side.disaggregated(1, 1, reqs.arrivals(rate), ins, outs)
+    return lambda rate: side.colocated(2, reqs.arrivals(rate), ins, outs)
 
 
 @dataclass
@@ -257,12 +253,13 @@ def calibrated(
     return ModelSide(timing, side.transfer_ms, side.engine), described
 
 
-def _attained(run: RateRun, ttft_slo: float, tpot_slo: float, target: float) -> bool:
+def _attainment(run: RateRun, ttft_slo: float, tpot_slo: float) -> float:
     meas = run.results
-    return (
-        sim.joint_attainment([m.ttft_ms for m in meas], [m.tpot_ms for m in meas], ttft_slo, tpot_slo)
-        >= target
-    )
+    return sim.joint_attainment([m.ttft_ms for m in meas], [m.tpot_ms for m in meas], ttft_slo, tpot_slo)
+
+
+def _attained(run: RateRun, ttft_slo: float, tpot_slo: float, target: float) -> bool:
+    return _attainment(run, ttft_slo, tpot_slo) >= target
 
 
 def _bounds(measured: dict[str, float]) -> tuple[float, float]:
@@ -275,7 +272,7 @@ def _bounds(measured: dict[str, float]) -> tuple[float, float]:
 
 
 def verdict(entry: dict[str, object]) -> dict[str, object]:
-    d, c = entry["disaggregated 1P+1D"], entry["colocated x2"]  # same 2 cores: compare goodput directly
+    d, c = entry[DISAGGREGATED], entry[COLOCATED]  # same 2 cores: compare goodput directly
     predicted = "disaggregated" if d["predictedGoodput"] > c["predictedGoodput"] else "colocated"  # type: ignore[index]
     dl, dh = _bounds(d["measured"])  # type: ignore[index]
     cl, ch = _bounds(c["measured"])  # type: ignore[index]

@@ -32,6 +32,25 @@ NO_THRESHOLD = 1 << 30
 DecodeRange = tuple[int, Abc]  # (first batch size it applies to, a b c)
 
 
+def check_decode_starts(starts: list[int], name: str = "batch") -> None:
+    """Decode ranges start at batch 1 and increase; `name` is what the caller calls a start."""
+    if not starts or starts[0] != 1 or starts != sorted(set(starts)):
+        raise ValueError(
+            f"decode ranges must start at {name} 1 and increase (got {starts}); fix: sort the "
+            "ranges and let the first one start at 1"
+        )
+
+
+def decode_range_abc(ranges: tuple[DecodeRange, ...], batch: int) -> Abc:
+    """The coefficients of the range `batch` falls in (ranges ascending, the first from 1)."""
+    chosen = ranges[0][1]
+    for start, abc in ranges:  # a handful of ranges, in order
+        if batch < start:
+            break
+        chosen = abc
+    return chosen
+
+
 @dataclass(frozen=True)
 class PhaseCoefficients:
     """Milliseconds. Decode is piecewise in the batch size: `decode` holds one `a + b*ctx + c*batch`
@@ -53,9 +72,7 @@ class PhaseCoefficients:
     padded: bool = False
 
     def __post_init__(self) -> None:
-        starts = [start for start, _ in self.decode]
-        if not starts or starts[0] != 1 or starts != sorted(set(starts)):
-            raise ValueError(f"decode ranges must start at batch 1 and increase, got starts {starts}")
+        check_decode_starts([start for start, _ in self.decode])
 
     @classmethod
     def two_ranges(
@@ -75,12 +92,7 @@ class PhaseCoefficients:
         return a + b * tokens + c * sum_sq
 
     def decode_abc(self, batch: int) -> Abc:
-        chosen = self.decode[0][1]
-        for start, abc in self.decode:  # a handful of ranges, in order
-            if batch < start:
-                break
-            chosen = abc
-        return chosen
+        return decode_range_abc(self.decode, batch)
 
     def decode_ms(self, ctx_tokens: float, batch: int) -> float:
         a, b, c = self.decode_abc(batch)

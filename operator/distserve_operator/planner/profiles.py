@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .architecture import catalogue_key
-from .latency import NO_THRESHOLD, LatencyModel, PhaseCoefficients
+from .latency import NO_THRESHOLD, LatencyModel, PhaseCoefficients, check_decode_starts
 
 FORMAT = "distserve-profile/v1"
 
@@ -64,12 +64,7 @@ class ProfileEntry(BaseModel):
         if self.decode_ranges is None and (self.decode_small is None or self.decode_large is None):
             raise ValueError("decode cost missing: give decode_ranges, or decode_small and decode_large")
         if self.decode_ranges is not None:
-            starts = [r.from_batch for r in self.decode_ranges]
-            if not starts or starts[0] != 1 or starts != sorted(set(starts)):
-                raise ValueError(
-                    f"decode_ranges must start at from_batch 1 and increase (got {starts}); fix: "
-                    "sort the ranges and let the first one start at 1"
-                )
+            check_decode_starts([r.from_batch for r in self.decode_ranges], "from_batch")
         return self
 
     def coefficients(self) -> PhaseCoefficients:

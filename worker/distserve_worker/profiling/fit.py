@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-Abc = tuple[float, float, float]
-NO_THRESHOLD = 1 << 30
+from distserve_operator.planner.latency import NO_THRESHOLD, Abc, DecodeRange, decode_range_abc
 
 
 @dataclass(frozen=True)
@@ -86,20 +85,13 @@ def fit_prefill(points: Sequence[PrefillPoint]) -> tuple[Abc, FitError]:
     return coef, errors([prefill_ms(coef, p) for p in points], [p.ms for p in points])
 
 
-DecodeRange = tuple[int, Abc]  # (first batch size it applies to, coefficients)
-
-
 @dataclass(frozen=True)
 class DecodeFit:
     ranges: tuple[DecodeRange, ...]  # ascending, the first from batch 1
     error: FitError
 
     def abc(self, batch: int) -> Abc:
-        chosen = self.ranges[0][1]
-        for start, abc in self.ranges:
-            if batch >= start:
-                chosen = abc
-        return chosen
+        return decode_range_abc(self.ranges, batch)
 
     def ms(self, p: DecodePoint) -> float:
         a, b, c = self.abc(p.batch)
