@@ -2,14 +2,16 @@
 
 Topology (DESIGN.md, "Children"):
 
-- `ConfigMap <name>-plan`, key `plan.json`: the contract read by the router and the workers.
+- `ConfigMap <name>-plan`, key `plan.json`: the runtime contract (`api.RuntimeContract`) read by
+  the router and the workers: model and shape, each role's tp/pp/stages/ports, the engine limits.
 - Per role and pipeline stage a StatefulSet `<name>-<role>-s<i>`; ordinal k of every stage of a
   role is instance k. Each pod requests `<gpu resource>: <tp>`.
 - Low node affinity, layout SeparatePods: decode stage i requires the node of a prefill stage i pod.
   Layout SharedPod: one StatefulSet `<name>-pd-s<i>` whose pods run both stage segments, so the
   KV cache moves over NVLink / CUDA IPC inside the pod.
 - A headless Service per role, the router Deployment and the Service users call (`<name>`).
-- A NetworkPolicy letting only this deployment's pods reach the workers' gRPC ports.
+- A NetworkPolicy letting only this deployment's pods reach the workers' gRPC ports (rank 0's and
+  the tensor-parallel follower ranks', which decode ranks pull KV from).
 - Gang scheduling: one scheduler-plugins PodGroup per instance (its pp stage pods).
 
 Everything the worker runtime reads (command line, ports, mounts, probe) is in this module.
@@ -33,7 +35,9 @@ from .api import (
     PlanStatus,
     SourceKind,
     StageLayout,
+    rank_port_base,
 )
+from .contract import runtime_contract
 
 PLAN_DIR = "/etc/distserve"
 PLAN_FILE = f"{PLAN_DIR}/plan.json"
@@ -104,6 +108,12 @@ def ports(spec: DistServeDeploymentSpec, role: str, shared: bool) -> tuple[int, 
     return spec.worker.grpc_port + offset, spec.worker.metrics_port + offset
 
 
+def rank_ports(spec: DistServeDeploymentSpec, role: str, shared: bool, tp: int) -> list[int]:
+    """gRPC ports of an instance's tensor-parallel follower ranks 1..tp-1 (same pod as rank 0)."""
+    base = rank_port_base(ports(spec, role, shared)[0], role)
+    return [base + r for r in range(1, tp)]
+
+
 def parallelism_hash(plan: PlanStatus) -> str:
     """Changes when a pod's shape changes (tp, pp), not when only replica counts do."""
     shape = {
@@ -117,8 +127,20 @@ def parallelism_hash(plan: PlanStatus) -> str:
 # ---------------------------------------------------------------------------- the plan
 
 
-def plan_document(spec: DistServeDeploymentSpec, plan: PlanStatus) -> dict[str, Any]:
-    return {"model": spec.model.to_wire(), "slo": spec.slo.to_wire(), "plan": plan.to_wire()}
+def plan_document(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus) -> dict[str, Any]:
+    """`plan.json`: the runtime contract for this deployment's pods (their ports and Services)."""
+    shared = shared_pod_layout(spec, plan)
+    roles = {L.ROLE_PREFILL: plan.prefill, L.ROLE_DECODE: plan.decode}
+    contract = runtime_contract(
+        spec,
+        plan,
+        ports={role: ports(spec, role, shared) for role in roles},
+        services={
+            role: [role_service_name(name, role) if phase.pp == 1 else "" for _ in range(phase.pp)]
+            for role, phase in roles.items()
+        },
+    )
+    return contract.to_wire()
 
 
 def render_plan_configmap(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus) -> Obj:
@@ -126,7 +148,7 @@ def render_plan_configmap(name: str, spec: DistServeDeploymentSpec, plan: PlanSt
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": plan_configmap_name(name), "labels": L.base(name, L.COMPONENT_PLAN)},
-        "data": {PLAN_KEY: json.dumps(plan_document(spec, plan), indent=2, sort_keys=True)},
+        "data": {PLAN_KEY: json.dumps(plan_document(name, spec, plan), indent=2, sort_keys=True)},
     }
 
 
@@ -159,7 +181,8 @@ def _model_volumes(spec: DistServeDeploymentSpec) -> tuple[list[Obj], list[Obj],
         return (
             [{"name": "model", "persistentVolumeClaim": {"claimName": source.claim_name, "readOnly": True}}],
             [{"name": "model", "mountPath": MODEL_DIR, "readOnly": True}],
-            [{"name": "DISTSERVE_MODEL_DIR", "value": MODEL_DIR}],
+            # The worker resolves a PVC source's `path` under this root (model_source.py).
+            [{"name": "DISTSERVE_MODEL_ROOT", "value": MODEL_DIR}],
         )
     if source.kind is SourceKind.HUGGING_FACE and source.host_cache_path:
         return (
@@ -186,10 +209,15 @@ def _resources(spec: DistServeDeploymentSpec, gpus: int) -> Obj:
 
 
 def _worker_container(
-    name: str, spec: DistServeDeploymentSpec, role: str, phase: PhasePlan, stage: int, shared: bool
+    spec: DistServeDeploymentSpec, role: str, phase: PhasePlan, stage: int, shared: bool
 ) -> Obj:
     grpc_port, metrics_port = ports(spec, role, shared)
     _, mounts, model_env = _model_volumes(spec)
+    # Follower ranks serve gRPC in this pod too: decode ranks pull their KV heads from them.
+    followers = [
+        {"name": f"{role}-rank{r}", "containerPort": port, "protocol": "TCP"}
+        for r, port in enumerate(rank_ports(spec, role, shared, phase.tp), start=1)
+    ]
     return {
         "name": role,
         "image": spec.worker.image,
@@ -200,6 +228,9 @@ def _worker_container(
             role,
             "--plan-file",
             PLAN_FILE,
+            # Its layers, tp and engine limits come from the plan file's entry for this stage.
+            "--stage",
+            str(stage),
             "--host",
             "0.0.0.0",
             "--port",
@@ -213,15 +244,14 @@ def _worker_container(
         "ports": [
             {"name": f"grpc-{role}", "containerPort": grpc_port, "protocol": "TCP"},
             {"name": f"metrics-{role}", "containerPort": metrics_port, "protocol": "TCP"},
+            *followers,
         ],
         "env": [
             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-            {"name": "DISTSERVE_DEPLOYMENT", "value": name},
-            # Pipeline stage of this segment (the worker CLI has no --stage flag yet).
-            {"name": "DISTSERVE_STAGE", "value": str(stage)},
             {"name": "HOME", "value": "/tmp"},
+            # DISTSERVE_* variables only where the worker reads them (a contract test checks).
             *model_env,
             *({"name": e.name, "value": e.value} for e in spec.worker.env),
         ],
@@ -316,7 +346,7 @@ def render_statefulset(name: str, spec: DistServeDeploymentSpec, plan: PlanStatu
     pod_spec: Obj = {
         "securityContext": _pod_security_context(),
         "containers": [
-            _worker_container(name, spec, role, phase, group.stage, shared) for role, phase in group.segments
+            _worker_container(spec, role, phase, group.stage, shared) for role, phase in group.segments
         ],
         "volumes": [
             {"name": "plan", "configMap": {"name": plan_configmap_name(name)}},
@@ -482,7 +512,6 @@ def render_router(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus) ->
         "env": [
             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
             {"name": "HOME", "value": "/tmp"},
-            {"name": "DISTSERVE_DEPLOYMENT", "value": name},
         ],
         "resources": ROUTER_RESOURCES,
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": port}, "periodSeconds": 5},
@@ -529,8 +558,18 @@ def render_router(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus) ->
 
 def render_network_policy(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus) -> Obj:
     shared = shared_pod_layout(spec, plan)
-    grpc_ports = sorted({ports(spec, role, shared)[0] for role in (L.ROLE_PREFILL, L.ROLE_DECODE)})
-    metrics_ports = sorted({ports(spec, role, shared)[1] for role in (L.ROLE_PREFILL, L.ROLE_DECODE)})
+    roles = {L.ROLE_PREFILL: plan.prefill, L.ROLE_DECODE: plan.decode}
+    grpc_ports: list[Obj] = [
+        {"protocol": "TCP", "port": p} for p in sorted({ports(spec, role, shared)[0] for role in roles})
+    ]
+    for role, phase in roles.items():
+        followers = rank_ports(spec, role, shared, phase.tp)
+        if followers:  # one contiguous range per role
+            rule: Obj = {"protocol": "TCP", "port": followers[0]}
+            if len(followers) > 1:
+                rule["endPort"] = followers[-1]
+            grpc_ports.append(rule)
+    metrics_ports = sorted({ports(spec, role, shared)[1] for role in roles})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -540,11 +579,11 @@ def render_network_policy(name: str, spec: DistServeDeploymentSpec, plan: PlanSt
             "policyTypes": ["Ingress"],
             "ingress": [
                 {
-                    # gRPC (requests, KV pulls): only this deployment's router and workers.
+                    # gRPC (requests, KV pulls, rank ports): only this deployment's router and workers.
                     "from": [
                         {"podSelector": {"matchLabels": {L.APP_INSTANCE: name, L.APP_NAME: L.NAME_VALUE}}}
                     ],
-                    "ports": [{"protocol": "TCP", "port": p} for p in grpc_ports],
+                    "ports": grpc_ports,
                 },
                 {
                     # Metrics and health: scrapers anywhere in the cluster.

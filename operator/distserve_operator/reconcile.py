@@ -208,9 +208,10 @@ async def _reconcile_locked(
             raise
         except Exception as exc:
             raise kopf.TemporaryError(f"the planner failed unexpectedly: {exc!r}", delay=30) from exc
-        plan = drift.cap_replicas(
-            plan, max_gpus=spec.autoscaling.max_gpus, min_replicas=spec.autoscaling.min_replicas
-        )
+        if not plan.pinned:  # a pin's replicas are the user's (the planner checked its GPU budget)
+            plan = drift.cap_replicas(
+                plan, max_gpus=spec.autoscaling.max_gpus, min_replicas=spec.autoscaling.min_replicas
+            )
         status = status.model_copy(
             update={
                 "plan": plan,
@@ -456,7 +457,8 @@ async def _on_observation(
         )
         if auto.scope is ReplanScope.REPLICAS:
             proposed = drift.keep_parallelism(plan, proposed, workload.requests_per_second)
-        proposed = drift.cap_replicas(proposed, max_gpus=auto.max_gpus, min_replicas=auto.min_replicas)
+        if not proposed.pinned:
+            proposed = drift.cap_replicas(proposed, max_gpus=auto.max_gpus, min_replicas=auto.min_replicas)
         proposed = proposed.model_copy(update={"summary": drift.summary(proposed)})
         update["assumptions"] = workload  # re-centre the tolerance band on what we now plan for
         changed = drift.replicas_changed(plan, proposed) or children.parallelism_hash(

@@ -3,6 +3,7 @@ children, status, SLO changes, invalid specs, deletion and restarts."""
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 from pathlib import Path
@@ -104,7 +105,7 @@ async def test_changing_the_slo_replans_and_changes_replicas() -> None:
         before = _replicas(env, "llm")
         first_plan = env.status("llm")["plan"]
 
-        await env.patch_spec("llm", {"slo": {"ttftMillis": 30, "tpotMillis": 10, "attainmentPercent": 90}})
+        await env.patch_spec("llm", {"slo": {"ttftMillis": 30, "tpotMillis": 5, "attainmentPercent": 90}})
         status = await eventually(
             lambda: env.status("llm").get("observedGeneration") == 2 and env.status("llm"),
             what="observedGeneration 2",
@@ -312,3 +313,45 @@ async def test_low_affinity_places_decode_with_prefill() -> None:
             ][0]
             assert term["topologyKey"] == "kubernetes.io/hostname"
             assert term["labelSelector"]["matchLabels"]["distserve.io/role"] == "prefill"
+
+
+# SmolLM2 has 9 attention heads and 3 KV heads: TP3 splits them, TP2 does not.
+PIN = {"prefill": {"tp": 3, "pp": 1, "replicas": 1}, "decode": {"tp": 1, "pp": 1, "replicas": 2}}
+
+
+async def test_a_pinned_plan_is_what_is_deployed() -> None:
+    async with operator_env(plan_fn=plan_fn()) as env:
+        await env.start_operator()
+        await env.create(dsd("llm", planner={"pin": PIN}))
+        status = await eventually(lambda: env.condition("llm", "Ready") and env.status("llm"), what="Ready")
+        plan = status["plan"]
+        assert plan["pinned"] is True and plan["plannerChoice"]["gpus"] >= 1
+        assert (plan["prefill"]["tp"], plan["prefill"]["replicas"], plan["decode"]["replicas"]) == (3, 1, 2)
+        planned = env.condition("llm", "Planned")
+        assert planned is not None and planned["status"] == "True"
+        assert "Pinned by spec.planner.pin" in planned["message"]  # and how the planner's choice compares
+        sets = {s["metadata"]["name"]: s for s in env.children(STS, "llm")}
+        prefill = sets["llm-prefill-s0"]["spec"]
+        container = prefill["template"]["spec"]["containers"][0]
+        assert prefill["replicas"] == 1 and container["resources"]["limits"]["nvidia.com/gpu"] == "3"
+        assert sets["llm-decode-s0"]["spec"]["replicas"] == 2
+        # The plan file the pods mount says the same, with the limits the planner simulated.
+        (cm,) = env.children("v1/configmaps", "llm")
+        contract = json.loads(cm["data"]["plan.json"])
+        assert contract["prefill"]["tp"] == 3 and contract["decode"]["replicas"] == 2
+        assert contract["limits"] == plan["limits"]
+
+
+async def test_a_pin_that_cannot_run_is_not_planned_and_names_the_field() -> None:
+    bad = {**PIN, "prefill": {"tp": 2, "pp": 1, "replicas": 1}}
+    async with operator_env(plan_fn=plan_fn()) as env:
+        await env.start_operator()
+        await env.create(dsd("llm", planner={"pin": bad}))
+        cond = await eventually(lambda: env.condition("llm", "Planned"), what="Planned condition")
+        assert cond["status"] == "False" and cond["reason"] == "PlanFailed"
+        assert "spec.planner.pin.prefill.tp" in cond["message"]
+        assert "9 attention heads" in cond["message"] and "use a TP that divides 9" in cond["message"]
+        assert env.children(STS, "llm") == []
+        # Fixing the pin deploys it.
+        await env.patch_spec("llm", {"planner": {"pin": PIN}})
+        await eventually(lambda: env.children(STS, "llm"), what="children after the fix")

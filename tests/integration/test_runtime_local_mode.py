@@ -81,3 +81,136 @@ async def test_up_serves_the_manifest_and_stops_on_ctrl_c(tmp_path):
     while not lines.empty():
         output.append(lines.get())
     assert any("stopped." in line for line in output), "".join(output[-20:])
+
+
+def tiny_manifest(tmp_path, model_dir, pin):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        f"""apiVersion: distserve.io/v1alpha1
+kind: DistServeDeployment
+metadata: {{name: tiny}}
+spec:
+  model:
+    name: tiny-llama
+    source: {{kind: Path, path: {model_dir}}}
+    dtype: float32
+  slo: {{ttftMillis: 1000, tpotMillis: 200, attainmentPercent: 90}}
+  workload:
+    requestsPerSecond: "1"
+    inputTokens: {{mean: 16}}
+    outputTokens: {{mean: 8}}
+  cluster:
+    gpu: {{type: CPU}}
+    gpusPerNode: 4
+    nodes: 1
+  placement: {{affinity: High}}
+  autoscaling: {{mode: "Off"}}
+  planner: {{pin: {pin}}}
+"""
+    )
+    return path
+
+
+def up(manifest, port, log_dir):
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distserve_operator.cli",
+            "up",
+            "-f",
+            str(manifest),
+            "--port",
+            str(port),
+            "--log-dir",
+            str(log_dir),
+            "--threads",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+async def test_up_runs_a_pinned_tensor_parallel_plan_through_its_plan_file(tmp_path):
+    """A tiny Llama (4 heads, 2 KV heads) pinned to prefill TP1 + decode TP2: `distserve up` writes
+    the contract, every process starts from it, the topology table shows the ranks, requests work."""
+    from distserve_operator.api import Role
+    from distserve_worker.contract import load_contract
+    from distserve_worker.testing.tiny import save_tiny_model
+
+    model_dir = save_tiny_model("llama", tmp_path / "model")
+    pin = "{prefill: {tp: 1, pp: 1, replicas: 1}, decode: {tp: 2, pp: 1, replicas: 1}}"
+    manifest, logs, port = tiny_manifest(tmp_path, model_dir, pin), tmp_path / "logs", free_port()
+    proc = up(manifest, port, logs)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    output = []
+    try:
+        while not any("is serving" in line for line in output):
+            output.append(lines.get(timeout=180))
+        contract = load_contract(logs / "plan.json")
+        assert (contract.prefill.tp, contract.decode.tp) == (1, 2) and contract.plan.pinned
+        assert contract.phase(Role.DECODE).stages[0].layers.end == 2
+        table = [
+            line.split()
+            for line in output[output.index(next(x for x in output if x.startswith("instance"))) :]
+        ]
+        prefill_row = next(row for row in table if row[1:2] == ["prefill"])
+        decode_row = next(row for row in table if row[1:2] == ["decode"])
+        # instance role state stage [start, end) tp rank device params KV-tokens [kv heads) ready
+        assert prefill_row[2:7] == ["ready", "0", "[0,", "2)", "1"] and prefill_row[-1] == "yes"
+        assert decode_row[2:8] == ["ready", "0", "[0,", "2)", "2", "0"] and decode_row[-1] == "yes"
+        assert table[table.index(decode_row) + 1][0] == "1"  # decode's rank 1 on the next row
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/v1/distserve/instances") as response:
+                doc = await response.json()
+            decode = next(i for i in doc["instances"] if i["role"] == "decode")
+            assert decode["tp"] == 2 and [r["kv_heads"] for r in decode["ranks"]] == [
+                {"start": 0, "end": 1},
+                {"start": 1, "end": 2},
+            ]
+            result = await complete(
+                session,
+                f"http://127.0.0.1:{port}/v1/completions",
+                {
+                    "model": "tiny-llama",
+                    "prompt": "Hello",
+                    "max_tokens": 4,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "return_token_ids": True,
+                },
+                timeout=60,
+            )
+        assert result.status == 200 and len(result.token_ids) == 4
+        for log in ("prefill-0.log", "decode-0.log", "router.log"):
+            assert (logs / log).stat().st_size > 0
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        assert not port_open(port)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+    while not lines.empty():
+        output.append(lines.get())
+    assert any("stopped." in line for line in output), "".join(output[-20:])
+
+
+def test_up_refuses_a_plan_with_pipeline_stages_and_names_the_pin(tmp_path):
+    from distserve_worker.testing.tiny import save_tiny_model
+
+    model_dir = save_tiny_model("llama", tmp_path / "model")
+    pin = "{prefill: {tp: 1, pp: 1, replicas: 1}, decode: {tp: 1, pp: 2, replicas: 1}}"
+    proc = up(tiny_manifest(tmp_path, model_dir, pin), free_port(), tmp_path / "logs")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    assert "decode as TP1xPP2" in out and "spec.planner.pin" in out
+    assert not list((tmp_path / "logs").glob("*.log"))  # nothing was started

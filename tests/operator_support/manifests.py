@@ -6,8 +6,9 @@ import copy
 from typing import Any
 
 BASE_SPEC: dict[str, Any] = {
-    # In the planner's catalogue; at 550 req/s on 8 A100s it plans 1 prefill + 1 decode instance,
-    # and doubling the rate or tightening the SLO changes the replica counts.
+    # In the planner's catalogue; at 550 req/s on 8 A100s it plans 1 prefill + 2 decode instances
+    # (a decode instance is held to the GPU default of 256 sequences per step), and doubling the
+    # rate or tightening the SLO (TPOT 5 ms) changes the replica counts.
     "model": {"name": "HuggingFaceTB/SmolLM2-135M-Instruct", "dtype": "float16"},
     "slo": {"ttftMillis": 200, "tpotMillis": 100, "attainmentPercent": 90},
     "workload": {"requestsPerSecond": "550", "inputTokens": {"mean": 512}, "outputTokens": {"mean": 128}},

@@ -122,6 +122,35 @@ INVALID = [
     (_with("autoscaling", {"maxGPUs": 16}), "spec", "autoscaling.maxGPUs"),
     (_with("worker", {"grpcPort": 9090, "metricsPort": 9090}), "spec.worker", "different ports"),
     (_with("worker", {"env": [{"name": "1BAD", "value": "x"}]}), "spec.worker.env[0].name", "pattern"),
+    (_with("worker", {"grpcPort": 65000}), "spec.worker", "rank ports"),
+    (_with("worker", {"grpcPort": 50051, "metricsPort": 51060}), "spec.worker", "another metricsPort"),
+    (_with("engine", {"decodeMaxBatch": 0}), "spec.engine.decodeMaxBatch", "at least 1"),
+    (_with("engine", {"prefillTokenBudget": "2k"}), "spec.engine.prefillTokenBudget", "whole number"),
+    (
+        _with("planner", {"pin": {"prefill": {"tp": 2, "pp": 1, "replicas": 1}}}),
+        "spec.planner.pin.decode",
+        "add this required field",
+    ),
+    (
+        _with(
+            "planner", {"pin": {"prefill": {"tp": 2, "pp": 1}, "decode": {"tp": 1, "pp": 1, "replicas": 1}}}
+        ),
+        "spec.planner.pin.prefill.replicas",
+        "add this required field",
+    ),
+    (
+        _with(
+            "planner",
+            {
+                "pin": {
+                    "prefill": {"tp": 32, "pp": 1, "replicas": 1},
+                    "decode": {"tp": 1, "pp": 1, "replicas": 1},
+                }
+            },
+        ),
+        "spec.planner.pin.prefill.tp",
+        "at most 16",
+    ),
     (
         _with("model.maxContextTokens", 256),
         "spec",
@@ -168,6 +197,25 @@ def test_defaults_and_quantities() -> None:
     lognormal = parse_spec(_with("workload.inputTokens", {"mean": 700, "p90": 1500}))
     assert lognormal.workload.input_tokens.distribution is not None
     assert lognormal.workload.input_tokens.distribution.value == "LogNormal"
+
+
+def test_engine_and_pin_defaults() -> None:
+    spec = parse_spec(VALID)
+    assert spec.engine.prefill_token_budget == 2048
+    assert spec.engine.decode_max_batch is None  # the planner picks the device's default
+    assert spec.planner.pin is None
+    pinned = parse_spec(
+        _with(
+            "planner",
+            {
+                "pin": {
+                    "prefill": {"tp": 2, "pp": 1, "replicas": 1},
+                    "decode": {"tp": 1, "pp": 2, "replicas": 3},
+                }
+            },
+        )
+    )
+    assert pinned.planner.pin is not None and pinned.planner.pin.decode.replicas == 3
 
 
 def test_wire_form_is_camel_case_round_trip() -> None:

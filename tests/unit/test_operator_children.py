@@ -15,7 +15,15 @@ from operator_support.manifests import dsd
 
 from distserve_operator import children
 from distserve_operator import labels as L
-from distserve_operator.api import AutoscalingMode, Estimate, PhasePlan, PlanStatus, parse_spec
+from distserve_operator.api import (
+    AutoscalingMode,
+    EngineLimits,
+    Estimate,
+    PhasePlan,
+    PlanStatus,
+    RuntimeContract,
+    parse_spec,
+)
 
 
 def _plan(
@@ -35,8 +43,13 @@ def _plan(
     )
 
 
+# The hand-written plans below use TP2 and TP4: a model whose 32 heads and 8 KV heads split so
+# (the runtime contract refuses a TP that does not divide them, as the workers would).
+LLAMA = {"name": "meta-llama/Meta-Llama-3-8B-Instruct", "dtype": "bfloat16"}
+
+
 def _spec(**overrides: Any):  # type: ignore[no-untyped-def]
-    return parse_spec(dsd("llm", **overrides)["spec"])
+    return parse_spec(dsd("llm", **{"model": LLAMA, **overrides})["spec"])
 
 
 def _by_name(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -70,7 +83,10 @@ def test_worker_pods_request_tp_gpus_and_are_locked_down() -> None:
     assert c["command"][:3] == ["distserve", "worker", "prefill"]
     assert c["command"][c["command"].index("--http-port") + 1] == "9090"
     assert c["command"][c["command"].index("--advertise") + 1] == "$(POD_IP):50051"
-    assert {"name": "DISTSERVE_STAGE", "value": "0"} in c["env"]
+    assert c["command"][c["command"].index("--stage") + 1] == "0"
+    # TP2: the follower rank serves gRPC in the same pod, on the contract's rankPortBase + 1.
+    assert {"name": "prefill-rank1", "containerPort": 51052, "protocol": "TCP"} in c["ports"]
+    assert not any(e["name"] in ("DISTSERVE_STAGE", "DISTSERVE_DEPLOYMENT") for e in c["env"])
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 9090}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 9090}
     assert (
@@ -177,17 +193,71 @@ def test_network_policy_admits_only_own_pods_to_grpc() -> None:
     assert grpc_rule["from"] == [
         {"podSelector": {"matchLabels": {L.APP_INSTANCE: "llm", L.APP_NAME: "distserve"}}}
     ]
-    assert grpc_rule["ports"] == [{"protocol": "TCP", "port": 50051}]
+    # Rank 0 of both roles, and prefill's TP2 follower rank (decode ranks pull KV from it).
+    assert grpc_rule["ports"] == [{"protocol": "TCP", "port": 50051}, {"protocol": "TCP", "port": 51052}]
     assert "from" not in metrics_rule
+    wide = _by_name(children.render_all("llm", _spec(), _plan(prefill=(4, 1, 1), decode=(2, 1, 1))))
+    rule = wide["NetworkPolicy/llm-workers"]["spec"]["ingress"][0]
+    assert rule["ports"][1:] == [
+        {"protocol": "TCP", "port": 51052, "endPort": 51054},  # prefill ranks 1..3
+        {"protocol": "TCP", "port": 51068},  # decode rank 1
+    ]
+
+
+def _contract(spec: Any, plan: PlanStatus) -> RuntimeContract:
+    cm = children.render_plan_configmap("llm", spec, plan)
+    return RuntimeContract.model_validate(json.loads(cm["data"]["plan.json"]))
 
 
 def test_plan_configmap_is_the_runtime_contract() -> None:
-    spec, plan = _spec(), _plan()
-    cm = children.render_plan_configmap("llm", spec, plan)
-    doc = json.loads(cm["data"]["plan.json"])
-    assert doc["model"]["name"] == spec.model.name
-    assert doc["slo"]["ttftMillis"] == 200
-    assert doc["plan"]["prefill"] == {"tp": 2, "pp": 1, "replicas": 2}
+    limits = EngineLimits(prefill_token_budget=1024, decode_max_batch=96, decode_kv_tokens=123_456)
+    plan = _plan(prefill=(2, 3, 2), decode=(4, 1, 3)).model_copy(update={"limits": limits})
+    spec = _spec()
+    contract = _contract(spec, plan)
+    assert contract.model.name == spec.model.name and contract.slo.ttft_millis == 200
+    assert contract.shape is not None and (contract.shape.layers, contract.shape.heads) == (32, 32)
+    # Stages cover the model's 32 layers, contiguously, in the plan's pp.
+    prefill = contract.prefill
+    assert (prefill.tp, prefill.pp, prefill.replicas) == (2, 3, 2)
+    assert [(s.layers.start, s.layers.end) for s in prefill.stages] == [(0, 11), (11, 22), (22, 32)]
+    assert [s.service for s in contract.decode.stages] == ["llm-decode"]  # one stage: the role's Service
+    assert (contract.decode.tp, contract.decode.stages[0].layers.end) == (4, 32)
+    # Exactly the limits the planner simulated.
+    assert contract.limits == limits
+    assert (prefill.grpc_port, prefill.metrics_port, prefill.rank_port_base) == (50051, 9090, 51051)
+    assert contract.decode.rank_port_base == 51067
+    assert contract.plan is not None and contract.plan.summary == plan.summary
+
+
+def test_shared_pod_contract_gives_decode_the_next_ports() -> None:
+    spec = _spec(placement={"affinity": "Low", "stageLayout": "SharedPod"})
+    contract = _contract(spec, _plan("Low", (2, 2, 2), (2, 2, 2)))
+    decode = contract.decode
+    assert (decode.grpc_port, decode.metrics_port) == (50052, 9091)
+    pod = _by_name(children.render_all("llm", spec, _plan("Low", (2, 2, 2), (2, 2, 2))))[
+        "StatefulSet/llm-pd-s1"
+    ]
+    ports = {p["containerPort"] for c in pod["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
+    assert {50051, 50052, 9090, 9091, 51052, decode.rank_port_base + 1} <= ports and len(ports) == 6
+
+
+def test_a_plan_without_limits_gets_the_planners() -> None:
+    """A plan recorded before plans carried limits: the same figures the planner would simulate."""
+    contract = _contract(_spec(), _plan())
+    assert contract.limits.decode_max_batch == 256  # a GPU's default
+    assert contract.limits.prefill_token_budget == 2048
+    assert contract.limits.decode_kv_tokens > 100_000  # Llama-3-8B TP1 on an 80 GB A100
+    cpu = _contract(_spec(cluster={"gpu": {"type": "CPU"}}, engine={"prefillTokenBudget": 512}), _plan())
+    assert (cpu.limits.decode_max_batch, cpu.limits.prefill_token_budget) == (32, 512)
+
+
+def test_pvc_models_mount_under_the_root_the_worker_reads() -> None:
+    spec = _spec(model={**LLAMA, "source": {"kind": "PVC", "claimName": "weights", "path": "llama"}})
+    c = _by_name(children.render_all("llm", spec, _plan()))["StatefulSet/llm-decode-s0"]["spec"]["template"][
+        "spec"
+    ]["containers"][0]
+    assert {"name": "DISTSERVE_MODEL_ROOT", "value": "/models"} in c["env"]
+    assert {"name": "model", "mountPath": "/models", "readOnly": True} in c["volumeMounts"]
 
 
 def test_router_and_user_service() -> None:

@@ -77,7 +77,7 @@ def test_pipeline_parallelism_keeps_latency_and_raises_throughput() -> None:
 
 def test_memory_rejects_with_reason() -> None:
     opt13, opt66 = architecture.CATALOGUE["opt-13b"], architecture.CATALOGUE["opt-66b"]
-    assert "TP3 does not divide 40 attention heads" in memory.check_fit(opt13, A100, 3, 1).reason
+    assert "TP3 does not divide the model's 40 attention heads" in memory.check_fit(opt13, A100, 3, 1).reason
     assert "PP3 does not divide 40 layers" in memory.check_fit(opt13, A100, 1, 3).reason
     fit = memory.check_fit(opt66, A100, 1, 1)
     assert not fit.ok and fit.reason.startswith("memory: weights need")

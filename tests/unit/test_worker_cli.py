@@ -15,18 +15,39 @@ def parse(argv, monkeypatch=None, env=None):
     return cli_worker.build_settings(parser.parse_args(argv))
 
 
-def test_plan_file_gives_model_and_slo(tmp_path):
+def _phase(replicas, grpc_port, rank_port_base):
+    return {
+        "tp": 1,
+        "pp": 1,
+        "replicas": replicas,
+        "stages": [{"stage": 0, "layers": {"start": 0, "end": 30}}],
+        "grpcPort": grpc_port,
+        "metricsPort": 9090,
+        "rankPortBase": rank_port_base,
+    }
+
+
+def test_plan_file_gives_model_slo_and_limits(tmp_path):
+    # The runtime contract as the operator writes it into the plan ConfigMap (api.RuntimeContract).
     plan = {
+        "version": "distserve.io/runtime/v1",
         "model": {
             "name": "org/m",
-            "source": {"kind": "PVC", "path": "m", "ggufFile": "m.gguf"},
+            "source": {"kind": "PVC", "claimName": "weights", "path": "m", "ggufFile": "m.gguf"},
             "dtype": "bfloat16",
         },
         "slo": {"ttftMillis": 250, "tpotMillis": 100, "attainmentPercent": 90},
-        "plan": {"prefill": {"tp": 1, "pp": 1, "replicas": 2}, "decode": {"tp": 1, "pp": 1, "replicas": 1}},
+        "shape": {"layers": 30, "heads": 9, "kvHeads": 3},
+        "prefill": _phase(2, 50051, 51051),
+        "decode": _phase(1, 50051, 51067),
+        "limits": {"prefillTokenBudget": 1024, "decodeMaxBatch": 8, "decodeKvTokens": 4096},
     }
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
+    prefill = parse(["prefill", "--plan-file", str(path)])
+    assert isinstance(prefill, PrefillSettings) and prefill.token_budget == 1024
+    decode = parse(["decode", "--plan-file", str(path)])
+    assert isinstance(decode, DecodeSettings) and (decode.max_batch, decode.max_kv_tokens) == (8, 4096)
     router = parse(["router", "--plan-file", str(path), "--prefill-dns", "x-prefill.ns.svc"])
     assert isinstance(router, RouterSettings)
     assert (router.model.name, router.model.kind, router.model.gguf_file, router.model.dtype) == (

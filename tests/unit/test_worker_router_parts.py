@@ -67,3 +67,12 @@ async def test_dns_discovery_lists_every_address_of_a_name():
         ["127.0.0.1:50051", "[::1]:50051"],
     )
     assert await DnsDiscovery("no-such-service.invalid", 50051).resolve() == []
+
+
+def test_instances_that_are_not_ready_are_never_picked():
+    loading = Instance("a", healthy=True, ready=False)  # answers Status, but a rank is down
+    serving = Instance("b", healthy=True, queued=9, running=9, free_slots=1)
+    assert pick_prefill([loading, serving]) is serving
+    assert pick_decode([loading, serving]) is serving
+    assert pick_prefill([loading]) is None and pick_decode([loading]) is None
+    assert not Instance("c", healthy=False, ready=True).routable

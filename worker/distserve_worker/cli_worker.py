@@ -11,13 +11,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import signal
-from pathlib import Path
+import sys
+from dataclasses import dataclass, field
 from typing import Any
 
+from distserve_operator.api import EngineLimits, tp_refusal
+from distserve_operator.api.runtime import MAX_TP
 from distserve_worker.colocated import ColocatedSettings
+from distserve_worker.contract import (
+    ContractError,
+    check_against_model,
+    check_role_stage,
+    load_contract,
+    model_shape,
+)
 from distserve_worker.model_source import SOURCE_KINDS, ModelSpec
 from distserve_worker.settings import DecodeSettings, MiB, PrefillSettings, RouterSettings
 
@@ -26,6 +35,11 @@ ROLES = ("prefill", "decode", "router", "colocated")
 
 def _env(name: str, default: Any) -> Any:
     return os.environ.get(f"DISTSERVE_{name}", default)
+
+
+def _optional_int(name: str) -> int | None:
+    value = os.environ.get(f"DISTSERVE_{name}")
+    return int(value) if value else None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,6 +91,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=int(_env("THREADS", 0)), help="torch threads [DISTSERVE_THREADS]"
     )
     s.add_argument(
+        "--stage",
+        type=int,
+        default=int(_env("STAGE", 0)),
+        help="pipeline stage this process runs (the plan file gives its layers) [DISTSERVE_STAGE]",
+    )
+    s.add_argument(
+        "--tp",
+        type=int,
+        default=int(_env("TP", 0)),
+        help="tensor-parallel ranks of this instance, one device each; without --plan-file only "
+        "(the plan file's tp otherwise) [DISTSERVE_TP]",
+    )
+    s.add_argument(
+        "--rank-port-base",
+        type=int,
+        default=int(_env("RANK_PORT_BASE", -1)),
+        help="follower rank r serves gRPC on this + r; 0 = free ports (local); default: the plan "
+        "file's, or free ports [DISTSERVE_RANK_PORT_BASE]",
+    )
+    s.add_argument(
+        "--decode-tp",
+        type=int,
+        default=int(_env("DECODE_TP", 0)),
+        help="prefill: the decode instances' tp, whose head ranges each rank prepares its KV for; "
+        "without --plan-file only (default: this instance's tp) [DISTSERVE_DECODE_TP]",
+    )
+    s.add_argument(
         "--max-chunk-mib",
         type=float,
         default=float(_env("MAX_CHUNK_MIB", 2)),
@@ -84,7 +125,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p = parser.add_argument_group("prefill")
     p.add_argument(
-        "--token-budget", type=int, default=int(_env("TOKEN_BUDGET", 2048)), help="[DISTSERVE_TOKEN_BUDGET]"
+        "--token-budget",
+        type=int,
+        default=_optional_int("TOKEN_BUDGET"),
+        help="padded prompt tokens per forward (default 2048; the plan file's otherwise) [DISTSERVE_TOKEN_BUDGET]",
     )
     p.add_argument(
         "--kv-buffer-mib",
@@ -99,12 +143,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="[DISTSERVE_KV_TTL_SECONDS]",
     )
     d = parser.add_argument_group("decode")
-    d.add_argument("--max-batch", type=int, default=int(_env("MAX_BATCH", 32)), help="[DISTSERVE_MAX_BATCH]")
+    d.add_argument(
+        "--max-batch",
+        type=int,
+        default=_optional_int("MAX_BATCH"),
+        help="sequences per step (default 32; the plan file's otherwise) [DISTSERVE_MAX_BATCH]",
+    )
     d.add_argument(
         "--max-kv-tokens",
         type=int,
-        default=int(_env("MAX_KV_TOKENS", 65536)),
-        help="[DISTSERVE_MAX_KV_TOKENS]",
+        default=_optional_int("MAX_KV_TOKENS"),
+        help="KV capacity in tokens (default 65536; the plan file's otherwise) [DISTSERVE_MAX_KV_TOKENS]",
     )
     r = parser.add_argument_group("router")
     r.add_argument(
@@ -151,17 +200,97 @@ def _split(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+@dataclass(frozen=True)
+class Obeyed:
+    """What a worker takes from the contract (or, without a plan file, from flags)."""
+
+    model: ModelSpec
+    ttft_millis: int = 0
+    tpot_millis: int = 0
+    tp: int = 1
+    pp: int = 1
+    stage: int = 0
+    layers: tuple[int, int] | None = None
+    rank_port_base: int = 0
+    decode_tp: int = 1
+    limits: EngineLimits = field(default_factory=EngineLimits)
+
+
+def _limits_from_flags(args: argparse.Namespace) -> EngineLimits:
+    given = {
+        "prefill_token_budget": getattr(args, "token_budget", None),
+        "decode_max_batch": getattr(args, "max_batch", None),
+        "decode_kv_tokens": getattr(args, "max_kv_tokens", None),
+    }
+    return EngineLimits(**{k: v for k, v in given.items() if v is not None})
+
+
+def obey(args: argparse.Namespace) -> Obeyed:
+    """The contract this process runs under; ContractError (one line) when it cannot be obeyed."""
+    if not args.plan_file:
+        model = ModelSpec(args.model_name, args.model_source, args.model_path, args.dtype, args.gguf_file)
+        tp = args.tp or 1
+        if tp < 1 or tp > MAX_TP:
+            raise ContractError(f"--tp {tp}: use 1 to {MAX_TP}")
+        return Obeyed(
+            model,
+            args.slo_ttft_millis,
+            args.slo_tpot_millis,
+            tp=tp,
+            stage=args.stage,
+            rank_port_base=max(0, args.rank_port_base),
+            decode_tp=args.decode_tp or tp,
+            limits=_limits_from_flags(args),
+        )
+    contract = load_contract(args.plan_file)
+    # The plan file is the single source: a flag that says otherwise is a mistake, not an override.
+    clashes = [
+        flag
+        for flag, value in (
+            ("--tp", args.tp),
+            ("--decode-tp", args.decode_tp),
+            ("--token-budget", args.token_budget),
+            ("--max-batch", args.max_batch),
+            ("--max-kv-tokens", args.max_kv_tokens),
+        )
+        if value
+    ]
+    if clashes:
+        raise ContractError(
+            f"{', '.join(clashes)} given together with --plan-file: the plan file sets them; drop the flag(s)"
+        )
+    role = args.role
+    limits = contract.limits
+    model = ModelSpec.from_plan_json(contract.model.to_wire())
+    slo = contract.slo
+    if role not in ("prefill", "decode"):  # router, colocated: the model, SLOs and limits only
+        return Obeyed(model, slo.ttft_millis, slo.tpot_millis, limits=limits)
+    check_role_stage(contract, role, args.stage)
+    phase = contract.phase(role)
+    span = phase.stages[args.stage].layers
+    base = args.rank_port_base if args.rank_port_base >= 0 else phase.rank_port_base
+    return Obeyed(
+        model,
+        slo.ttft_millis,
+        slo.tpot_millis,
+        tp=phase.tp,
+        pp=phase.pp,
+        stage=args.stage,
+        layers=(span.start, span.end),
+        rank_port_base=base,
+        decode_tp=contract.decode.tp,
+        limits=limits,
+    )
+
+
 def build_settings(
     args: argparse.Namespace,
 ) -> PrefillSettings | DecodeSettings | RouterSettings | ColocatedSettings:
-    model = ModelSpec(args.model_name, args.model_source, args.model_path, args.dtype, args.gguf_file)
-    ttft, tpot = args.slo_ttft_millis, args.slo_tpot_millis
-    if args.plan_file:
-        plan = json.loads(Path(args.plan_file).read_text())
-        model = ModelSpec.from_plan_json(plan.get("model", {}))
-        slo = plan.get("slo") or {}
-        ttft = ttft or int(slo.get("ttftMillis", 0))
-        tpot = tpot or int(slo.get("tpotMillis", 0))
+    ob = obey(args)
+    model = ob.model
+    ttft = args.slo_ttft_millis or ob.ttft_millis
+    tpot = args.slo_tpot_millis or ob.tpot_millis
+    limits = ob.limits
     chunk = int(args.max_chunk_mib * MiB)
     common: dict[str, Any] = {
         "model": model,
@@ -170,41 +299,46 @@ def build_settings(
         "instance": args.advertise,
     }
     common |= {"threads": args.threads, "max_chunk_bytes": chunk}
+    parallel: dict[str, Any] = {
+        "tp": ob.tp,
+        "pp": ob.pp,
+        "stage": ob.stage,
+        "layers": ob.layers,
+        "rank_port_base": ob.rank_port_base,
+    }
+    prefill_limits: dict[str, Any] = {
+        "token_budget": limits.prefill_token_budget,
+        "kv_buffer_bytes": int(args.kv_buffer_mib * MiB),
+        "kv_ttl_seconds": args.kv_ttl_seconds,
+    }
+    decode_limits: dict[str, Any] = {
+        "max_batch": limits.decode_max_batch,
+        "max_kv_tokens": limits.decode_kv_tokens,
+    }
     if args.role == "colocated":
+        if ob.tp != 1:
+            raise ContractError("colocated: --tp must be 1 (the colocated baseline runs on one device)")
         port, http_port = args.port or 50051, args.http_port or 8081
         return ColocatedSettings(
-            PrefillSettings(
-                **common,
-                port=port,
-                http_port=http_port,
-                token_budget=args.token_budget,
-                kv_buffer_bytes=int(args.kv_buffer_mib * MiB),
-                kv_ttl_seconds=args.kv_ttl_seconds,
-            ),
-            DecodeSettings(
-                **common,
-                port=port,
-                http_port=http_port,
-                max_batch=args.max_batch,
-                max_kv_tokens=args.max_kv_tokens,
-            ),
+            PrefillSettings(**common, port=port, http_port=http_port, **prefill_limits),
+            DecodeSettings(**common, port=port, http_port=http_port, **decode_limits),
         )
     if args.role == "prefill":
         return PrefillSettings(
             **common,
+            **parallel,
             port=args.port or 50051,
             http_port=args.http_port or 8081,
-            token_budget=args.token_budget,
-            kv_buffer_bytes=int(args.kv_buffer_mib * MiB),
-            kv_ttl_seconds=args.kv_ttl_seconds,
+            decode_tp=ob.decode_tp,
+            **prefill_limits,
         )
     if args.role == "decode":
         return DecodeSettings(
             **common,
+            **parallel,
             port=args.port or 50052,
             http_port=args.http_port or 8082,
-            max_batch=args.max_batch,
-            max_kv_tokens=args.max_kv_tokens,
+            **decode_limits,
         )
     return RouterSettings(
         model=model,
@@ -219,6 +353,34 @@ def build_settings(
         slo_ttft_seconds=ttft / 1000 if ttft else None,
         slo_tpot_seconds=tpot / 1000 if tpot else None,
     )
+
+
+def check_model(settings: PrefillSettings | DecodeSettings, plan_file: str) -> None:
+    """Before loading weights: the model's own config fits what this process must run."""
+    from distserve_worker.model_source import load_config
+    from distserve_worker.tp.shard import SHARDABLE_MODEL_TYPES
+
+    config = load_config(settings.model)
+    model_type = getattr(config, "model_type", "")
+    if settings.tp > 1 and model_type not in SHARDABLE_MODEL_TYPES:
+        raise ContractError(
+            f"tp {settings.tp}: tensor parallelism supports {', '.join(SHARDABLE_MODEL_TYPES)} models; this "
+            f"one is {model_type!r}: run it with tp 1 (pin tp: 1 in spec.planner.pin)"
+        )
+    if plan_file:
+        contract = load_contract(plan_file)
+        check_against_model(
+            contract, "prefill" if isinstance(settings, PrefillSettings) else "decode", settings.stage, config
+        )
+        return
+    _, heads, kv_heads = model_shape(config)
+    reason = tp_refusal(heads, kv_heads, settings.tp)
+    if reason:
+        raise ContractError(f"--tp: {reason}")
+    if isinstance(settings, PrefillSettings) and settings.decode_tp != settings.tp:
+        reason = tp_refusal(heads, kv_heads, settings.decode_tp)
+        if reason:
+            raise ContractError(f"--decode-tp: {reason}")
 
 
 async def _serve(settings: PrefillSettings | DecodeSettings | RouterSettings | ColocatedSettings) -> None:
@@ -248,7 +410,14 @@ async def _serve(settings: PrefillSettings | DecodeSettings | RouterSettings | C
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = build_settings(args)
+    try:
+        settings = build_settings(args)
+        if isinstance(settings, (PrefillSettings, DecodeSettings)):
+            check_model(settings, args.plan_file)
+    except ContractError as exc:
+        # One line naming the field and the fix, before any weights are read.
+        print(f"distserve worker {args.role}: {exc}", file=sys.stderr, flush=True)
+        return 2
     if args.role != "router":
         from distserve_worker.kvtransfer.memory import keep_freed_memory
 

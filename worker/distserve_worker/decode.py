@@ -25,17 +25,21 @@ import torch
 
 from distserve_protos.generation.v1 import generation_pb2 as gen
 from distserve_protos.generation.v1 import generation_pb2_grpc as gen_grpc
+from distserve_protos.rank.v1 import rank_pb2 as rank_pb
 from distserve_worker.engine.detokenizer import Detokenizer
 from distserve_worker.engine.kvcache import BatchedKV
 from distserve_worker.engine.runner import KVLayout, ModelRunner
 from distserve_worker.engine.sampling import SamplingParams, sample
 from distserve_worker.engine.scheduler import DecodeScheduler
 from distserve_worker.engine.sequence import Finish, Sequence
-from distserve_worker.kvtransfer.codec import Expected
+from distserve_worker.kvtransfer.reshard import pull_pieces
 from distserve_worker.kvtransfer.transport import KVPuller, KVPullError
 from distserve_worker.metrics import RuntimeMetrics
 from distserve_worker.prefill import sampling_from_proto
 from distserve_worker.settings import DecodeSettings
+from distserve_worker.tp.group import RankGroup, RankGroupBroken
+from distserve_worker.tp.heads import pieces_for
+from distserve_worker.tp.topology import rank_infos
 
 FINISH_PROTO = {Finish.STOP: gen.FINISH_REASON_STOP, Finish.LENGTH: gen.FINISH_REASON_LENGTH}
 
@@ -63,6 +67,8 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
         eos: set[int],
         puller: KVPuller,
         metrics: RuntimeMetrics,
+        kv_heads: int = 0,
+        group: RankGroup | None = None,
     ) -> None:
         self.settings = settings
         self.runner = runner
@@ -79,6 +85,14 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
         self.batch: BatchedKV | None = None
         self.batch_rows: list[Sequence] = []
         self.pulls: set[asyncio.Task[None]] = set()
+        # Tensor parallelism: the model's key/value heads, the follower ranks, and the batch changes
+        # the followers must mirror before the next step (rows leave and join in the same order).
+        self.kv_heads = kv_heads or layout.kv_heads
+        self.group = group
+        self.ops: list[rank_pb.BatchOp] = []
+        self.new_batch = True
+        if group is not None:
+            group.on_broken.append(self._broken)
 
     # --- RPCs -------------------------------------------------------------------------------------
 
@@ -95,8 +109,14 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
             first_token=request.first_token_id,
             max_tokens=max(1, request.max_tokens),
             kv_address=request.kv_address,
+            kv_sources=tuple(request.kv_rank_addresses),
         )
         seq.detok = stream
+        if self.group is not None and self.group.broken:
+            self.metrics.request("error")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"decode instance {self.settings.address}: {self.group.broken}"
+            )
         if not self.scheduler.fits_ever(seq) or seq.prompt_tokens >= self.max_context:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -105,7 +125,7 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
             )
         first = self._emit(seq, seq.first_token)
         if seq.finish is not None:
-            await self.puller.release(seq.kv_address, rid)
+            await self._release(seq)
             yield self._final(first, seq)
             self.metrics.request("ok")
             return
@@ -135,16 +155,35 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
     async def Status(self, request: gen.StatusRequest, context: grpc.aio.ServicerContext) -> gen.WorkerStatus:
         return self.status()
 
+    def _broken(self, reason: str) -> None:
+        """A rank died: every request here fails now, with the reason; new ones are refused."""
+        error = RuntimeError(f"decode instance {self.settings.address}: {reason}")
+        for seq in [*self.scheduler.waiting, *self.scheduler.admitted]:
+            self._fail(seq, error)
+        self.wake.set()
+
     def status(self) -> gen.WorkerStatus:
         queued, running = self.scheduler.counts()
+        s = self.settings
+        layers = s.layers or (0, self.layout.num_layers)
         return gen.WorkerStatus(
+            ready=self.group is None or self.group.broken is None,
+            tp=s.tp,
+            pp=s.pp,
+            stage=s.stage,
+            layer_start=layers[0],
+            layer_end=layers[1],
+            address=s.address,
+            ranks=rank_infos(self.runner, self.group, self.kv_heads, s.max_kv_tokens, s.address),
             role="decode",
             model=self.settings.model.name,
             queued=queued,
             running=running,
             free_slots=self.scheduler.free_slots,
-            kv_used_bytes=sum(s.cached_tokens for s in self.scheduler.admitted) * self.layout.bytes_per_token,
-            kv_capacity_bytes=self.settings.max_kv_tokens * self.layout.bytes_per_token,
+            kv_used_bytes=sum(q.cached_tokens for q in self.scheduler.admitted)
+            * self.layout.bytes_per_token
+            * s.tp,
+            kv_capacity_bytes=self.settings.max_kv_tokens * self.layout.bytes_per_token * s.tp,
             kv_entries=len(self.scheduler.admitted),
             max_context=self.max_context,
         )
@@ -185,33 +224,50 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
     # --- KV pulls -----------------------------------------------------------------------------------
 
     async def _pull(self, seq: Sequence) -> None:
-        expected = Expected(
-            num_layers=self.layout.num_layers,
-            num_tokens=seq.prompt_tokens,
-            kv_heads=self.layout.kv_heads,
-            head_dim=self.layout.head_dim,
-            dtype=self.layout.dtype,
-            max_chunk_bytes=self.settings.max_chunk_bytes,
-        )
+        """Pull this instance's heads of the cache: rank 0's own pieces here, each follower's by
+        itself (straight from the prefill ranks holding them), all at once; then release it."""
+        addresses = list(seq.kv_sources) or [seq.kv_address]
+        tp = self.settings.tp
+        pieces = [pieces_for(self.kv_heads, len(addresses), tp, rank) for rank in range(tp)]
         started = time.perf_counter()
+        timeout = self.settings.pull_timeout_seconds
         try:
-            kv = await self.puller.pull(
-                seq.kv_address, seq.request_id, expected, timeout=self.settings.pull_timeout_seconds
+            own = pull_pieces(
+                self.puller,
+                addresses,
+                seq.request_id,
+                seq.prompt_tokens,
+                pieces[0],
+                self.layout,
+                self.settings.max_chunk_bytes,
+                timeout,
             )
-        except KVPullError as exc:
+            followers = [
+                self.group.pull(rank, seq.request_id, seq.prompt_tokens, pieces[rank], addresses, timeout)
+                for rank in range(1, tp)
+                if self.group is not None
+            ]
+            kv, *pulled = await asyncio.gather(own, *followers)
+        except (KVPullError, RankGroupBroken) as exc:
             self._fail(seq, exc)
             self.wake.set()
             return
         seconds = time.perf_counter() - started
-        await self.puller.release(seq.kv_address, seq.request_id)
+        await self._release(seq)
         stream: Stream = seq.detok
-        stream.kv_seconds, stream.kv_bytes = seconds, kv.nbytes
-        self.metrics.kv_transfer(kv.nbytes, seconds)
+        stream.kv_seconds = seconds
+        stream.kv_bytes = kv.nbytes + sum(p.bytes for p in pulled)
+        self.metrics.kv_transfer(stream.kv_bytes, seconds)
         if seq.finished:  # aborted while pulling
             return
         seq.kv = kv
         self.scheduler.mark_ready(seq)
         self.wake.set()
+
+    async def _release(self, seq: Sequence) -> None:
+        """Every prefill rank frees its part of the cache (all decode ranks hold theirs now)."""
+        addresses = list(seq.kv_sources) or [seq.kv_address]
+        await asyncio.gather(*(self.puller.release(a, seq.request_id) for a in addresses))
 
     # --- the step loop ------------------------------------------------------------------------------
 
@@ -229,7 +285,7 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
             self._admit()  # slots freed by the last step
             rows = self.scheduler.running()
             if not rows:
-                self.batch, self.batch_rows = None, []
+                self._drop_batch()
                 self.wake.clear()
                 await self.wake.wait()
                 continue
@@ -238,15 +294,26 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
             rows = list(self.batch_rows)
             self.metrics.batch(len(rows))
             started, width = time.perf_counter(), self.batch.span + 1
+            last = [s.output[-1] for s in rows]
+            followers = None
+            if self.group is not None:  # the followers run their shards of the same step
+                followers = asyncio.ensure_future(self.group.step(self.ops, last, self.new_batch))
+                self.ops, self.new_batch = [], False
             try:
-                logits = await loop.run_in_executor(
-                    self.executor, self.runner.decode_step, self.batch, [s.output[-1] for s in rows]
-                )
+                logits = await loop.run_in_executor(self.executor, self.runner.decode_step, self.batch, last)
+                if followers is not None:
+                    await followers
                 self.metrics.forward(len(rows), width, time.perf_counter() - started)
             except Exception as exc:  # a failed forward fails its batch, not the worker
+                error = RuntimeError(f"decode step failed: {exc}")
+                if self.group is not None:  # ... unless its ranks are now out of step
+                    if followers is not None:
+                        followers.cancel()
+                    reason = await self.group.fail_forward("decode step", exc)
+                    error = RuntimeError(f"decode instance {self.settings.address}: {reason}")
                 for seq in rows:
-                    self._fail(seq, RuntimeError(f"decode step failed: {exc}"))
-                self.batch, self.batch_rows = None, []
+                    self._fail(seq, error)
+                self._drop_batch()
                 continue
             self._postprocess(rows, logits)
 
@@ -261,6 +328,7 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
                 continue
             assert self.batch is not None
             self.batch.remove(i)
+            self.ops.append(rank_pb.BatchOp(remove_row=i))
             last = self.batch_rows.pop()
             if i < len(self.batch_rows):
                 self.batch_rows[i] = last
@@ -272,8 +340,14 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
             if self.batch is None:
                 self.batch = self.runner.empty_batch(seq.kv, self.settings.max_batch)
             self.batch.add(seq.kv)
+            self.ops.append(rank_pb.BatchOp(add_request=seq.request_id))
             self.batch_rows.append(seq)
             seq.kv = None  # the batch holds it now
+
+    def _drop_batch(self) -> None:
+        """Forget the batch; the followers drop theirs with the next step (`new_batch`)."""
+        self.batch, self.batch_rows = None, []
+        self.ops, self.new_batch = [], True
 
     def _postprocess(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         for row, seq in enumerate(rows):
@@ -289,31 +363,51 @@ async def serve_decode(settings: DecodeSettings, loaded: Any = None) -> None:
     from distserve_worker.engine.runner import probe_kv_layout
     from distserve_worker.health import start_http
     from distserve_worker.kvtransfer.transport import GrpcKVPuller
-    from distserve_worker.model_source import eos_token_ids, load_model, max_context
+    from distserve_worker.model_source import eos_token_ids, max_context
     from distserve_worker.serving import serve_until_stopped
+    from distserve_worker.tp.launch import start_ranks
 
     metrics = RuntimeMetrics("decode", settings.model.name, settings.instance or settings.address)
     state = {"ready": False}
-    http = await start_http(settings.host, settings.http_port, metrics, lambda: state["ready"])
+    group: RankGroup | None = None
+    http = await start_http(
+        settings.host,
+        settings.http_port,
+        metrics,
+        lambda: state["ready"] and (group is None or not group.broken),
+    )
     server = grpc.aio.server()
     puller = GrpcKVPuller(settings.max_chunk_bytes)
     try:
-        model, tokenizer = loaded or await asyncio.to_thread(load_model, settings.model)
+        group, model, tokenizer, kv_heads = await start_ranks("decode", settings, loaded)
         runner = ModelRunner(model, settings.threads or None)
+        layout = await asyncio.to_thread(probe_kv_layout, runner)
         worker = DecodeWorker(
             settings,
             runner,
             tokenizer,
-            probe_kv_layout(runner),
+            layout,
             max_context(model),
             eos_token_ids(model, tokenizer),
             puller,
             metrics,
+            kv_heads,
+            group,
         )
         gen_grpc.add_DecodeServiceServicer_to_server(worker, server)
+        loops = [worker.step_loop]
+        if group is not None:
+            await group.connect(settings.address)
+            loops.append(group.watch_loop)
         await serve_until_stopped(
-            server, f"{settings.host}:{settings.port}", [worker.step_loop], state=state, label="decode"
+            server,
+            f"{settings.host}:{settings.port}",
+            loops,
+            state=state,
+            label="decode" if group is None else f"decode (TP{settings.tp})",
         )
     finally:
+        if group is not None:
+            await group.close()
         await puller.close()
         await http.cleanup()

@@ -15,8 +15,20 @@ class Exposed(Protocol):
     def forwards(self) -> object: ...
 
 
-async def start_http(host: str, port: int, metrics: Exposed, ready: Callable[[], bool]) -> web.AppRunner:
+async def start_http(
+    host: str,
+    port: int,
+    metrics: Exposed,
+    ready: Callable[[], bool],
+    broken: Callable[[], str | None] = lambda: None,
+) -> web.AppRunner:
+    """`broken` says why the process can no longer serve (a tensor-parallel rank died): /healthz
+    then fails too, so the kubelet restarts the pod with all its ranks."""
+
     async def healthz(_: web.Request) -> web.Response:
+        reason = broken()
+        if reason:
+            return web.json_response({"status": "broken", "reason": reason}, status=503)
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:

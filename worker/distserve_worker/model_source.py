@@ -140,8 +140,19 @@ def load_tokenizer(spec: ModelSpec) -> Any:
     )
 
 
-def load_model(spec: ModelSpec) -> tuple[Any, Any]:
-    """(model, tokenizer), in eval mode, on the CPU (or the first CUDA device when there is one)."""
+def load_config(spec: ModelSpec) -> Any:
+    """The model's transformers config alone (no weights): what the contract is checked against."""
+    from transformers import AutoConfig
+
+    load = _effective(spec)
+    return AutoConfig.from_pretrained(
+        load.pretrained, gguf_file=load.gguf_file, local_files_only=load.local_files_only
+    )
+
+
+def load_model(spec: ModelSpec, device: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer), in eval mode, on `device`: by default the first CUDA device when there is
+    one, else the CPU ("cpu" keeps it there, e.g. to shard it before moving it)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -154,8 +165,10 @@ def load_model(spec: ModelSpec) -> tuple[Any, Any]:
     model = AutoModelForCausalLM.from_pretrained(load.pretrained, dtype=dtype, **kwargs)
     if load.gguf_file:
         _save_converted(model, tokenizer, _converted_dir(load, spec.dtype))
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    if device is None and torch.cuda.is_available():
+        device = "cuda"
+    if device is not None and str(device) != "cpu":
+        model = model.to(device)
     model.eval()
     print(f"[distserve] model loaded in {time.perf_counter() - started:.1f} s", flush=True)
     return model, tokenizer

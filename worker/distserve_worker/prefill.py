@@ -29,9 +29,12 @@ from distserve_worker.engine.runner import KVLayout, ModelRunner, PrefillOutput
 from distserve_worker.engine.sampling import SamplingParams, sample
 from distserve_worker.engine.scheduler import PrefillBatcher
 from distserve_worker.kvtransfer.buffer import BufferTooSmall, KVBuffer
-from distserve_worker.kvtransfer.codec import encode_cache
+from distserve_worker.kvtransfer.prepared import prepare
 from distserve_worker.metrics import RuntimeMetrics
 from distserve_worker.settings import PrefillSettings
+from distserve_worker.tp.group import RankGroup, RankGroupBroken
+from distserve_worker.tp.heads import prepared_by, rank_heads
+from distserve_worker.tp.topology import rank_infos
 
 
 def sampling_from_proto(p: gen.SamplingParams) -> SamplingParams:
@@ -58,12 +61,22 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
         layout: KVLayout,
         max_context: int,
         metrics: RuntimeMetrics,
+        kv_heads: int = 0,
+        group: RankGroup | None = None,
     ) -> None:
         self.settings = settings
         self.runner = runner
         self.layout = layout
         self.max_context = max_context
         self.metrics = metrics
+        # Tensor parallelism: this rank's KV heads (model-wide) and the pieces of them that the
+        # decode ranks will pull (one piece, all of them, when both run the same tp).
+        self.kv_heads = kv_heads or layout.kv_heads
+        self.own = rank_heads(self.kv_heads, settings.tp, 0)
+        self.pieces = prepared_by(self.kv_heads, settings.tp, settings.decode_tp, 0)
+        self.group = group
+        if group is not None:
+            group.on_broken.append(self._broken)
         self.buffer = KVBuffer(settings.kv_buffer_bytes, settings.kv_ttl_seconds)
         self.batcher = PrefillBatcher(settings.token_budget)
         self.pending: dict[str, Pending] = {}
@@ -79,6 +92,11 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
         arrived = time.perf_counter()
         prompt = list(request.prompt_token_ids)
         rid = request.request_id
+        if self.group is not None and self.group.broken:
+            self.metrics.request("error")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"prefill instance {self.settings.address}: {self.group.broken}"
+            )
         if not prompt or len(prompt) >= self.max_context:
             self.metrics.request("rejected")
             await context.abort(
@@ -105,7 +123,7 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
             first = sample(out.last_logits, pending.sampling, index=0)
             # Encoded once here, so a pull only streams bytes (see kvtransfer/codec.py).
             encoded = await asyncio.get_running_loop().run_in_executor(
-                self.encoder, encode_cache, rid, out.kv, self.settings.max_chunk_bytes
+                self.encoder, prepare, rid, out.kv, self.pieces, self.own, self.settings.max_chunk_bytes
             )
             self.buffer.store(rid, encoded, encoded.nbytes)
             stored = True
@@ -118,6 +136,7 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
                 kv_address=self.settings.address,
                 prefill_seconds=time.perf_counter() - started_forward,
                 queue_seconds=started_forward - arrived,
+                kv_rank_addresses=self.group.addresses if self.group is not None else [],
             )
         finally:
             self.pending.pop(rid, None)
@@ -129,8 +148,31 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
     async def Status(self, request: gen.StatusRequest, context: grpc.aio.ServicerContext) -> gen.WorkerStatus:
         return self.status()
 
+    def _broken(self, reason: str) -> None:
+        """A rank died: every prompt waiting here fails now, with the reason."""
+        error = RankGroupBroken(f"prefill instance {self.settings.address}: {reason}")
+        for pending in self.pending.values():
+            if not pending.done.done():
+                pending.done.set_exception(error)
+
     def status(self) -> gen.WorkerStatus:
+        s = self.settings
+        layers = s.layers or (0, self.layout.num_layers)
         return gen.WorkerStatus(
+            ready=self.group is None or self.group.broken is None,
+            tp=s.tp,
+            pp=s.pp,
+            stage=s.stage,
+            layer_start=layers[0],
+            layer_end=layers[1],
+            address=s.address,
+            ranks=rank_infos(
+                self.runner,
+                self.group,
+                self.kv_heads,
+                self.buffer.capacity // max(1, self.layout.bytes_per_token),
+                s.address,
+            ),
             role="prefill",
             model=self.settings.model.name,
             queued=len(self.batcher.queue) + self.buffer.waiting,
@@ -159,13 +201,25 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
                     p.started = now
                 self.running = len(batch)
                 self.metrics.batch(len(batch))
+                followers = None
+                if self.group is not None:  # the followers run their shards of the same forward
+                    followers = asyncio.ensure_future(
+                        self.group.prefill([(rid, p.prompt) for rid, p in batch])
+                    )
                 try:
                     outs = await loop.run_in_executor(
                         self.executor, self.runner.prefill, [p.prompt for _, p in batch]
                     )
+                    if followers is not None:
+                        await followers
                     longest = max(len(p.prompt) for _, p in batch)
                     self.metrics.forward(len(batch), longest, time.perf_counter() - now)
                 except Exception as exc:  # a failed forward fails its batch, not the worker
+                    if self.group is not None:  # ... unless its ranks are now out of step
+                        if followers is not None:
+                            followers.cancel()
+                        reason = await self.group.fail_forward("prefill forward", exc)
+                        exc = RankGroupBroken(f"prefill instance {self.settings.address}: {reason}")
                     for _, p in batch:
                         if not p.done.done():
                             p.done.set_exception(exc)
@@ -186,32 +240,48 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
 
 
 async def serve_prefill(settings: PrefillSettings, loaded: Any = None) -> None:
-    """Load the model, serve gRPC (generation + KV transfer) and HTTP until cancelled."""
+    """Load the model (this rank's shard of it under tensor parallelism, the followers started
+    beside it), serve gRPC (generation + KV transfer) and HTTP until cancelled."""
     from distserve_worker.engine.runner import probe_kv_layout
     from distserve_worker.health import start_http
     from distserve_worker.kvtransfer.transport import KVTransferServicer, channel_options
     from distserve_worker.kvtransfer.transport import add_to_server as add_kv_transfer
-    from distserve_worker.model_source import load_model, max_context
+    from distserve_worker.model_source import max_context
     from distserve_worker.serving import serve_until_stopped
+    from distserve_worker.tp.launch import start_ranks
 
     metrics = RuntimeMetrics("prefill", settings.model.name, settings.instance or settings.address)
     state = {"ready": False}
-    http = await start_http(settings.host, settings.http_port, metrics, lambda: state["ready"])
+    group: RankGroup | None = None
+    http = await start_http(
+        settings.host,
+        settings.http_port,
+        metrics,
+        lambda: state["ready"] and (group is None or not group.broken),
+    )
     server = grpc.aio.server(options=channel_options(settings.max_chunk_bytes))
     try:
-        model, _ = loaded or await asyncio.to_thread(load_model, settings.model)
+        group, model, _, kv_heads = await start_ranks("prefill", settings, loaded)
         runner = ModelRunner(model, settings.threads or None)
-        worker = PrefillWorker(settings, runner, probe_kv_layout(runner), max_context(model), metrics)
+        layout = await asyncio.to_thread(probe_kv_layout, runner)
+        worker = PrefillWorker(settings, runner, layout, max_context(model), metrics, kv_heads, group)
         gen_grpc.add_PrefillServiceServicer_to_server(worker, server)
         add_kv_transfer(
-            KVTransferServicer(worker.buffer, settings.max_chunk_bytes, worker.on_kv_sent), server
+            KVTransferServicer(worker.buffer, settings.max_chunk_bytes, worker.on_kv_sent, heads=worker.own),
+            server,
         )
+        loops = [worker.batch_loop, worker.reap_loop]
+        if group is not None:
+            await group.connect(settings.address)
+            loops.append(group.watch_loop)
         await serve_until_stopped(
             server,
             f"{settings.host}:{settings.port}",
-            [worker.batch_loop, worker.reap_loop],
+            loops,
             state=state,
-            label="prefill",
+            label="prefill" if group is None else f"prefill (TP{settings.tp})",
         )
     finally:
+        if group is not None:
+            await group.close()
         await http.cleanup()

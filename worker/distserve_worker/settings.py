@@ -23,6 +23,12 @@ class WorkerSettings:
     instance: str = ""
     threads: int = 0  # torch threads; 0 = torch's default
     max_chunk_bytes: int = 2 * MiB  # KV transfer chunk size (and the gRPC message limit)
+    # What the runtime contract says this process runs (see distserve_operator.api.runtime).
+    tp: int = 1  # tensor-parallel ranks of this instance, one device each
+    pp: int = 1
+    stage: int = 0
+    layers: tuple[int, int] | None = None  # [start, end) of this stage; None: the whole model
+    rank_port_base: int = 0  # follower rank r serves gRPC on this + r; 0: free ports (local mode)
 
     @property
     def address(self) -> str:
@@ -40,6 +46,7 @@ class PrefillSettings(WorkerSettings):
     token_budget: int = 2048  # prompt tokens per prefill forward
     kv_buffer_bytes: int = 512 * MiB  # KV caches held while waiting to be pulled
     kv_ttl_seconds: float = 60.0  # a cache nobody pulled within this is freed
+    decode_tp: int = 1  # decode instances' tp: each rank prepares its KV for their head ranges
 
 
 @dataclass(frozen=True)

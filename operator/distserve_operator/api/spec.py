@@ -16,6 +16,13 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field, PlainSerializer, WithJsonSchema, model_validator
 
 from .base import ApiModel
+from .limits import DEFAULT_DECODE_MAX_BATCH, DEFAULT_PREFILL_TOKEN_BUDGET, GPU_DECODE_MAX_BATCH
+
+# Tensor-parallel ranks of one instance: within a node (TP all-reduces every layer).
+MAX_TP = 16
+# Follower rank r of an instance serves gRPC on grpcPort + RANK_PORT_OFFSET + r (decode MAX_TP higher):
+# these ports must exist and must not collide with the metrics ports (runtime.rank_port_base).
+RANK_PORT_OFFSET = 1000
 
 # ---------------------------------------------------------------------------- quantities
 
@@ -585,6 +592,21 @@ class WorkerSpec(ApiModel):
     def _ports(self) -> WorkerSpec:
         if self.grpc_port == self.metrics_port:
             raise ValueError("worker.grpcPort and worker.metricsPort are equal: give them different ports")
+        # A SharedPod's decode container takes grpcPort+1 and metricsPort+1; follower ranks take
+        # grpcPort+1001 .. grpcPort+1032.
+        top = RANK_PORT_OFFSET + 2 * MAX_TP
+        if self.grpc_port + top > 65535:
+            raise ValueError(
+                f"worker.grpcPort {self.grpc_port} leaves no room for tensor-parallel rank ports (up to "
+                f"grpcPort+{top}): use a port of at most {65535 - top}"
+            )
+        grpc = {self.grpc_port, self.grpc_port + 1}
+        ranks = range(self.grpc_port + RANK_PORT_OFFSET + 1, self.grpc_port + top + 1)
+        if {self.metrics_port, self.metrics_port + 1} & (grpc | set(ranks)):
+            raise ValueError(
+                f"worker.metricsPort {self.metrics_port} collides with the gRPC ports (grpcPort, grpcPort+1) or "
+                f"the rank ports (grpcPort+{RANK_PORT_OFFSET + 1} .. grpcPort+{top}): pick another metricsPort"
+            )
         return self
 
 
@@ -603,6 +625,45 @@ class RouterSpec(ApiModel):
     service_type: ServiceType = Field(ServiceType.CLUSTER_IP, description="Type of the Service users call.")
 
 
+class EngineSpec(ApiModel):
+    """Engine limits: the planner simulates them and every worker runs them (plan.json `limits`)."""
+
+    prefill_token_budget: int = Field(
+        DEFAULT_PREFILL_TOKEN_BUDGET,
+        ge=16,
+        le=1_048_576,
+        description=(
+            "Padded prompt tokens per prefill forward; prompts queue into a batch until it is full "
+            "(a longer prompt still runs, alone)."
+        ),
+    )
+    decode_max_batch: int | None = Field(
+        None,
+        ge=1,
+        le=65536,
+        description=(
+            f"Sequences per decode step. Default {GPU_DECODE_MAX_BATCH} on GPUs (a decode step is "
+            f"memory-bound, so rows are nearly free) and {DEFAULT_DECODE_MAX_BATCH} on gpu.type CPU "
+            "(a step on cores is compute-bound and grows with every row)."
+        ),
+    )
+
+
+class PinnedPhase(ApiModel):
+    """One phase's parallelism and replica count, as the user fixes it."""
+
+    tp: int = Field(..., ge=1, le=MAX_TP, description="Tensor-parallel degree (GPUs per stage).")
+    pp: int = Field(..., ge=1, le=512, description="Pipeline-parallel degree (stages per instance).")
+    replicas: int = Field(..., ge=1, le=10_000, description="Instances.")
+
+
+class PlanPin(ApiModel):
+    """A fixed plan: the planner simulates it instead of choosing and says how its own choice compares."""
+
+    prefill: PinnedPhase = Field(..., description="Prefill parallelism and replicas.")
+    decode: PinnedPhase = Field(..., description="Decode parallelism and replicas.")
+
+
 class PlannerSpec(ApiModel):
     """Planner knobs; defaults suit most deployments."""
 
@@ -614,6 +675,14 @@ class PlannerSpec(ApiModel):
     )
     top_candidates: int = Field(5, ge=1, le=50, description="Candidates reported in status.")
     seed: int = Field(0, ge=0, description="Seed for simulated arrivals and lengths.")
+    pin: PlanPin | None = Field(
+        None,
+        description=(
+            "Run this parallelism and these replicas instead of the planner's choice. The planner still "
+            "simulates it (goodput, attainment, bottleneck), compares it with its own choice in the "
+            "verdict, and refuses a pin that cannot run (Planned=False). Re-planning on traffic keeps it."
+        ),
+    )
 
 
 class DistServeDeploymentSpec(ApiModel):
@@ -629,6 +698,9 @@ class DistServeDeploymentSpec(ApiModel):
     )
     worker: WorkerSpec = Field(default_factory=WorkerSpec, description="Worker pods.")
     router: RouterSpec = Field(default_factory=RouterSpec, description="The OpenAI-compatible front.")
+    engine: EngineSpec = Field(
+        default_factory=EngineSpec, description="Engine limits the planner simulates and the workers run."
+    )
     planner: PlannerSpec = Field(default_factory=PlannerSpec, description="Planner knobs.")
 
     @model_validator(mode="after")

@@ -8,6 +8,7 @@ from enum import StrEnum
 from pydantic import Field
 
 from .base import ApiModel
+from .limits import EngineLimits
 
 
 class ConditionType(StrEnum):
@@ -39,6 +40,7 @@ class Bottleneck(StrEnum):
     TTFT = "TTFT"
     TPOT = "TPOT"
     MEMORY = "Memory"
+    BATCH = "Batch"
     TRANSFER = "Transfer"
     NONE = "None"
 
@@ -89,7 +91,9 @@ class Candidate(ApiModel):
     goodput_per_gpu: float = Field(
         ..., alias="goodputPerGPU", ge=0, description="Requests/s per GPU at the SLO."
     )
-    bottleneck: Bottleneck = Field(..., description="What limits it first: TTFT, TPOT, Memory or Transfer.")
+    bottleneck: Bottleneck = Field(
+        ..., description="What limits it first: TTFT, TPOT, Memory, Batch (decodeMaxBatch) or Transfer."
+    )
     attainment_percent: float | None = Field(
         None, ge=0, le=100, description="Predicted SLO attainment of the candidate at the workload's rate."
     )
@@ -137,6 +141,20 @@ class PlanStatus(ApiModel):
         None, description="True when the disaggregated plan's goodput per GPU beats the colocated one."
     )
     verdict: str = Field("", description="Plain-language verdict and why.")
+    limits: EngineLimits | None = Field(
+        None,
+        description=(
+            "Engine limits the plan was simulated with (prefill token budget, decode batch, decode KV "
+            "capacity); the workers run exactly these."
+        ),
+    )
+    pinned: bool = Field(
+        False,
+        description="True when spec.planner.pin fixed this plan; the planner evaluated it, not chose it.",
+    )
+    planner_choice: Candidate | None = Field(
+        None, description="Pinned plans: the planner's own best choice, for comparison (see verdict)."
+    )
     profile: str = Field(
         "", description="Latency model the plan used (analytical, profile file, DistServe import)."
     )

@@ -45,4 +45,24 @@ def plan_deployment(
     return plan(inp, progress=progress)
 
 
-__all__ = ["PlanInput", "PlanReport", "WorkloadModel", "plan", "plan_deployment"]
+def engine_limits(spec: api.DistServeDeploymentSpec, decode_tp: int, decode_pp: int) -> api.EngineLimits:
+    """The engine limits a plan with this decode shape is simulated with: spec.engine's token
+    budget and batch limit (the device's default batch when unset) and the decode memory fit's KV
+    capacity. A report carries them (`PlanStatus.limits`); this recomputes them for a plan that was
+    recorded without them."""
+    from distserve_operator.api.limits import MIN_DECODE_KV_TOKENS
+
+    from .architecture import resolve
+    from .hardware import from_gpu_spec
+    from .memory import check_fit
+
+    device = from_gpu_spec(spec.cluster.gpu)
+    fit = check_fit(resolve(spec.model), device, decode_tp, decode_pp)
+    return api.EngineLimits(
+        prefill_token_budget=spec.engine.prefill_token_budget,
+        decode_max_batch=spec.engine.decode_max_batch or device.decode_max_batch,
+        decode_kv_tokens=max(MIN_DECODE_KV_TOKENS, fit.kv_tokens),
+    )
+
+
+__all__ = ["PlanInput", "PlanReport", "WorkloadModel", "engine_limits", "plan", "plan_deployment"]

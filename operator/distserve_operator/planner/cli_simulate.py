@@ -13,7 +13,7 @@ import sys
 
 from distserve_operator import api
 
-from .core import PhaseChoice
+from .pin import PhaseChoice
 
 _CONFIG = re.compile(r"^(?:tp)?(\d+)(?:x(?:pp)?(\d+))?(?::(\d+))?$", re.IGNORECASE)
 

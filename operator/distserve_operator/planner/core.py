@@ -8,11 +8,13 @@ from dataclasses import dataclass, field, replace
 
 from distserve_operator import api
 
+from . import pin as pinning
 from . import simulator as sim
 from .architecture import ModelArchitecture
 from .hardware import DeviceSpec, Links
 from .latency import InstanceTiming, LatencyModel, kv_transfer_ms, stage_hop_ms
 from .memory import Fit, check_fit
+from .pin import PhaseChoice, Pin
 from .report import PlanReport, build_report
 from .search import (
     ClusterShape,
@@ -29,9 +31,8 @@ from .search import (
 )
 from .workload import Lengths, generate
 
-# Prefill batches stop growing at this many tokens (or one prompt, if longer): beyond it a GPU is
-# compute-bound and a bigger batch only delays the requests at its head.
-DEFAULT_TOKEN_BUDGET = 2048
+# Prefill batches stop growing at this many tokens (or one prompt, if longer): see api.limits.
+DEFAULT_TOKEN_BUDGET = api.DEFAULT_PREFILL_TOKEN_BUDGET
 MAX_JOINT_REQUESTS = 4000
 
 
@@ -58,7 +59,10 @@ class PlanInput:
     seed: int = 0
     n_requests: int = 300
     top_candidates: int = 5
+    # Engine limits simulated here and written into the plan for the workers (spec.engine).
     token_budget: int = DEFAULT_TOKEN_BUDGET
+    max_batch: int | None = None  # sequences per decode step; None: the device's default
+    pin: Pin | None = None  # spec.planner.pin: evaluate this instead of choosing
     method: str = "goodput"  # or "paper": exhaustive 1:1 pairs (the benchmark's same-run baseline)
     # The colocated baseline may run on another engine's profile (the paper scores vLLM with its own).
     colocated_latency: LatencyModel | None = None
@@ -73,9 +77,20 @@ def plan(
     requests = generate(
         inp.n_requests, inp.seed, w.inputs, w.outputs, w.arrival, w.cv, list(w.trace) if w.trace else None
     )
-    budget = max(inp.token_budget, max(requests.inputs))
-    ctx = Context(inp.architecture, inp.device, inp.links, inp.latency, inp.slo, requests, budget, progress)
+    ctx = Context(
+        inp.architecture,
+        inp.device,
+        inp.links,
+        inp.latency,
+        inp.slo,
+        requests,
+        inp.token_budget,
+        progress,
+        max_batch=decode_max_batch(inp),
+    )
     shape = inp.cluster
+    if inp.pin is not None:
+        pinning.check(inp.pin, ctx, shape.gpus_per_node)  # before any search: refuse it at once
     rate = w.rate if w.rate > 0 else 1.0  # an idle deployment is sized for a trickle
 
     if inp.method == "paper":
@@ -105,6 +120,14 @@ def plan(
         plans = [chosen, *plans[1:]]
         if note:
             why += f"; {note}"
+    own = plans[0] if plans else None
+    if inp.pin is not None:
+        # The pin is what runs: first in the report, simulated at the workload's rate as it is
+        # (no replicas added), with the planner's own choice kept for the comparison.
+        pinned = pinning.placement(inp.pin, ctx, shape, inp.affinity)
+        estimate = simulate_plan(inp, ctx, pinned, rate, capped=False)
+        plans = [pinned, *(p for p in plans if not _same_plan(p, pinned))]
+        affinity, why = pinned.affinity, f"spec.planner.pin, placed with {pinned.affinity} node affinity"
     elapsed = clock() - started
     return build_report(
         inp=inp,
@@ -117,7 +140,20 @@ def plan(
         rate=rate,
         estimate=estimate,
         search_seconds=elapsed,
+        own=own if inp.pin is not None else None,
     )
+
+
+def decode_max_batch(inp: PlanInput) -> int:
+    """The decode batch limit simulated (and written into the plan): the spec's, else the device's."""
+    return inp.max_batch or inp.device.decode_max_batch
+
+
+def _same_plan(a: Placement, b: Placement) -> bool:
+    def shape(p: Placement) -> tuple[int, ...]:
+        return (p.prefill.tp, p.prefill.pp, p.prefill_replicas, p.decode.tp, p.decode.pp, p.decode_replicas)
+
+    return shape(a) == shape(b)
 
 
 def choose_affinity(inp: PlanInput) -> tuple[str, str]:
@@ -164,9 +200,12 @@ def joint_check(
     return chosen, outcome, note
 
 
-def simulate_plan(inp: PlanInput, ctx: Context, p: Placement, rate: float) -> sim.Outcome:
-    """The joint check: the chosen replicas together at the workload's rate (or the plan's goodput,
-    when the budget cannot reach that rate), every instance seeing about n_requests requests."""
+def simulate_plan(
+    inp: PlanInput, ctx: Context, p: Placement, rate: float, *, capped: bool = True
+) -> sim.Outcome:
+    """The joint check: the chosen replicas together at the workload's rate (or, `capped`, the
+    plan's goodput when the budget cannot reach that rate), every instance seeing about n_requests
+    requests, with the engine limits the workers will run."""
     n = min(MAX_JOINT_REQUESTS, inp.n_requests * max(p.prefill_replicas, p.decode_replicas))
     w = inp.workload
     reqs = generate(n, inp.seed + 1, w.inputs, w.outputs, w.arrival, w.cv, list(w.trace) if w.trace else None)
@@ -184,7 +223,7 @@ def simulate_plan(inp: PlanInput, ctx: Context, p: Placement, rate: float) -> si
     )
     dt = inp.latency.instance(p.decode.tp, p.decode.pp, stage_hop_ms(inp.architecture, 1.0, d_bw))
     assert pt is not None and dt is not None  # the search only keeps configurations the model has
-    arrivals = [t * 1e3 for t in reqs.arrivals(min(rate, p.goodput))]
+    arrivals = [t * 1e3 for t in reqs.arrivals(min(rate, p.goodput) if capped and p.goodput > 0 else rate)]
     gpus = p.decode.gpus
     return sim.simulate_disaggregated(
         [pt] * p.prefill_replicas,
@@ -196,6 +235,7 @@ def simulate_plan(inp: PlanInput, ctx: Context, p: Placement, rate: float) -> si
         reqs.outputs,
         ctx.token_budget,
         p.prefill.fit.kv_tokens,
+        ctx.max_batch,
     )
 
 
@@ -228,13 +268,6 @@ def _colocated_context(inp: PlanInput, ctx: Context) -> Context:
     return other
 
 
-@dataclass(frozen=True)
-class PhaseChoice:
-    tp: int
-    pp: int
-    replicas: int = 1
-
-
 def simulate_configuration(
     inp: PlanInput,
     rate: float,
@@ -247,7 +280,7 @@ def simulate_configuration(
     reqs = generate(
         inp.n_requests, inp.seed, w.inputs, w.outputs, w.arrival, w.cv, list(w.trace) if w.trace else None
     )
-    budget = max(inp.token_budget, max(reqs.inputs))
+    budget, max_batch = inp.token_budget, decode_max_batch(inp)
     arch, links = inp.architecture, inp.links
     arrivals = [t * 1e3 for t in reqs.arrivals(rate)]
     slo = inp.slo
@@ -274,6 +307,7 @@ def simulate_configuration(
                 [reqs.outputs[i] for i in idx],
                 fit.kv_tokens,
                 budget,
+                max_batch,
             )
             for i, a, b in zip(idx, f, la, strict=True):
                 first_all[i], last_all[i] = a, b
@@ -300,6 +334,7 @@ def simulate_configuration(
             reqs.inputs,
             reqs.outputs,
             budget,
+            max_batch=max_batch,
         )
         gpus = prefill.tp * prefill.pp * prefill.replicas + decode.tp * decode.pp * decode.replicas
         config = (

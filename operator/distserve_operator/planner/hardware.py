@@ -26,6 +26,8 @@ class DeviceSpec:
     allreduce_latency_s: float = 10e-6
     # Share of memory the engine may use (weights + KV + activations), like vLLM's gpu_memory_utilization.
     memory_utilization: float = 0.92
+    # Sequences per decode step unless spec.engine.decodeMaxBatch says otherwise (api.limits: why).
+    decode_max_batch: int = api.GPU_DECODE_MAX_BATCH
 
 
 BUILTIN: dict[api.GpuType, DeviceSpec] = {
@@ -38,7 +40,14 @@ BUILTIN: dict[api.GpuType, DeviceSpec] = {
     # One CPU "device" is one worker process on a few cores (tens of GFLOP/s fp32 each) with
     # ~15 GB/s of memory bandwidth. A later issue replaces this with a measured CPU profile.
     api.GpuType.CPU: DeviceSpec(
-        "CPU", 8 * GIB, 100e9, 15e9, step_overhead_s=0.002, allreduce_latency_s=50e-6, memory_utilization=0.8
+        "CPU",
+        8 * GIB,
+        100e9,
+        15e9,
+        step_overhead_s=0.002,
+        allreduce_latency_s=50e-6,
+        memory_utilization=0.8,
+        decode_max_batch=api.DEFAULT_DECODE_MAX_BATCH,
     ),
 }
 

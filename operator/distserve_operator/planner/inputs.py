@@ -8,6 +8,7 @@ from distserve_operator import api
 
 from . import architecture, hardware, latency, profiles
 from .core import PlanInput, WorkloadModel
+from .pin import PhaseChoice, Pin
 from .search import ClusterShape, SloTargets
 from .workload import Lengths, read_trace
 
@@ -78,4 +79,26 @@ def plan_input(
         top_candidates=spec.planner.top_candidates,
         colocated_latency=coloc_model,
         assumptions=assumptions,
+        token_budget=spec.engine.prefill_token_budget,
+        max_batch=spec.engine.decode_max_batch,
+        pin=pin_for(spec),
+    )
+
+
+def pin_for(spec: api.DistServeDeploymentSpec) -> Pin | None:
+    """spec.planner.pin with the GPU budget it must fit in, and the field that sets that budget."""
+    pin = spec.planner.pin
+    if pin is None:
+        return None
+    cluster = spec.cluster
+    budget = cluster.gpu_budget
+    where = "cluster.maxGPUs" if cluster.max_gpus is not None else "cluster.nodes × cluster.gpusPerNode"
+    cap = spec.autoscaling.max_gpus
+    if cap is not None and cap < budget:
+        budget, where = cap, "autoscaling.maxGPUs"
+    return Pin(
+        PhaseChoice(pin.prefill.tp, pin.prefill.pp, pin.prefill.replicas),
+        PhaseChoice(pin.decode.tp, pin.decode.pp, pin.decode.replicas),
+        budget,
+        where,
     )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from distserve_operator.api import tp_refusal
+
 from .architecture import ModelArchitecture
 from .hardware import DeviceSpec
 
@@ -26,11 +28,11 @@ class Fit:
 
 
 def split_reason(arch: ModelArchitecture, tp: int, pp: int) -> str:
-    """Why (TP, PP) cannot split this model evenly, or ''."""
-    if arch.heads % tp:
-        return f"TP{tp} does not divide {arch.heads} attention heads"
-    if arch.kv_heads % tp and tp % arch.kv_heads:
-        return f"TP{tp} neither divides nor is a multiple of {arch.kv_heads} KV heads"
+    """Why (TP, PP) cannot split this model evenly, or ''. The TP rule is the workers' own
+    (`api.tp_refusal`): a plan the workers would refuse is never scored."""
+    reason = tp_refusal(arch.heads, arch.kv_heads, tp)
+    if reason:
+        return reason
     if arch.layers % pp:
         return f"PP{pp} does not divide {arch.layers} layers"
     return ""

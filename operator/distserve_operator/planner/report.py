@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from distserve_operator import api
+from distserve_operator.api.limits import MIN_DECODE_KV_TOKENS
 
 from . import simulator as sim
 
@@ -20,7 +21,8 @@ class PlanReport:
     status: api.PlanStatus
     search_seconds: float
     assumptions: dict[str, Any] = field(default_factory=dict)
-    rejected: list[str] = field(default_factory=list)  # "prefill TP3xPP1: reason"
+    rejected: list[str] = field(default_factory=list)  # "prefill TP1xPP1: reason"
+    skipped: list[str] = field(default_factory=list)  # "TP3 does not divide ...": never scored
     phase_results: list[PhaseResult] = field(default_factory=list)
     probes: int = 0
 
@@ -34,6 +36,7 @@ class PlanReport:
             "searchSeconds": round(self.search_seconds, 4),
             "assumptions": self.assumptions,
             "rejected": self.rejected,
+            "skipped": self.skipped,
             "probes": self.probes,
         }
 
@@ -43,6 +46,28 @@ class PlanReport:
 
 def _phase(r: PhaseResult, n: int) -> api.PhasePlan:
     return api.PhasePlan(tp=r.tp, pp=r.pp, replicas=n, max_rate_per_instance=round(r.max_rate, 4))
+
+
+def engine_limits(ctx: Context, decode: PhaseResult | None) -> api.EngineLimits:
+    """The limits the simulation ran with, for the workers: the token budget and batch limit of
+    the context, and the KV capacity of the decode configuration's memory fit."""
+    kv = decode.fit.kv_tokens if decode is not None else 0
+    return api.EngineLimits(
+        prefill_token_budget=ctx.token_budget,
+        decode_max_batch=ctx.max_batch,
+        decode_kv_tokens=max(MIN_DECODE_KV_TOKENS, kv),
+    )
+
+
+def _candidate(p: Placement, attainment: float | None) -> api.Candidate:
+    return api.Candidate(
+        prefill=_phase(p.prefill, p.prefill_replicas),
+        decode=_phase(p.decode, p.decode_replicas),
+        gpus=p.gpus,
+        goodput_per_gpu=round(p.per_gpu, 4),
+        bottleneck=p.bottleneck,
+        attainment_percent=attainment,
+    )
 
 
 def summary(p: Placement) -> str:
@@ -65,9 +90,14 @@ def build_report(
     estimate: sim.Outcome | None,
     search_seconds: float,
     fixed_ratio: bool = False,
+    own: Placement | None = None,
 ) -> PlanReport:
+    """`plans[0]` is the plan (the pin, when spec.planner.pin is set; `own` is then the planner's
+    own choice, for the comparison)."""
     from .core import simulate_plan  # core imports this module
+    from .pin import comparison
 
+    pinned = inp.pin is not None and bool(plans)
     slo = inp.slo
     budget = inp.cluster.budget
     best_coloc = next((c for c in colocated if c.max_rate > 0), None)
@@ -77,23 +107,21 @@ def build_report(
         coloc_plan = api.ColocatedPlan(
             tp=best_coloc.tp, pp=best_coloc.pp, replicas=n, goodput_per_gpu=round(best_coloc.per_gpu, 4)
         )
-    candidates = []
-    for p in plans[: inp.top_candidates]:
+    candidates: list[api.Candidate] = []
+    own_candidate = None
+    shown = plans[: inp.top_candidates]
+    for p in [*shown, *([own] if own is not None and own not in shown else [])]:
         att = None
         if not fixed_ratio:
             outcome = estimate if p is plans[0] and estimate is not None else simulate_plan(inp, ctx, p, rate)
             att = round(100 * outcome.attainment(slo.ttft_ms, slo.tpot_ms), 2)
-        candidates.append(
-            api.Candidate(
-                prefill=_phase(p.prefill, p.prefill_replicas),
-                decode=_phase(p.decode, p.decode_replicas),
-                gpus=p.gpus,
-                goodput_per_gpu=round(p.per_gpu, 4),
-                bottleneck=p.bottleneck,
-                attainment_percent=att,
-            )
-        )
+        candidate = _candidate(p, att)
+        if p is own:
+            own_candidate = candidate
+        if p in shown:
+            candidates.append(candidate)
     rejected = sorted({f"{r.phase} {r.label}: {r.reason}" for r in seen if r.max_rate <= 0 and r.reason})
+    skipped = [reason for _, reason in sorted(ctx.skipped.items())]
     slo_text = f"TTFT {slo.ttft_ms:.0f} ms and TPOT {slo.tpot_ms:.0f} ms for {slo.attainment:.0%} of requests"
     if plans:
         chosen = plans[0]
@@ -107,7 +135,9 @@ def build_report(
             tpot_p90_millis=round(sim.percentile(estimate.tpot, 90), 2) if estimate else None,
         )
         pays = None if coloc_plan is None else chosen.per_gpu > best_coloc.per_gpu if best_coloc else None
-        verdict = _verdict(chosen, best_coloc, rate, slo_text)
+        verdict = _verdict(chosen, best_coloc, rate, slo_text, pinned)
+        if pinned:
+            verdict = f"{comparison(chosen, own, rate)} {verdict}"
         if estimate is not None and estimate.prefill_memory_peak > 1:
             verdict += (
                 f" Requests waiting for decode room would need {estimate.prefill_memory_peak:.0%} of a prefill "
@@ -122,16 +152,21 @@ def build_report(
             summary=summary(chosen),
             estimated=est,
             bottleneck=chosen.bottleneck,
-            feasible=True,
+            # A pin is deployed whatever it scores; it is feasible when both phases meet their SLO
+            # at some rate (the search only keeps plans that do).
+            feasible=chosen.prefill.max_rate > 0 and chosen.decode.max_rate > 0,
             candidates=candidates,
             colocated=coloc_plan,
             disaggregation_pays=pays,
             verdict=verdict,
             profile=inp.latency.describe,
             search_seconds=round(search_seconds, 4),
+            limits=engine_limits(ctx, chosen.decode),
+            pinned=pinned,
+            planner_choice=own_candidate,
         )
     else:
-        status = _infeasible(inp, seen, affinity, coloc_plan, slo_text, search_seconds)
+        status = _infeasible(inp, ctx, seen, affinity, coloc_plan, slo_text, search_seconds)
     assumptions = {
         **inp.assumptions,
         "requestsPerSecond": rate,
@@ -140,6 +175,7 @@ def build_report(
         "meanInputTokens": round(ctx.requests.mean_input, 1),
         "meanOutputTokens": round(ctx.requests.mean_output, 1),
         "prefillTokenBudget": ctx.token_budget,
+        "decodeMaxBatch": ctx.max_batch,
         "affinityReason": affinity_reason,
         "model": inp.architecture.name,
         "architectureSource": inp.architecture.source,
@@ -147,15 +183,23 @@ def build_report(
         "kvBytesPerToken": inp.architecture.kv_bytes_per_token,
         "weightBytes": inp.architecture.weight_bytes,
     }
-    return PlanReport(status, search_seconds, assumptions, rejected, seen, ctx.probes)
+    return PlanReport(status, search_seconds, assumptions, rejected, skipped, seen, ctx.probes)
 
 
-def _verdict(chosen: Placement, coloc: PhaseResult | None, rate: float, slo_text: str) -> str:
+def _verdict(
+    chosen: Placement, coloc: PhaseResult | None, rate: float, slo_text: str, pinned: bool = False
+) -> str:
     parts = []
-    if not chosen.serves(rate):
+    if pinned and chosen.per_gpu <= 0:
+        worst = chosen.prefill if chosen.prefill.max_rate <= 0 else chosen.decode
         parts.append(
-            f"The GPU budget sustains only {chosen.goodput:.2f} of the {rate:g} req/s asked for with {slo_text}; "
-            "raise cluster.maxGPUs/nodes or expect misses."
+            f"The pinned {worst.phase} {worst.label} meets no SLO at any rate ({worst.reason}); expect misses."
+        )
+    elif not chosen.serves(rate):
+        fix = "raise spec.planner.pin replicas" if pinned else "raise cluster.maxGPUs/nodes"
+        parts.append(
+            f"The plan sustains only {chosen.goodput:.2f} of the {rate:g} req/s asked for with {slo_text}; "
+            f"{fix} or expect misses."
         )
     if coloc is None:
         parts.append("Disaggregation pays: no colocated configuration meets the SLO at all.")
@@ -180,6 +224,7 @@ def _verdict(chosen: Placement, coloc: PhaseResult | None, rate: float, slo_text
         "TTFT": "prefill (TTFT)",
         "TPOT": "decode step time (TPOT)",
         "Memory": "decode KV memory",
+        "Batch": "the decode batch limit (spec.engine.decodeMaxBatch)",
         "Transfer": "KV transfer",
     }.get(chosen.bottleneck.value, chosen.bottleneck.value)
     parts.append(f"The plan is limited first by {limit}.")
@@ -193,6 +238,7 @@ def _closest(results: list[PhaseResult], phase: str) -> PhaseResult | None:
 
 def _infeasible(
     inp: PlanInput,
+    ctx: Context,
     seen: list[PhaseResult],
     affinity: str,
     coloc_plan: api.ColocatedPlan | None,
@@ -233,6 +279,7 @@ def _infeasible(
         verdict=verdict,
         profile=inp.latency.describe,
         search_seconds=round(search_seconds, 4),
+        limits=engine_limits(ctx, d),
     )
 
 
@@ -247,7 +294,9 @@ def format_table(report: PlanReport) -> str:
         f"  latency    {s.profile}",
         "",
     ]
-    if s.feasible:
+    if s.feasible or s.pinned:
+        if s.pinned:
+            lines.append("  pinned by spec.planner.pin (evaluated, not chosen)")
         for name, ph in (("prefill", s.prefill), ("decode", s.decode)):
             lines.append(
                 f"  {name:<8} TP{ph.tp} PP{ph.pp} × {ph.replicas:<3} {ph.max_rate_per_instance or 0:8.2f} req/s per instance"
@@ -264,6 +313,12 @@ def format_table(report: PlanReport) -> str:
             )
     else:
         lines.append(f"  INFEASIBLE  {s.summary}")
+    if s.limits is not None:
+        lim = s.limits
+        lines.append(
+            f"  engine     prefill token budget {lim.prefill_token_budget}, decode max batch "
+            f"{lim.decode_max_batch}, decode KV {lim.decode_kv_tokens:,} tokens per instance"
+        )
     if s.candidates:
         lines += ["", "  #  prefill         decode          GPUs  req/s/GPU  attain   bound"]
         for i, c in enumerate(s.candidates, 1):
@@ -273,6 +328,13 @@ def format_table(report: PlanReport) -> str:
                 f"TP{c.decode.tp}xPP{c.decode.pp} ×{c.decode.replicas:<5} {c.gpus:>4}  {c.goodput_per_gpu:9.2f}  "
                 f"{att}  {c.bottleneck.value}"
             )
+    if s.planner_choice is not None:
+        c = s.planner_choice
+        lines.append(
+            f"\n  planner's own choice: TP{c.prefill.tp}xPP{c.prefill.pp} ×{c.prefill.replicas} | "
+            f"TP{c.decode.tp}xPP{c.decode.pp} ×{c.decode.replicas}, {c.gpus} GPUs, "
+            f"{c.goodput_per_gpu:.2f} req/s per GPU"
+        )
     if s.colocated is not None:
         c2 = s.colocated
         lines.append(
@@ -285,5 +347,7 @@ def format_table(report: PlanReport) -> str:
             + "; ".join(report.rejected[:6])
             + (" ..." if len(report.rejected) > 6 else "")
         )
+    if report.skipped:
+        lines.append(f"  skipped, cannot shard ({len(report.skipped)}): " + "; ".join(report.skipped))
     lines.append(f"  search took {report.search_seconds:.2f} s ({report.probes} simulated probes)")
     return "\n".join(lines)

@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from distserve_operator.api import Bottleneck
+from distserve_operator.api import Bottleneck, tp_refusal
 
 from . import simulator as sim
 from .architecture import ModelArchitecture
@@ -24,7 +24,7 @@ from .workload import Requests
 
 Progress = Callable[[str], None]
 REL_TOLERANCE = 1.02  # bisection stops when hi/lo is within 2%
-MAX_DECODE_BATCH = 4096
+MAX_DECODE_BATCH = 4096  # no engine limit given (tests, the paper's method): effectively unbounded
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,10 @@ class PhaseResult:
 
 @dataclass
 class Context:
-    """Everything a probe needs, plus the cache and a probe counter for the benchmark."""
+    """Everything a probe needs, plus the cache and a probe counter for the benchmark.
+
+    `token_budget` and `max_batch` are the engine limits the workers will run (spec.engine):
+    the simulator uses exactly those, and the report writes them into the plan."""
 
     arch: ModelArchitecture
     device: DeviceSpec
@@ -82,6 +85,8 @@ class Context:
     progress: Progress | None = None
     cache: dict[tuple[object, ...], PhaseResult] = field(default_factory=dict)
     probes: int = 0
+    max_batch: int = MAX_DECODE_BATCH  # sequences per decode step
+    skipped: dict[int, str] = field(default_factory=dict)  # TP -> why the model cannot shard over it
 
     def say(self, message: str) -> None:
         if self.progress is not None:
@@ -117,11 +122,26 @@ def divisors(n: int, limit: int) -> list[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
-def parallel_configs(
-    arch: ModelArchitecture, max_tp: int, max_gpus: int, max_pp: int
-) -> Iterator[tuple[int, int]]:
-    """TP up to a node (TP all-reduces every layer: never across nodes), PP dividing the layers."""
+def shardable_tps(ctx: Context, max_tp: int) -> list[int]:
+    """TP degrees up to `max_tp` the model's heads split over. The others are refused up front,
+    recorded with the reason (`ctx.skipped`) and never scored: a worker would refuse them."""
+    out = []
     for tp in range(1, max_tp + 1):
+        reason = tp_refusal(ctx.arch.heads, ctx.arch.kv_heads, tp)
+        if not reason:
+            out.append(tp)
+        elif tp not in ctx.skipped:
+            ctx.skipped[tp] = reason
+            ctx.say(f"skipped: {reason}")
+    return out
+
+
+def parallel_configs(
+    arch: ModelArchitecture, tps: Sequence[int], max_gpus: int, max_pp: int
+) -> Iterator[tuple[int, int]]:
+    """TP from `tps` (up to a node: TP all-reduces every layer, never across nodes), PP dividing
+    the layers."""
+    for tp in tps:
         for pp in divisors(arch.layers, max_pp):
             if tp * pp <= max_gpus:
                 yield tp, pp
@@ -183,10 +203,12 @@ def _p90(values: Sequence[int]) -> float:
 
 
 def decode_capacity(ctx: Context, timing: InstanceTiming, kv_tokens: int) -> tuple[float, Bottleneck]:
-    """Largest stable decode throughput whose step time stays within the TPOT SLO, and what caps it."""
+    """Largest stable decode throughput whose step time stays within the TPOT SLO, and what caps it:
+    the SLO, the KV memory, or the engine's batch limit."""
     reqs = ctx.requests
     mean_in, mean_out = reqs.mean_input, reqs.mean_output
-    by_memory = max(1, min(MAX_DECODE_BATCH, int(kv_tokens // (mean_in + mean_out))))
+    by_memory = max(1, int(kv_tokens // (mean_in + mean_out)))
+    largest = min(by_memory, ctx.max_batch, MAX_DECODE_BATCH)
 
     # A padded batch pays for its longest row in every row: take a long prompt (p90) as typical.
     per_row = (_p90(reqs.inputs) if timing.padded else mean_in) + mean_out / 2
@@ -200,8 +222,8 @@ def decode_capacity(ctx: Context, timing: InstanceTiming, kv_tokens: int) -> tup
     # one, the cost grows with the batch (non-negative coefficients), and a bisection holds.
     starts = [start for start, _ in timing.coefficients.decode]
     batch = 0
-    for lo, nxt in zip(starts, [*starts[1:], by_memory + 1], strict=True):
-        hi = min(nxt - 1, by_memory)
+    for lo, nxt in zip(starts, [*starts[1:], largest + 1], strict=True):
+        hi = min(nxt - 1, largest)
         if lo > hi:
             break
         fits = _largest_batch_within(step_ms, lo, hi, ctx.slo.tpot_ms)
@@ -209,7 +231,12 @@ def decode_capacity(ctx: Context, timing: InstanceTiming, kv_tokens: int) -> tup
             batch = fits
     if batch < 1:
         return 0.0, Bottleneck.TPOT
-    bottleneck = Bottleneck.MEMORY if batch == by_memory else Bottleneck.TPOT
+    if batch < largest:
+        bottleneck = Bottleneck.TPOT
+    elif largest == ctx.max_batch < by_memory:
+        bottleneck = Bottleneck.BATCH  # the engine's decodeMaxBatch, not memory, stops the batch
+    else:
+        bottleneck = Bottleneck.MEMORY
     return batch / (step_ms(batch) * max(1.0, mean_out - 1)) * 1e3, bottleneck
 
 
@@ -257,7 +284,9 @@ def decode_rate(
                 ctx.probes += 1
                 first = [t * 1e3 for t in reqs.arrivals(rate)]
                 ready = [f + x for f, x in zip(first, transfer, strict=True)]
-                out = sim.simulate_decode(timing, ready, reqs.inputs, reqs.outputs, fit.kv_tokens)
+                out = sim.simulate_decode(
+                    timing, ready, reqs.inputs, reqs.outputs, fit.kv_tokens, ctx.max_batch
+                )
                 return sim.attainment(sim.tpot(first, out.last_token, reqs.outputs), ctx.slo.tpot_ms)
 
             rate, low, probes = bisect_rate(attain, ctx.slo.attainment, capacity)
@@ -314,7 +343,13 @@ def colocated_rate(ctx: Context, tp: int, pp: int, stage_bw: float) -> PhaseResu
                 ctx.probes += 1
                 arrivals = [t * 1e3 for t in reqs.arrivals(rate)]
                 first, last = sim.simulate_colocated(
-                    timing, arrivals, reqs.inputs, reqs.outputs, fit.kv_tokens, ctx.token_budget
+                    timing,
+                    arrivals,
+                    reqs.inputs,
+                    reqs.outputs,
+                    fit.kv_tokens,
+                    ctx.token_budget,
+                    ctx.max_batch,
                 )
                 ttft = [f - a for f, a in zip(first, arrivals, strict=True)]
                 tpots = sim.tpot(first, last, reqs.outputs)
@@ -427,7 +462,9 @@ def high_affinity(
     whole budget fits in one node, else over the inter-node link."""
     one_node = shape.budget <= shape.gpus_per_node
     transfer_bw = ctx.links.intra_node if one_node else ctx.links.inter_node
-    configs = list(parallel_configs(ctx.arch, shape.gpus_per_node, shape.budget, shape.budget))
+    configs = list(
+        parallel_configs(ctx.arch, shardable_tps(ctx, shape.gpus_per_node), shape.budget, shape.budget)
+    )
     prefills = [prefill_rate(ctx, tp, pp, stage_link(ctx.links, shape, tp * pp)) for tp, pp in configs]
     decodes = [
         decode_rate(ctx, tp, pp, stage_link(ctx.links, shape, tp * pp), transfer_bw, tp * pp)
@@ -453,7 +490,7 @@ def low_affinity(ctx: Context, shape: ClusterShape, rate: float) -> tuple[list[P
     for span in divisors(ctx.arch.layers, shape.nodes):
         stage_bw = ctx.links.inter_node if span > 1 else ctx.links.intra_node
         groups = shape.nodes // span
-        tps = range(1, g + 1)
+        tps = shardable_tps(ctx, g)
         prefills = [prefill_rate(ctx, tp, span, stage_bw) for tp in tps]
         decodes = [decode_rate(ctx, tp, span, stage_bw, ctx.links.intra_node, tp * span) for tp in tps]
         seen += prefills + decodes
@@ -481,7 +518,10 @@ def low_affinity(ctx: Context, shape: ClusterShape, rate: float) -> tuple[list[P
 def colocated(ctx: Context, shape: ClusterShape) -> list[PhaseResult]:
     stage_bw = ctx.links.intra_node
     configs = parallel_configs(
-        ctx.arch, shape.gpus_per_node, min(shape.budget, shape.gpus_per_node), shape.budget
+        ctx.arch,
+        shardable_tps(ctx, shape.gpus_per_node),
+        min(shape.budget, shape.gpus_per_node),
+        shape.budget,
     )
     results = [colocated_rate(ctx, tp, pp, stage_bw) for tp, pp in configs]
     return sorted(results, key=lambda r: r.per_gpu, reverse=True)
@@ -489,9 +529,12 @@ def colocated(ctx: Context, shape: ClusterShape) -> list[PhaseResult]:
 
 def exhaustive_one_to_one(ctx: Context, shape: ClusterShape) -> list[tuple[float, PhaseResult, PhaseResult]]:
     """The paper's method, for a same-run baseline: every (prefill, decode) pair simulated together
-    at a fixed 1:1 ratio, bisection over the joint attainment, no analytic bound or caching by phase."""
+    at a fixed 1:1 ratio, bisection over the joint attainment, no analytic bound or caching by phase.
+    Like the paper's simulator it bounds no decode batch (so it stays comparable with its figures)."""
     stage_bw = ctx.links.intra_node
-    configs = list(parallel_configs(ctx.arch, shape.gpus_per_node, shape.budget, shape.budget))
+    configs = list(
+        parallel_configs(ctx.arch, shardable_tps(ctx, shape.gpus_per_node), shape.budget, shape.budget)
+    )
     reqs = ctx.requests
     out = []
     for ptp, ppp in configs:

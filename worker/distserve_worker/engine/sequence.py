@@ -29,6 +29,8 @@ class Sequence:
     first_token: int
     max_tokens: int  # output tokens in total, the first (prefill's) one included
     kv_address: str = ""
+    # Under tensor parallelism, prefill rank r's KV server is entry r (entry 0 is kv_address).
+    kv_sources: tuple[str, ...] = ()
     output: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     finish: Finish | None = None

@@ -26,6 +26,7 @@ from distserve_worker.kvtransfer.codec import (
     algorithm_name,
     encode_wire,
 )
+from distserve_worker.kvtransfer.prepared import PreparedKV
 
 
 class KVPullError(RuntimeError):
@@ -50,7 +51,14 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 class KVPuller(Protocol):
-    async def pull(self, address: str, request_id: str, expected: Expected, timeout: float) -> SequenceKV: ...
+    async def pull(
+        self,
+        address: str,
+        request_id: str,
+        expected: Expected,
+        timeout: float,
+        heads: tuple[int, int] | None = None,
+    ) -> SequenceKV: ...
 
     async def release(self, address: str, request_id: str) -> None: ...
 
@@ -69,13 +77,20 @@ class GrpcKVPuller:
             self.channels[address] = grpc.aio.insecure_channel(address, options=options)
         return pb_grpc.KVTransferServiceStub(self.channels[address])
 
-    async def pull(self, address: str, request_id: str, expected: Expected, timeout: float) -> SequenceKV:
-        """Pull (and check) one cache. A pull is idempotent until `release`, so an unreachable instance
+    async def pull(
+        self,
+        address: str,
+        request_id: str,
+        expected: Expected,
+        timeout: float,
+        heads: tuple[int, int] | None = None,
+    ) -> SequenceKV:
+        """Pull (and check) one cache, or heads [start, end) of the model of it (`heads`). A pull is idempotent until `release`, so an unreachable instance
         is retried a few times on a fresh channel: a prefill instance restarted at the same address
         is reached at once instead of after gRPC's reconnect backoff; a dead one fails in ~2 s."""
         for attempt in range(PULL_ATTEMPTS):
             try:
-                return await self._pull_once(address, request_id, expected, timeout)
+                return await self._pull_once(address, request_id, expected, timeout, heads)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == PULL_ATTEMPTS - 1:
                     raise KVPullError(
@@ -88,7 +103,12 @@ class GrpcKVPuller:
         raise AssertionError("unreachable")
 
     async def _pull_once(
-        self, address: str, request_id: str, expected: Expected, timeout: float
+        self,
+        address: str,
+        request_id: str,
+        expected: Expected,
+        timeout: float,
+        heads: tuple[int, int] | None = None,
     ) -> SequenceKV:
         assembler = Assembler(expected)
         self._stub(address)  # opens the channel
@@ -100,6 +120,8 @@ class GrpcKVPuller:
         request = pb.PullRequest(
             request_id=request_id, max_chunk_bytes=self.max_chunk_bytes, checksum_algorithm=CHECKSUM_ALGORITHM
         )
+        if heads is not None:
+            request.head_start, request.head_end = heads
         call = pull(request, timeout=timeout)
         # Each chunk is checked (XXH3-64, ~0.1 ms per MiB) and placed as it arrives, inline: a helper
         # thread overlapping the check with receiving (as with CRC-32) costs more in hand-offs than
@@ -128,11 +150,16 @@ class GrpcKVPuller:
 
 class KVTransferServicer(pb_grpc.KVTransferServiceServicer):
     def __init__(
-        self, buffer: KVBuffer, max_chunk_bytes: int, on_sent: Callable[[int, float], None] | None = None
+        self,
+        buffer: KVBuffer,
+        max_chunk_bytes: int,
+        on_sent: Callable[[int, float], None] | None = None,
+        heads: tuple[int, int] | None = None,
     ) -> None:
         self.buffer = buffer
         self.max_chunk_bytes = max_chunk_bytes
         self.on_sent = on_sent
+        self.heads = heads  # the model-wide KV heads this rank holds (None: all of them)
 
     async def Pull(
         self, request: pb.PullRequest, context: grpc.aio.ServicerContext
@@ -150,6 +177,23 @@ class KVTransferServicer(pb_grpc.KVTransferServiceServicer):
                 f"asked for {algorithm_name(request.checksum_algorithm)} (mismatched versions?)",
             )
         limit = request.max_chunk_bytes or self.max_chunk_bytes
+        wanted = (request.head_start, request.head_end)
+        if isinstance(held, PreparedKV):
+            piece = held.pieces.get(wanted)
+            if piece is None:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"this rank prepared KV heads {sorted(held.pieces)} of request {request.request_id!r}; "
+                    f"the puller asked for {list(wanted)} (prefill and decode disagree on the decode tp: "
+                    "run both from the same plan)",
+                )
+            held = piece
+        elif wanted != (0, 0) and self.heads is not None and wanted != self.heads:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this rank holds KV heads {list(self.heads)} whole; the puller asked for {list(wanted)} "
+                "(prefill and decode disagree on the decode tp: run both from the same plan)",
+            )
         if isinstance(held, EncodedKV):
             if held.chunk_bytes > limit:
                 await context.abort(

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from distserve_worker.local.cli_up import LocalPlan, plan_manifest, start_stack
+from distserve_worker.local.cli_up import LocalPlan, PlanNotRunnable, plan_manifest, start_stack
 from distserve_worker.model_source import ModelSpec
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parents[3] / "deploy" / "examples" / "local-smollm2.yaml"
@@ -104,7 +104,11 @@ def run(args: argparse.Namespace) -> int:
     )
     print(plan.summary)
     prepare_model(plan.model)
-    stack = start_stack(plan, args.port, max_replicas=1, threads=0)
+    try:
+        stack = start_stack(plan, args.port, max_replicas=1, threads=0)
+    except (PlanNotRunnable, OSError) as exc:
+        print(f"distserve demo: {exc}", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     print("starting router, prefill and decode (separate processes) ...", flush=True)
     stack.start()

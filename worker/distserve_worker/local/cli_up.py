@@ -1,20 +1,37 @@
 """`distserve up -f MANIFEST`: plan the manifest and run router, prefill and decode locally.
 
 Each role runs as its own process (the same `distserve worker ...` command a pod runs), with real
-gRPC between them on loopback. Replica counts come from the planner; on a small machine they are
-capped (`--max-replicas`) because every instance loads its own copy of the model.
+gRPC between them on loopback. What runs is what the plan says, through the same runtime contract
+a pod gets: the plan (the planner's choice, or the user's `spec.planner.pin`) becomes a
+`RuntimeContract` written to `<log dir>/plan.json`, and every process starts with `--plan-file`
+(its role's tp, the layers, the engine limits, the model and the SLO). Replica counts are capped
+(`--max-replicas`) because on a small machine every instance loads its own copy of the model.
+Pipeline stages (pp > 1) do not run yet: such a plan is refused with the fix (pin pp 1).
+Once the stack is up, the router's `GET /v1/distserve/instances` is printed as a table.
 """
 
 from __future__ import annotations
 
 import argparse
 import signal
+import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from distserve_worker.local.stack import LocalStack, StackConfig
+from distserve_worker.local.stack import LocalStack, StackConfig, write_plan
+from distserve_worker.local.topology import fetch_topology, format_topology
 from distserve_worker.model_source import ModelSpec
+
+# The ports a pod uses (cli_worker's defaults); local processes get free ones with --port/--http-port.
+PREFILL_PORTS = (50051, 8081)
+DECODE_PORTS = (50052, 8082)
+
+
+class PlanNotRunnable(ValueError):
+    """The plan cannot run locally; the message says why and what to change."""
 
 
 @dataclass(frozen=True)
@@ -26,6 +43,29 @@ class LocalPlan:
     slo_millis: tuple[int, int]
     attainment_percent: float
     summary: str
+    prefill_tp: int = 1
+    decode_tp: int = 1
+    prefill_pp: int = 1
+    decode_pp: int = 1
+    # From the manifest and the planner (distserve_operator.api objects); without them (a built-in
+    # plan) the stack runs from model flags instead of a contract.
+    api_model: Any = None  # api.ModelSpec
+    api_slo: Any = None  # api.Slo
+    status: Any = None  # api.PlanStatus
+    limits: Any = None  # api.EngineLimits
+
+
+def _limits(report: Any) -> Any:
+    """The engine limits the planner simulated (`report.plan.limits`), or the defaults."""
+    from distserve_operator import api
+
+    limits = getattr(report.plan, "limits", None) or getattr(report, "limits", None)
+    if limits is None:
+        return api.EngineLimits()
+    if isinstance(limits, api.EngineLimits):
+        return limits
+    dump = limits.model_dump() if hasattr(limits, "model_dump") else dict(limits)
+    return api.EngineLimits.model_validate(dump)
 
 
 def plan_manifest(path: str | Path) -> LocalPlan:
@@ -36,15 +76,67 @@ def plan_manifest(path: str | Path) -> LocalPlan:
     dsd = load_manifest(path)
     report = plan_deployment(dsd)
     slo = dsd.spec.slo
+    plan = report.plan
     return LocalPlan(
         name=dsd.metadata.name,
         model=ModelSpec.from_api(dsd.spec.model),
-        prefill=report.plan.prefill.replicas,
-        decode=report.plan.decode.replicas,
+        prefill=plan.prefill.replicas,
+        decode=plan.decode.replicas,
         slo_millis=(slo.ttft_millis, slo.tpot_millis),
         attainment_percent=float(slo.attainment_percent),
         summary=report.table(),
+        prefill_tp=plan.prefill.tp,
+        decode_tp=plan.decode.tp,
+        prefill_pp=plan.prefill.pp,
+        decode_pp=plan.decode.pp,
+        api_model=dsd.spec.model,
+        api_slo=slo,
+        status=plan,
+        limits=_limits(report),
     )
+
+
+def build_contract(plan: LocalPlan, prefill: int, decode: int) -> Any:
+    """The RuntimeContract that runs `plan` with these replica counts; PlanNotRunnable otherwise."""
+    from pydantic import ValidationError
+
+    from distserve_operator import api
+    from distserve_worker.contract import ContractError, model_shape
+    from distserve_worker.model_source import load_config
+
+    for role, tp, pp in (
+        ("prefill", plan.prefill_tp, plan.prefill_pp),
+        ("decode", plan.decode_tp, plan.decode_pp),
+    ):
+        if pp != 1:
+            raise PlanNotRunnable(
+                f"the plan runs {role} as TP{tp}xPP{pp}: pipeline stages (pp > 1) do not run in this "
+                f"version yet; pin a plan without them in the manifest, e.g. spec.planner.pin: "
+                f"{{prefill: {{tp: {plan.prefill_tp}, pp: 1, replicas: {prefill}}}, "
+                f"decode: {{tp: {plan.decode_tp}, pp: 1, replicas: {decode}}}}}"
+            )
+    try:
+        layers, heads, kv_heads = model_shape(load_config(plan.model))
+    except ContractError as exc:
+        raise PlanNotRunnable(f"model {plan.model.name}: {exc}") from exc
+    try:
+        return api.RuntimeContract(
+            model=plan.api_model,
+            slo=plan.api_slo,
+            shape=api.ModelShape(layers=layers, heads=heads, kv_heads=kv_heads),
+            prefill=api.phase_contract("prefill", plan.prefill_tp, 1, prefill, layers, *PREFILL_PORTS),
+            decode=api.phase_contract("decode", plan.decode_tp, 1, decode, layers, *DECODE_PORTS),
+            limits=plan.limits or api.EngineLimits(),
+            plan=plan.status,
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        message = str(err["msg"]).removeprefix("Value error, ")
+        raise PlanNotRunnable(
+            f"the plan cannot run on {plan.model.name}: {where + ': ' if where else ''}{message}; "
+            "pin a parallelism that fits with spec.planner.pin"
+        ) from exc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,22 +155,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def start_stack(plan: LocalPlan, port: int, max_replicas: int, threads: int, log_dir: str = "") -> LocalStack:
-    prefill, decode = min(plan.prefill, max_replicas), min(plan.decode, max_replicas)
+    """The stack that runs `plan` (not started yet). With the manifest's model and the plan, it runs
+    through a contract written to `<log dir>/plan.json`; a built-in plan runs from model flags.
+    PlanNotRunnable when the plan cannot run here."""
+    prefill, decode = max(1, min(plan.prefill, max_replicas)), max(1, min(plan.decode, max_replicas))
     if (prefill, decode) != (plan.prefill, plan.decode):
         print(
             f"plan asks for {plan.prefill} prefill + {plan.decode} decode instances; "
             f"running {prefill} + {decode} here (--max-replicas {max_replicas})"
         )
-    return LocalStack(
-        StackConfig(
-            plan.model,
-            prefill=max(1, prefill),
-            decode=max(1, decode),
-            threads=threads,
-            router_port=port,
-            log_dir=Path(log_dir) if log_dir else None,
-            slo_millis=plan.slo_millis,
-        )
+    directory = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="distserve-"))
+    common: dict[str, Any] = {
+        "prefill": prefill,
+        "decode": decode,
+        "threads": threads,
+        "router_port": port,
+        "log_dir": directory,
+    }
+    if plan.api_model is None or plan.api_slo is None:
+        return LocalStack(StackConfig(plan.model, slo_millis=plan.slo_millis, **common))
+    plan_file = write_plan(build_contract(plan, prefill, decode), directory)
+    return LocalStack(StackConfig(plan.model, plan_file=plan_file, **common))
+
+
+def describe(plan: LocalPlan, stack: LocalStack) -> str:
+    c = stack.config
+    how = "from its plan file" if c.plan_file else "from model flags"
+    return (
+        f"{c.prefill} prefill instance(s) at TP{plan.prefill_tp} + {c.decode} decode instance(s) at "
+        f"TP{plan.decode_tp}, {how}"
     )
 
 
@@ -89,20 +194,44 @@ def wait_for_interrupt() -> None:
     stop.wait()
 
 
+def print_topology(stack: LocalStack, timeout: float = 30.0) -> None:
+    expect = stack.config.colocated or stack.config.prefill + stack.config.decode
+    try:
+        print(format_topology(fetch_topology(stack.url, expect=expect, timeout=timeout)))
+    except OSError as exc:
+        print(f"(topology unavailable: {exc})")
+
+
 def run(args: argparse.Namespace) -> int:
-    plan = plan_manifest(args.file)
+    from distserve_operator.api import SpecError
+
+    try:
+        plan = plan_manifest(args.file)
+    except SpecError as exc:  # the manifest itself: one line per problem
+        print(exc.report(args.file), file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:  # e.g. a pin that cannot run, an unknown model
+        print(f"distserve up: {args.file}: cannot plan: {exc}", file=sys.stderr)
+        return 2
     print(plan.summary)
-    stack = start_stack(plan, args.port, args.max_replicas, args.threads, args.log_dir)
-    print(f"\nstarting {plan.name}: logs in {stack.log_dir}")
+    try:
+        stack = start_stack(plan, args.port, args.max_replicas, args.threads, args.log_dir)
+    except (PlanNotRunnable, OSError) as exc:
+        print(f"distserve up: {exc}", file=sys.stderr)
+        return 2
+    print(f"\nstarting {plan.name}: {describe(plan, stack)}; plan file and logs in {stack.log_dir}")
     stack.start()
     try:
         stack.wait_ready(timeout=600)
+        print(f"\n{plan.name} is up:")
+        print_topology(stack)
         print(f"\n{plan.name} is serving {plan.model.name} at {stack.url}  (OpenAI API: {stack.url}/v1)")
         print(
             f"  try: curl {stack.url}/v1/chat/completions -H 'Content-Type: application/json' "
             f'-d \'{{"model": "{plan.model.name}", "messages": [{{"role": "user", "content": "Hi"}}]}}\''
         )
-        print("  Ctrl-C stops it.")
+        print(f"  topology: curl {stack.url}/v1/distserve/instances")
+        print("  Ctrl-C stops it.", flush=True)
         wait_for_interrupt()
         print("\nstopping ...")
     finally:

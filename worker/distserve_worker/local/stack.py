@@ -4,6 +4,15 @@ Each process is `python -m distserve_worker.cli_worker ROLE ...` on loopback wit
 in its own process group (so a Ctrl-C in the terminal reaches only this supervisor, which then
 stops the children in order) with its output in a log file. Tests, benchmarks, `distserve up` and
 `distserve demo` all use this one class.
+
+Two ways to say what the workers run:
+
+- flags: `StackConfig(model, prefill_args=["--tp", "2"], ...)`: the model flags from `model`, and
+  per-role extra flags passed through as they are;
+- a runtime contract: `StackConfig(..., plan_file=PATH)` or `StackConfig.from_plan_file(PATH)`:
+  every process starts with `--plan-file PATH` (model, SLO, tp, layers and engine limits from it,
+  exactly as in a pod) and tensor-parallel follower ranks take free ports (`--rank-port-base 0`).
+  `write_plan(contract, directory)` writes a `RuntimeContract` where a stack can read it.
 """
 
 from __future__ import annotations
@@ -20,8 +29,16 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from distserve_worker.model_source import ModelSpec
+
+if TYPE_CHECKING:
+    from distserve_operator.api import RuntimeContract
+
+PLAN_FILE_NAME = "plan.json"
+# Flags the plan file sets: a worker refuses them together with --plan-file (cli_worker.obey).
+PLAN_FLAGS = ("--tp", "--decode-tp", "--token-budget", "--max-batch", "--max-kv-tokens")
 
 
 def free_port() -> int:
@@ -63,6 +80,41 @@ class StackConfig:
     router_port: int = 0  # 0 = a free port
     log_dir: Path | None = None
     slo_millis: tuple[int, int] | None = None  # (TTFT, TPOT)
+    # A runtime contract (plan.json) every process starts with instead of the model flags; its
+    # per-role extra args must then not repeat what it sets (PLAN_FLAGS).
+    plan_file: Path | str | None = None
+
+    @classmethod
+    def from_plan_file(
+        cls, plan_file: Path | str, max_replicas: int | None = None, **overrides: Any
+    ) -> StackConfig:
+        """A stack that runs the contract: its model, and its replica counts (capped at max_replicas,
+        at least one each). `overrides` are any other StackConfig fields."""
+        from distserve_worker.contract import load_contract
+
+        contract = load_contract(plan_file)
+        cap = (
+            max_replicas
+            if max_replicas is not None
+            else max(contract.prefill.replicas, contract.decode.replicas, 1)
+        )
+        fields: dict[str, Any] = {
+            "model": ModelSpec.from_plan_json(contract.model.to_wire()),
+            "prefill": max(1, min(contract.prefill.replicas, cap)),
+            "decode": max(1, min(contract.decode.replicas, cap)),
+            "plan_file": Path(plan_file),
+        }
+        return cls(**(fields | overrides))
+
+
+def write_plan(contract: RuntimeContract, directory: Path | str, name: str = PLAN_FILE_NAME) -> Path:
+    """Write a runtime contract as the plan ConfigMap's plan.json would hold it; returns its path."""
+    import json
+
+    path = Path(directory) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(contract.to_wire(), indent=2) + "\n")
+    return path.resolve()
 
 
 class LocalStack:
@@ -71,12 +123,24 @@ class LocalStack:
         self.log_dir = config.log_dir or Path(tempfile.mkdtemp(prefix="distserve-"))
         self.procs: list[Proc] = []
         threads = config.threads or max(1, (os.cpu_count() or 2) // 2)
-        model = config.model
-        model_args = ["--model-name", model.name, "--model-source", model.kind, "--dtype", model.dtype]
-        if model.path:
-            model_args += ["--model-path", model.path]
-        if model.gguf_file:
-            model_args += ["--gguf-file", model.gguf_file]
+        self.plan_file = Path(config.plan_file).resolve() if config.plan_file else None
+        if self.plan_file is not None:
+            clashes = sorted(
+                {a.split("=")[0] for a in config.prefill_args + config.decode_args} & set(PLAN_FLAGS)
+            )
+            if clashes:
+                raise ValueError(
+                    f"{', '.join(clashes)} in the per-role args together with plan_file: the plan file "
+                    "sets them; change the plan instead"
+                )
+            model_args = ["--plan-file", str(self.plan_file)]
+        else:
+            model = config.model
+            model_args = ["--model-name", model.name, "--model-source", model.kind, "--dtype", model.dtype]
+            if model.path:
+                model_args += ["--model-path", model.path]
+            if model.gguf_file:
+                model_args += ["--gguf-file", model.gguf_file]
         common = [*model_args, "--host", "127.0.0.1", "--threads", str(threads)]
         self.prefill_addresses: list[str] = []
         self.decode_addresses: list[str] = []
@@ -92,7 +156,10 @@ class LocalStack:
             for index in range(count):
                 port, http_port = free_port(), free_port()
                 addresses.append(f"127.0.0.1:{port}")
-                args = [role, *common, "--port", str(port), "--http-port", str(http_port), *extra]
+                args = [role, *common, "--port", str(port), "--http-port", str(http_port)]
+                if role != "colocated":
+                    args += ["--rank-port-base", "0"]  # tensor-parallel follower ranks: free ports
+                args += extra
                 self.procs.append(
                     Proc(f"{role}-{index}", args, http_port, self.log_dir / f"{role}-{index}.log")
                 )

@@ -39,6 +39,7 @@ from distserve_worker.router.openai import (
     usage,
 )
 from distserve_worker.router.picker import Instance, pick_decode, pick_prefill
+from distserve_worker.router.topology import apply_status, instances_document
 from distserve_worker.settings import RouterSettings
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
@@ -112,12 +113,11 @@ class Pool:
             if channel is not None:
                 await channel.close()
             return
-        inst.healthy, inst.error = True, ""
-        inst.queued, inst.running = status.queued, status.running
-        inst.free_slots, inst.max_context = status.free_slots, status.max_context
+        apply_status(inst, status)
 
-    def healthy(self) -> list[Instance]:
-        return [i for i in self.instances.values() if i.healthy]
+    def routable(self) -> list[Instance]:
+        """Instances that answered the last poll and report themselves ready."""
+        return [i for i in self.instances.values() if i.routable]
 
     async def close(self) -> None:
         for channel in self.channels.values():
@@ -143,7 +143,7 @@ class Router:
         return (s.slo_ttft_seconds, s.slo_tpot_seconds)
 
     def ready(self) -> bool:
-        return bool(self.prefill.healthy() and self.decode.healthy())
+        return bool(self.prefill.routable() and self.decode.routable())
 
     async def refresh_loop(self) -> None:
         while True:
@@ -151,8 +151,15 @@ class Router:
                 await asyncio.gather(self.prefill.refresh(), self.decode.refresh())
             await asyncio.sleep(self.settings.refresh_seconds)
 
+    def topology(self) -> dict[str, Any]:
+        """`GET /v1/distserve/instances`: every instance as its last Status poll described it."""
+        return instances_document(
+            self.settings.model.name,
+            [(pool.role, pool.instances.values()) for pool in (self.prefill, self.decode)],
+        )
+
     def max_context(self) -> int:
-        contexts = [i.max_context for i in self.prefill.healthy() + self.decode.healthy() if i.max_context]
+        contexts = [i.max_context for i in self.prefill.routable() + self.decode.routable() if i.max_context]
         if not contexts:
             raise WorkerError("no prefill/decode instance is available yet")
         return min(contexts)
@@ -216,6 +223,8 @@ class Router:
             max_tokens=max_tokens,
             stop=req.stop,
             ignore_eos=req.ignore_eos,
+            # Under tensor parallelism: each prefill rank's KV server, so decode ranks pull their heads.
+            kv_rank_addresses=list(first.kv_rank_addresses),
         )
         tried: set[str] = set()
         while True:
@@ -348,11 +357,14 @@ def build_app(router: Router) -> web.Application:
     def instances() -> dict[str, Any]:
         return {
             pool.role: [
-                {"address": i.address, "healthy": i.healthy, "error": i.error}
+                {"address": i.address, "healthy": i.healthy, "ready": i.routable, "error": i.error}
                 for i in pool.instances.values()
             ]
             for pool in (router.prefill, router.decode)
         }
+
+    async def topology(_: web.Request) -> web.Response:
+        return web.json_response(router.topology())
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "ready": router.ready(), **instances()})
@@ -370,6 +382,7 @@ def build_app(router: Router) -> web.Application:
             web.post("/v1/completions", completions_handler),
             web.post("/v1/chat/completions", chat_handler),
             web.get("/v1/models", models),
+            web.get("/v1/distserve/instances", topology),
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),
             web.get("/metrics", metrics),

@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 ARCHITECTURES = ("llama", "opt", "gpt2")
+# The families tensor parallelism shards (tp/shard.py): Llama-style layers, Qwen2 with q/k/v biases.
+# Their heads (4) and key/value heads (2) divide by 2.
+TP_ARCHITECTURES = ("llama", "qwen2", "mistral")
 EOS = "<|endoftext|>"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -39,23 +42,30 @@ def tiny_model(arch: str, vocab_size: int = 257, seed: int = 0, max_positions: i
         GPT2LMHeadModel,
         LlamaConfig,
         LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
         OPTConfig,
         OPTForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
     )
 
     torch.manual_seed(seed)
     common = {"vocab_size": vocab_size, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+    llama_shape = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": max_positions,
+    }
     if arch == "llama":
-        config = LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=max_positions,
-            **common,
-        )
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(LlamaConfig(**llama_shape, **common))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**llama_shape, **common))
+    elif arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(**llama_shape, sliding_window=None, **common))
     elif arch == "opt":
         config = OPTConfig(
             hidden_size=64,
@@ -71,7 +81,7 @@ def tiny_model(arch: str, vocab_size: int = 257, seed: int = 0, max_positions: i
         config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=max_positions, **common)
         model = GPT2LMHeadModel(config)
     else:
-        raise ValueError(f"unknown architecture {arch!r} (one of {ARCHITECTURES})")
+        raise ValueError(f"unknown architecture {arch!r} (one of {ARCHITECTURES + TP_ARCHITECTURES[1:]})")
     return model.eval()
 
 

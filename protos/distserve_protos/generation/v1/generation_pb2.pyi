@@ -37,7 +37,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("request_id", "first_token_id", "prompt_tokens", "kv_bytes", "kv_address", "prefill_seconds", "queue_seconds")
+    __slots__ = ("request_id", "first_token_id", "prompt_tokens", "kv_bytes", "kv_address", "prefill_seconds", "queue_seconds", "kv_rank_addresses")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class PrefillResponse(_message.Message):
     KV_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KV_RANK_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     first_token_id: int
     prompt_tokens: int
@@ -52,10 +53,11 @@ class PrefillResponse(_message.Message):
     kv_address: str
     prefill_seconds: float
     queue_seconds: float
-    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_address: _Optional[str] = ..., prefill_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ...) -> None: ...
+    kv_rank_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_address: _Optional[str] = ..., prefill_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., kv_rank_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "kv_address", "prompt_tokens", "first_token_id", "sampling", "max_tokens", "stop", "ignore_eos")
+    __slots__ = ("request_id", "kv_address", "prompt_tokens", "first_token_id", "sampling", "max_tokens", "stop", "ignore_eos", "kv_rank_addresses")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KV_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +66,7 @@ class DecodeRequest(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    KV_RANK_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     kv_address: str
     prompt_tokens: int
@@ -72,7 +75,8 @@ class DecodeRequest(_message.Message):
     max_tokens: int
     stop: _containers.RepeatedScalarFieldContainer[str]
     ignore_eos: bool
-    def __init__(self, request_id: _Optional[str] = ..., kv_address: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., first_token_id: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+    kv_rank_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., kv_address: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., first_token_id: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., kv_rank_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
     __slots__ = ("request_id", "token_id", "text", "index", "finish_reason", "kv_transfer_seconds", "kv_transfer_bytes")
@@ -97,7 +101,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("role", "model", "queued", "running", "free_slots", "kv_used_bytes", "kv_capacity_bytes", "kv_entries", "max_context")
+    __slots__ = ("role", "model", "queued", "running", "free_slots", "kv_used_bytes", "kv_capacity_bytes", "kv_entries", "max_context", "ready", "tp", "pp", "stage", "layer_start", "layer_end", "ranks", "address")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +111,14 @@ class WorkerStatus(_message.Message):
     KV_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    TP_FIELD_NUMBER: _ClassVar[int]
+    PP_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
     role: str
     model: str
     queued: int
@@ -116,4 +128,32 @@ class WorkerStatus(_message.Message):
     kv_capacity_bytes: int
     kv_entries: int
     max_context: int
-    def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., free_slots: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ..., kv_entries: _Optional[int] = ..., max_context: _Optional[int] = ...) -> None: ...
+    ready: bool
+    tp: int
+    pp: int
+    stage: int
+    layer_start: int
+    layer_end: int
+    ranks: _containers.RepeatedCompositeFieldContainer[RankInfo]
+    address: str
+    def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., free_slots: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ..., kv_entries: _Optional[int] = ..., max_context: _Optional[int] = ..., ready: _Optional[bool] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., stage: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ..., address: _Optional[str] = ...) -> None: ...
+
+class RankInfo(_message.Message):
+    __slots__ = ("rank", "device", "parameters", "kv_capacity_tokens", "ready", "address", "kv_head_start", "kv_head_end")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    KV_CAPACITY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    KV_HEAD_START_FIELD_NUMBER: _ClassVar[int]
+    KV_HEAD_END_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    device: str
+    parameters: int
+    kv_capacity_tokens: int
+    ready: bool
+    address: str
+    kv_head_start: int
+    kv_head_end: int
+    def __init__(self, rank: _Optional[int] = ..., device: _Optional[str] = ..., parameters: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., ready: _Optional[bool] = ..., address: _Optional[str] = ..., kv_head_start: _Optional[int] = ..., kv_head_end: _Optional[int] = ...) -> None: ...

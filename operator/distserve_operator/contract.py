@@ -1,0 +1,82 @@
+"""The runtime contract for a spec and its plan: the `plan.json` every worker obeys.
+
+`runtime_contract(spec, plan)` is the one way to build it: the operator writes it into the plan
+ConfigMap (children.render_plan_configmap, with the pods' ports and Services) and `distserve up`
+can write the same document for local processes. It carries what the planner assumed, so the
+workers run what was simulated: the model shape, each role's tp, pp and stage layer ranges, the
+ports, and the engine limits the simulation used (`PlanStatus.limits`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from .api import (
+    DistServeDeploymentSpec,
+    EngineLimits,
+    ModelShape,
+    PlanStatus,
+    Role,
+    RuntimeContract,
+    phase_contract,
+)
+
+
+def model_shape(spec: DistServeDeploymentSpec) -> ModelShape:
+    """Layers and heads as the planner resolved them (spec, GGUF, config.json or its catalogue):
+    the shape the plan's tp and stages were chosen for. ValueError names the field to set."""
+    from .planner.architecture import resolve
+
+    arch = resolve(spec.model)
+    return ModelShape(layers=arch.layers, heads=arch.heads, kv_heads=arch.kv_heads)
+
+
+def plan_limits(spec: DistServeDeploymentSpec, plan: PlanStatus) -> EngineLimits:
+    """The limits the plan was simulated with; recomputed the same way for a plan recorded before
+    plans carried them."""
+    if plan.limits is not None:
+        return plan.limits
+    from .planner import engine_limits
+
+    return engine_limits(spec, plan.decode.tp, plan.decode.pp)
+
+
+def runtime_contract(
+    spec: DistServeDeploymentSpec,
+    plan: PlanStatus,
+    *,
+    ports: Mapping[str, tuple[int, int]] | None = None,
+    services: Mapping[str, Sequence[str]] | None = None,
+    shape: ModelShape | None = None,
+) -> RuntimeContract:
+    """The contract for `plan` of `spec`.
+
+    `ports`: role -> (gRPC, metrics) port of its rank 0 (default: spec.worker's for both roles);
+    `services`: role -> one headless Service name per stage ("" where none selects just that
+    stage; omitted in local mode); `shape`: the model shape (default: resolved from spec.model).
+    """
+    shape = shape or model_shape(spec)
+    phases = {}
+    for role in (Role.PREFILL, Role.DECODE):
+        phase = plan.prefill if role is Role.PREFILL else plan.decode
+        grpc, metrics = (ports or {}).get(role.value, (spec.worker.grpc_port, spec.worker.metrics_port))
+        stage_services = (services or {}).get(role.value)
+        phases[role] = phase_contract(
+            role,
+            phase.tp,
+            phase.pp,
+            phase.replicas,
+            shape.layers,
+            grpc,
+            metrics,
+            list(stage_services) if stage_services else None,
+        )
+    return RuntimeContract(
+        model=spec.model,
+        slo=spec.slo,
+        shape=shape,
+        prefill=phases[Role.PREFILL],
+        decode=phases[Role.DECODE],
+        limits=plan_limits(spec, plan),
+        plan=plan,
+    )

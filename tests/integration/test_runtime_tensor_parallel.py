@@ -1,0 +1,156 @@
+"""Tensor parallelism in the real stack: router, prefill and decode instances whose tp ranks are
+separate processes (gloo collectives, real gRPC, tiny Llama). Greedy output is token-identical to
+the one-process reference for every prefill/decode TP pair (KV heads resharded on the pull), each
+rank holds its own shard, and a rank killed mid-stream fails its instance's requests at once while
+the other instances keep serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import time
+import urllib.error
+import urllib.request
+
+import aiohttp
+import pytest
+
+from distserve_worker.engine.runner import reference_greedy
+from distserve_worker.local.stack import LocalStack, StackConfig
+from distserve_worker.model_source import ModelSpec
+from distserve_worker.testing.client import complete
+from distserve_worker.testing.tiny import save_tiny_model, tiny_model
+
+MAX_TOKENS = 12
+PAIRS = [(1, 2), (2, 1), (2, 2)]  # (1, 1) is the plain stack (test_runtime_disaggregated.py)
+
+
+def prompts(seed=1):
+    rng = random.Random(seed)
+    return [[rng.randrange(1, 257) for _ in range(n)] for n in (3, 5, 8, 13, 21, 34, 55, 89)]
+
+
+def body(prompt, **extra):
+    return {
+        "model": "tiny",
+        "prompt": prompt,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "return_token_ids": True,
+    } | extra
+
+
+def tp_config(path, prefill_tp, decode_tp, **kw) -> StackConfig:
+    return StackConfig(
+        ModelSpec(name="tiny", kind="Path", path=str(path)),
+        threads=1,
+        prefill_args=["--tp", str(prefill_tp), "--decode-tp", str(decode_tp)],
+        decode_args=["--tp", str(decode_tp)],
+        **kw,
+    )
+
+
+def instances(stack) -> list[dict]:
+    with urllib.request.urlopen(f"{stack.url}/v1/distserve/instances", timeout=5) as r:
+        return json.loads(r.read())["instances"]
+
+
+async def instances_async(session, stack) -> list[dict]:
+    async with session.get(f"{stack.url}/v1/distserve/instances") as r:
+        return (await r.json())["instances"]
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return save_tiny_model("llama", tmp_path_factory.mktemp("llama"))
+
+
+@pytest.mark.parametrize(("prefill_tp", "decode_tp"), PAIRS)
+async def test_greedy_output_matches_the_reference_across_tp_pairs(tiny_path, prefill_tp, decode_tp):
+    ps = prompts()
+    model = tiny_model("llama")
+    reference = [reference_greedy(model, p, MAX_TOKENS, eos={0}) for p in ps]
+    with LocalStack(tp_config(tiny_path, prefill_tp, decode_tp)) as stack:
+        stack.wait_ready(180)
+        url = f"{stack.url}/v1/completions"
+        async with aiohttp.ClientSession() as session:
+            alone = await complete(session, url, body(ps[4]))
+            together = await asyncio.gather(*(complete(session, url, body(p)) for p in ps))
+        listed = instances(stack)
+    assert alone.status == 200 and alone.token_ids == reference[4]
+    assert [r.status for r in together] == [200] * 8
+    assert [r.token_ids for r in together] == reference
+    # What runs is what was asked: tp ranks per instance, each with its own key/value heads and
+    # its shard of the weights.
+    total = model.num_parameters()
+    for inst in listed:
+        tp = prefill_tp if inst["role"] == "prefill" else decode_tp
+        assert inst["tp"] == tp and inst["ready"] and inst["layers"] == {"start": 0, "end": 2}
+        ranks = inst["ranks"]
+        assert [r["rank"] for r in ranks] == list(range(tp))
+        assert [(r["kv_heads"]["start"], r["kv_heads"]["end"]) for r in ranks] == [
+            (i * 2 // tp, (i + 1) * 2 // tp) for i in range(tp)
+        ]
+        for r in ranks:
+            assert r["ready"] and r["device"] == "cpu"
+            assert r["parameters"] <= total // tp + total // 10  # its shard (norms are replicated)
+
+
+def follower_pids(pid: int) -> list[int]:
+    """The follower ranks rank 0 started (its child processes)."""
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+
+def ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return r.status == 200
+    except urllib.error.HTTPError:
+        return False
+
+
+async def test_a_killed_rank_fails_its_instances_requests_and_the_others_keep_serving(tiny_path):
+    with LocalStack(tp_config(tiny_path, 1, 2, decode=2)) as stack:
+        stack.wait_ready(180)
+        url = f"{stack.url}/v1/completions"
+        async with aiohttp.ClientSession() as session:
+            # A long stream (most of the tiny model's 512 positions): mid-flight when the rank dies.
+            long = body("hello", max_tokens=480, ignore_eos=True, stream=True)
+            stream = asyncio.ensure_future(complete(session, url, long, timeout=60))
+            victim = None
+            while victim is None:  # the decode instance running it
+                assert not stream.done(), (await stream).error
+                await asyncio.sleep(0.05)
+                for inst in await instances_async(session, stack):
+                    if inst["role"] == "decode" and inst["load"]["running"]:
+                        victim = stack.decode_addresses.index(inst["address"])
+            proc = stack.proc(f"decode-{victim}")
+            (follower,) = follower_pids(proc.popen.pid)
+            killed = time.monotonic()
+            os.kill(follower, signal.SIGKILL)
+            result = await stream
+            failed_after = time.monotonic() - killed
+            # Nothing hangs: the stream ends with the reason within seconds.
+            assert result.error is not None and failed_after < 10
+            assert "tensor-parallel rank 1" in result.error["message"]
+            assert not ready(proc.http_port)
+            # The router sees it at its next poll of the instances (every 2 s).
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                listed = {i["address"]: i for i in instances(stack) if i["role"] == "decode"}
+                if listed[stack.decode_addresses[victim]]["ready"] is False:
+                    break
+                await asyncio.sleep(0.2)
+            assert listed[stack.decode_addresses[victim]]["ready"] is False
+            assert "not ready" in listed[stack.decode_addresses[victim]]["error"]
+            # The router stops picking it; the other instance serves every new request.
+            after = await asyncio.gather(*(complete(session, url, body(p)) for p in prompts()[:4]))
+        assert [r.status for r in after] == [200] * 4
+        assert proc.alive()  # reporting not ready, not crashed: the kubelet restarts the pod (/healthz)

@@ -1,0 +1,96 @@
+"""Reading and checking the runtime contract (`plan.json`) before anything is loaded.
+
+The worker obeys the contract (`distserve_operator.api.RuntimeContract`): its role's tp, its stage's
+layer range, the engine limits and the ports. A contract that is malformed, or that does not fit
+the model (a tp that does not divide its heads, a layer range outside it), stops the worker with
+one line naming the field and the fix, and exit status 2, before any weights are read: a
+CrashLoopBackOff whose log says what to change, not a stack trace after minutes of loading.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from distserve_operator.api import Role, RuntimeContract, tp_refusal
+
+
+class ContractError(ValueError):
+    """The plan file cannot be obeyed; the message is one line: where, what, and the fix."""
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(document)"
+    message = str(err["msg"]).removeprefix("Value error, ")
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {message}{more}"
+
+
+def load_contract(path: str | Path) -> RuntimeContract:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ContractError(
+            f"plan file {path}: cannot read it ({exc.strerror}): mount the plan ConfigMap"
+        ) from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ContractError(f"plan file {path}: not JSON ({exc.msg} at line {exc.lineno})") from exc
+    if not isinstance(data, dict):
+        raise ContractError(f"plan file {path}: expected a JSON object (the plan ConfigMap's plan.json)")
+    try:
+        return RuntimeContract.model_validate(data)
+    except ValidationError as exc:
+        raise ContractError(
+            f"plan file {path}: {_first_error(exc)}; re-render it with the operator or `distserve up` of this version"
+        ) from exc
+
+
+def check_role_stage(contract: RuntimeContract, role: str, stage: int, where: str = "plan file") -> None:
+    """The worker's own role and stage exist in the contract."""
+    if role not in (Role.PREFILL.value, Role.DECODE.value):
+        raise ContractError(f"{where}: role {role!r} has no entry (prefill or decode)")
+    phase = contract.phase(role)
+    if not 0 <= stage < phase.pp:
+        raise ContractError(
+            f"{where}: --stage {stage} (DISTSERVE_STAGE) is outside {role}.pp {phase.pp}: "
+            f"use a stage from 0 to {phase.pp - 1}"
+        )
+
+
+def model_shape(config: Any) -> tuple[int, int, int]:
+    """(layers, attention heads, key/value heads) from a transformers config of any family."""
+    text = getattr(config, "get_text_config", lambda: config)()
+    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if not (layers and heads and kv_heads):
+        raise ContractError(
+            "the model's config names no layer or head counts: it cannot be planned or sharded"
+        )
+    return int(layers), int(heads), int(kv_heads)
+
+
+def check_against_model(contract: RuntimeContract, role: str, stage: int, config: Any) -> None:
+    """The contract fits the model that will be loaded: layer range inside it, tp dividing its heads."""
+    layers, heads, kv_heads = model_shape(config)
+    phase = contract.phase(role)
+    if phase.num_layers != layers:
+        raise ContractError(
+            f"plan file: {role}.stages cover {phase.num_layers} layers but the model has {layers}: set "
+            "spec.model.architecture.layers to the model's num_hidden_layers"
+        )
+    span = phase.stages[stage].layers
+    if span.end > layers:
+        raise ContractError(
+            f"plan file: {role}.stages[{stage}].layers [{span.start}, {span.end}) is outside the model's "
+            f"{layers} layers"
+        )
+    reason = tp_refusal(heads, kv_heads, phase.tp)
+    if reason:
+        raise ContractError(f"plan file: {role}.tp: {reason}")

@@ -1,0 +1,61 @@
+"""The decode side of a KV pull across tensor-parallel degrees: pull this rank's pieces and join them.
+
+A decode rank's heads may live on several prefill ranks (prefill TP2 -> decode TP1) or be part of
+one prefill rank's heads (TP1 -> TP2); `tp/heads.py` says which. Each piece is pulled straight from
+the prefill rank that holds it, checked chunk by chunk as any pull, and the pieces are joined along
+the head dimension (a copy only when there is more than one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from distserve_worker.engine.kvcache import SequenceKV
+from distserve_worker.engine.runner import KVLayout
+from distserve_worker.kvtransfer.codec import Expected
+from distserve_worker.kvtransfer.transport import KVPuller
+from distserve_worker.tp.heads import Piece
+
+
+def join_heads(parts: list[SequenceKV]) -> SequenceKV:
+    if len(parts) == 1:
+        return parts[0]
+    return SequenceKV(
+        [
+            (torch.cat([p.layers[i][0] for p in parts]), torch.cat([p.layers[i][1] for p in parts]))
+            for i in range(len(parts[0].layers))
+        ]
+    )
+
+
+async def pull_pieces(
+    puller: KVPuller,
+    addresses: list[str],
+    request_id: str,
+    num_tokens: int,
+    pieces: list[Piece],
+    layout: KVLayout,
+    max_chunk_bytes: int,
+    timeout: float,
+) -> SequenceKV:
+    """Pull `pieces` (of the prefill ranks at `addresses`) concurrently; KVPullError if one fails."""
+
+    def expected(piece: Piece) -> Expected:
+        return Expected(
+            num_layers=layout.num_layers,
+            num_tokens=num_tokens,
+            kv_heads=piece.heads,
+            head_dim=layout.head_dim,
+            dtype=layout.dtype,
+            max_chunk_bytes=max_chunk_bytes,
+        )
+
+    parts = await asyncio.gather(
+        *(
+            puller.pull(addresses[p.source], request_id, expected(p), timeout, heads=(p.start, p.end))
+            for p in pieces
+        )
+    )
+    return join_heads(list(parts))

@@ -1,0 +1,82 @@
+"""What every rank of a tensor-parallel instance does at start, rank 0 and followers alike.
+
+Join the instance's process group (NCCL on CUDA, gloo on the CPU; a TCP store on loopback that rank
+0 hosts), load the model on the CPU, keep this rank's shard and move it to this rank's device. The
+ranks then run the same start-up forward (the KV layout probe), so their collectives line up from
+the first one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distserve_worker.model_source import ModelSpec, load_model
+from distserve_worker.tp.shard import shard_model
+
+# A collective that waits longer than this fails: a rank that died mid-step is usually seen at once
+# (its sockets close); this bounds the case of a rank that hangs.
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=30)
+# Joining waits for every rank to start its interpreter and import torch.
+JOIN_TIMEOUT = datetime.timedelta(seconds=300)
+
+
+@dataclass(frozen=True)
+class RankPlace:
+    rank: int
+    world: int
+    store_port: int
+
+    @property
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.rank % torch.cuda.device_count())
+        return torch.device("cpu")
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device.type == "cuda" else "gloo"
+
+
+def host_store(world: int) -> dist.TCPStore:
+    """Rank 0's store on a free loopback port (`store.port`): ranks are processes of one pod."""
+    return dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=JOIN_TIMEOUT, wait_for_workers=False)
+
+
+def join(place: RankPlace, store: dist.TCPStore | None = None) -> dist.TCPStore:
+    """Join the instance's process group; returns the store (followers publish their address in it)."""
+    if store is None:
+        store = dist.TCPStore(
+            "127.0.0.1", place.store_port, place.world, is_master=False, timeout=JOIN_TIMEOUT
+        )
+    if place.device.type == "cuda":
+        torch.cuda.set_device(place.device)
+    dist.init_process_group(
+        place.backend, store=store, rank=place.rank, world_size=place.world, timeout=COLLECTIVE_TIMEOUT
+    )
+    return store
+
+
+def load_shard(spec: ModelSpec, place: RankPlace) -> tuple[Any, Any]:
+    """(model shard on this rank's device, tokenizer)."""
+    started = time.perf_counter()
+    model, tokenizer = load_model(spec, device="cpu")
+    model = shard_model(model, place.world, place.rank).to(place.device).eval()
+    print(
+        f"[distserve] rank {place.rank}/{place.world}: shard on {place.device} in "
+        f"{time.perf_counter() - started:.1f} s",
+        flush=True,
+    )
+    return model, tokenizer
+
+
+def kv_heads_of(model: Any) -> int:
+    """The model's key/value heads (all ranks together)."""
+    config = getattr(model.config, "get_text_config", lambda: model.config)()
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    return int(getattr(config, "num_key_value_heads", None) or heads)

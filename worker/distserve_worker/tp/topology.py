@@ -1,0 +1,46 @@
+"""What an instance reports about its ranks (`WorkerStatus.ranks`): device, shard size, KV room."""
+
+from __future__ import annotations
+
+from distserve_protos.generation.v1 import generation_pb2 as gen
+from distserve_worker.engine.runner import ModelRunner
+from distserve_worker.tp.group import RankGroup
+from distserve_worker.tp.heads import rank_heads
+from distserve_worker.tp.shard import parameters_held
+
+
+def rank_infos(
+    runner: ModelRunner, group: RankGroup | None, kv_heads: int, kv_capacity_tokens: int, address: str
+) -> list[gen.RankInfo]:
+    tp = 1 if group is None else group.world
+    start, end = rank_heads(kv_heads, tp, 0)
+    ok = group is None or group.broken is None
+    out = [
+        gen.RankInfo(
+            rank=0,
+            device=str(runner.device),
+            parameters=parameters_held(runner.model),
+            kv_capacity_tokens=kv_capacity_tokens,
+            ready=ok,
+            address=address,
+            kv_head_start=start,
+            kv_head_end=end,
+        )
+    ]
+    if group is None:
+        return out
+    for rank, d in sorted(group.described.items()):
+        alive = group.procs[rank].poll() is None
+        out.append(
+            gen.RankInfo(
+                rank=rank,
+                device=d.device,
+                parameters=d.parameters,
+                kv_capacity_tokens=d.kv_capacity_tokens,
+                ready=ok and alive,
+                address=d.address,
+                kv_head_start=d.kv_head_start,
+                kv_head_end=d.kv_head_end,
+            )
+        )
+    return out
