@@ -5,8 +5,9 @@ It is the prefill and decode workers themselves, sharing one model, one runner a
 thread: a prefill forward and a decode step never run at once, so a prompt stalls every running
 decode exactly as in a colocated engine. The process serves PrefillService, DecodeService and
 KVTransferService on one gRPC port; the router lists it as both its prefill and its decode
-instance. The decode half pulls each cache from its own process over loopback (one encode and
-one copy of a few MB per request: small next to a forward, and counted in what is measured).
+instance. The decode half takes a cache its own prefill half holds in-process, as tensors (no
+encoding, no loopback gRPC, no copy: a colocated engine has no transfer at all); one that another
+colocated instance holds (the router may pair them) is pulled over gRPC.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ async def serve_colocated(settings: ColocatedSettings, loaded: Any = None) -> No
     from distserve_worker.decode import DecodeWorker
     from distserve_worker.engine.runner import ModelRunner, probe_kv_layout
     from distserve_worker.health import start_http
+    from distserve_worker.kvtransfer.source import LocalFirstSource, LocalSource, PullSource
     from distserve_worker.kvtransfer.transport import GrpcKVPuller, KVTransferServicer, channel_options
     from distserve_worker.kvtransfer.transport import add_to_server as add_kv_transfer
     from distserve_worker.model_source import eos_token_ids, load_model, max_context
@@ -67,21 +69,30 @@ async def serve_colocated(settings: ColocatedSettings, loaded: Any = None) -> No
         runner = ModelRunner(model, p.threads or None)
         layout = probe_kv_layout(runner)
         context = max_context(model)
-        prefill = PrefillWorker(p, runner, layout, context, prefill_metrics)
-        decode = DecodeWorker(
-            d, runner, tokenizer, layout, context, eos_token_ids(model, tokenizer), puller, decode_metrics
+        prefill = PrefillWorker(p, runner, layout, context, prefill_metrics, encode=False)
+        remote = PullSource(
+            puller, layout, layout.kv_heads, 1, None, d.max_chunk_bytes, d.pull_timeout_seconds
         )
-        # The point of the baseline: one forward thread for both phases (FIFO: a waiting prefill
-        # runs after at most one decode step, then decode resumes).
-        decode.executor.shutdown(wait=False)
-        decode.executor = prefill.executor
+        decode = DecodeWorker(
+            d,
+            runner,
+            tokenizer,
+            layout,
+            context,
+            eos_token_ids(model, tokenizer),
+            LocalFirstSource(LocalSource(prefill.buffer), remote, p.address),
+            decode_metrics,
+            # The point of the baseline: one forward thread for both phases (FIFO: a waiting
+            # prefill runs after at most one decode step, then decode resumes).
+            executor=prefill.executor,
+        )
         gen_grpc.add_PrefillServiceServicer_to_server(prefill, server)
         gen_grpc.add_DecodeServiceServicer_to_server(decode, server)
         add_kv_transfer(KVTransferServicer(prefill.buffer, p.max_chunk_bytes, prefill.on_kv_sent), server)
         await serve_until_stopped(
             server,
             f"{p.host}:{p.port}",
-            [prefill.batch_loop, prefill.reap_loop, decode.step_loop],
+            [prefill.batch_loop, prefill.reap_loop, decode.engine.run],
             state=state,
             label="colocated (prefill + decode)",
         )

@@ -63,8 +63,12 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
         metrics: RuntimeMetrics,
         kv_heads: int = 0,
         group: RankGroup | None = None,
+        encode: bool = True,
     ) -> None:
         self.settings = settings
+        # False: caches are kept as tensors, for a decode engine in this same process (colocated)
+        # to take without encoding; a pull from elsewhere then encodes them when it comes.
+        self.encode = encode
         self.runner = runner
         self.layout = layout
         self.max_context = max_context
@@ -122,9 +126,11 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
             started_forward = pending.started or arrived
             first = sample(out.last_logits, pending.sampling, index=0)
             # Encoded once here, so a pull only streams bytes (see kvtransfer/codec.py).
-            encoded = await asyncio.get_running_loop().run_in_executor(
-                self.encoder, prepare, rid, out.kv, self.pieces, self.own, self.settings.max_chunk_bytes
-            )
+            encoded: Any = out.kv
+            if self.encode:
+                encoded = await asyncio.get_running_loop().run_in_executor(
+                    self.encoder, prepare, rid, out.kv, self.pieces, self.own, self.settings.max_chunk_bytes
+                )
             self.buffer.store(rid, encoded, encoded.nbytes)
             stored = True
             self.metrics.request("ok")

@@ -1,0 +1,121 @@
+"""Where a decode engine gets a request's KV cache from: the `KVSource` interface.
+
+- `PullSource`: the disaggregated case. Pulls this instance's heads over gRPC from the prefill
+  rank(s) that hold them (rank 0's own pieces here, each follower rank's by itself, all at once;
+  see `tp/heads.py`), then releases the cache on every prefill rank.
+- `LocalSource`: the cache is already in this process (the colocated baseline, engine tests): it
+  is taken from the prefill side's buffer as tensors, with no encoding, no loopback gRPC and no copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Protocol
+
+from distserve_worker.engine.kvcache import SequenceKV
+from distserve_worker.engine.runner import KVLayout
+from distserve_worker.engine.sequence import Sequence
+from distserve_worker.kvtransfer.buffer import KVBuffer
+from distserve_worker.kvtransfer.reshard import pull_pieces
+from distserve_worker.kvtransfer.transport import KVPuller, KVPullError
+from distserve_worker.tp.group import RankGroup
+from distserve_worker.tp.heads import pieces_for
+
+
+@dataclass
+class Fetched:
+    kv: SequenceKV  # rank 0's heads (followers keep theirs)
+    nbytes: int  # moved for all ranks
+
+
+class KVSource(Protocol):
+    async def fetch(self, seq: Sequence) -> Fetched:
+        """The cache of `seq`; KVPullError (or RankGroupBroken) when it cannot be had."""
+        ...
+
+    async def release(self, seq: Sequence) -> None:
+        """The holder may free it (best effort)."""
+        ...
+
+
+class PullSource:
+    def __init__(
+        self,
+        puller: KVPuller,
+        layout: KVLayout,
+        kv_heads: int,
+        tp: int,
+        group: RankGroup | None,
+        max_chunk_bytes: int,
+        timeout: float,
+    ) -> None:
+        self.puller = puller
+        self.layout = layout
+        self.kv_heads = kv_heads
+        self.tp = tp
+        self.group = group
+        self.max_chunk_bytes = max_chunk_bytes
+        self.timeout = timeout
+
+    @staticmethod
+    def addresses(seq: Sequence) -> list[str]:
+        return list(seq.kv_sources) or [seq.kv_address]
+
+    async def fetch(self, seq: Sequence) -> Fetched:
+        addresses = self.addresses(seq)
+        pieces = [pieces_for(self.kv_heads, len(addresses), self.tp, rank) for rank in range(self.tp)]
+        own = pull_pieces(
+            self.puller,
+            addresses,
+            seq.request_id,
+            seq.prompt_tokens,
+            pieces[0],
+            self.layout,
+            self.max_chunk_bytes,
+            self.timeout,
+        )
+        followers = [
+            self.group.pull(rank, seq.request_id, seq.prompt_tokens, pieces[rank], addresses, self.timeout)
+            for rank in range(1, self.tp)
+            if self.group is not None
+        ]
+        kv, *pulled = await asyncio.gather(own, *followers)
+        return Fetched(kv, kv.nbytes + sum(p.bytes for p in pulled))
+
+    async def release(self, seq: Sequence) -> None:
+        """Every prefill rank frees its part (all decode ranks hold theirs now)."""
+        await asyncio.gather(*(self.puller.release(a, seq.request_id) for a in self.addresses(seq)))
+
+
+class LocalSource:
+    """The prefill side's buffer in this same process; it must store caches as tensors."""
+
+    def __init__(self, buffer: KVBuffer) -> None:
+        self.buffer = buffer
+
+    async def fetch(self, seq: Sequence) -> Fetched:
+        held = self.buffer.get(seq.request_id)
+        if not isinstance(held, SequenceKV):
+            raise KVPullError(f"no KV cache held in this process for request {seq.request_id!r}")
+        return Fetched(held, 0)  # nothing moved
+
+    async def release(self, seq: Sequence) -> None:
+        await self.buffer.release(seq.request_id)
+
+
+class LocalFirstSource:
+    """The colocated baseline: a cache this process holds is taken in-process; one another
+    colocated instance holds (a router may pair any prefill with any decode) is pulled."""
+
+    def __init__(self, local: LocalSource, remote: KVSource, own_address: str) -> None:
+        self.local, self.remote, self.own = local, remote, own_address
+
+    def _pick(self, seq: Sequence) -> KVSource:
+        return self.local if seq.kv_address == self.own else self.remote
+
+    async def fetch(self, seq: Sequence) -> Fetched:
+        return await self._pick(seq).fetch(seq)
+
+    async def release(self, seq: Sequence) -> None:
+        await self._pick(seq).release(seq)
