@@ -10,8 +10,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from distserve_worker.local.stack import free_port
+from distserve_worker.testing import sharded
 from distserve_worker.testing.tiny import TP_ARCHITECTURES, tiny_model
 from distserve_worker.tp.shard import ShardError, check_shardable, vocab_range
 
@@ -47,7 +49,12 @@ def _ranks(arch: str, tp: int, tmp_path) -> list[tuple[np.ndarray, np.ndarray]]:
 
 @pytest.mark.parametrize("arch", TP_ARCHITECTURES)
 def test_tp2_logits_match_one_process_and_each_rank_holds_half(arch, tmp_path):
-    ((full, full_facts),) = _ranks(arch, 1, tmp_path)
+    threads = torch.get_num_threads()
+    try:  # the one-process reference, here
+        full, facts = sharded.run(arch, 1, 0, 0)
+    finally:
+        torch.set_num_threads(threads)
+    full_facts = np.array([facts["parameters"], facts["kv_heads"]])
     shards = _ranks(arch, 2, tmp_path)
     for logits, _ in shards:
         np.testing.assert_allclose(logits, full, atol=ATOL, rtol=0)

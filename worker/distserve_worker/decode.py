@@ -30,7 +30,7 @@ from distserve_worker.metrics import RuntimeMetrics
 from distserve_worker.prefill import sampling_from_proto
 from distserve_worker.settings import DecodeSettings
 from distserve_worker.tp.group import RankGroup
-from distserve_worker.tp.topology import rank_infos
+from distserve_worker.tp.topology import topology
 
 
 class DecodeWorker(gen_grpc.DecodeServiceServicer):
@@ -127,17 +127,9 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
     def status(self) -> gen.WorkerStatus:
         s = self.settings
         now = self.engine.status()
-        layers = s.layers or (0, self.layout.num_layers)
         per_token = self.layout.bytes_per_token * s.tp  # all ranks' heads
         return gen.WorkerStatus(
-            ready=self.group is None or self.group.broken is None,
-            tp=s.tp,
-            pp=s.pp,
-            stage=s.stage,
-            layer_start=layers[0],
-            layer_end=layers[1],
-            address=s.address,
-            ranks=rank_infos(self.runner, self.group, self.kv_heads, s.max_kv_tokens, s.address),
+            **topology(s, self.layout, self.runner, self.group, self.kv_heads, s.max_kv_tokens),
             role="decode",
             model=s.model.name,
             queued=now["queued"],

@@ -34,7 +34,7 @@ from distserve_worker.metrics import RuntimeMetrics
 from distserve_worker.settings import PrefillSettings
 from distserve_worker.tp.group import RankGroup, RankGroupBroken
 from distserve_worker.tp.heads import prepared_by, rank_heads
-from distserve_worker.tp.topology import rank_infos
+from distserve_worker.tp.topology import topology
 
 
 def sampling_from_proto(p: gen.SamplingParams) -> SamplingParams:
@@ -162,23 +162,9 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
                 pending.done.set_exception(error)
 
     def status(self) -> gen.WorkerStatus:
-        s = self.settings
-        layers = s.layers or (0, self.layout.num_layers)
+        capacity = self.buffer.capacity // max(1, self.layout.bytes_per_token)
         return gen.WorkerStatus(
-            ready=self.group is None or self.group.broken is None,
-            tp=s.tp,
-            pp=s.pp,
-            stage=s.stage,
-            layer_start=layers[0],
-            layer_end=layers[1],
-            address=s.address,
-            ranks=rank_infos(
-                self.runner,
-                self.group,
-                self.kv_heads,
-                self.buffer.capacity // max(1, self.layout.bytes_per_token),
-                s.address,
-            ),
+            **topology(self.settings, self.layout, self.runner, self.group, self.kv_heads, capacity),
             role="prefill",
             model=self.settings.model.name,
             queued=len(self.batcher.queue) + self.buffer.waiting,

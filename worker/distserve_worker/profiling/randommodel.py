@@ -8,11 +8,14 @@ from typing import Any
 # Llama-architecture shapes (hidden, intermediate, layers, heads, kv heads, vocab).
 SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {
     "tiny": (64, 128, 2, 4, 2, 257),
+    # SmolLM2-135M's size with heads that split in two (SmolLM2 has 9 and 3): the CPU TP benchmark.
+    "smol-h8": (576, 1536, 30, 8, 4, 49152),
     "llama-1b": (2048, 8192, 16, 32, 8, 128256),
     "llama-3-8b": (4096, 14336, 32, 32, 8, 128256),
 }
 MODEL_NAMES = {
     "tiny": "random-llama-tiny",
+    "smol-h8": "random-llama-135m-8-heads",
     "llama-1b": "meta-llama/Llama-3.2-1B",
     "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
 }

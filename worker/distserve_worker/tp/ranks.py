@@ -40,7 +40,11 @@ class RankPlace:
 
     @property
     def backend(self) -> str:
-        return "nccl" if self.device.type == "cuda" else "gloo"
+        # NCCL needs a device per rank; ranks sharing a GPU (a check on a one-GPU machine) use gloo,
+        # which is correct but slow: a test path, not a serving one.
+        if self.device.type == "cuda" and torch.cuda.device_count() >= self.world:
+            return "nccl"
+        return "gloo"
 
 
 def host_store(world: int) -> dist.TCPStore:

@@ -10,10 +10,12 @@ The Megatron layout, written here rather than taken from transformers' `tp_plan=
   embedding's partial lookups are summed, the LM head's logits all-gathered, so every rank ends
   with the full logits and runs the same sampling-free forward.
 
-Why our own: transformers' plan keeps DTensor parameters, and its per-op dispatch made a decode
-step of a 2-layer Llama 16x slower at TP2 than at TP1 on this CPU (14.1 vs 0.88 ms, BENCHMARKS.md);
-plain tensors plus two all-reduces per layer cost what the communication costs. It also fixes the
-head ranges the KV resharding relies on (`tp/heads.py`).
+Why our own rather than transformers' `tp_plan="auto"` (which works here too: same greedy tokens):
+the head ranges are ours to fix, and the KV resharding between prefill and decode TPs relies on
+them (`tp/heads.py`); parameters stay plain tensors, where transformers' plan keeps DTensors whose
+per-op dispatch cost a 2-layer Llama's TP2 decode step 14.1 ms against 11.7 ms here on this CPU
+(both dominated by gloo's ~1 ms per collective on loopback; TP1: 0.9-1.7 ms); and the loading path
+stays the workers' own (GGUF and every model source).
 
 Supported: decoder layers with `self_attn.{q,k,v,o}_proj` and `mlp.{gate,up,down}_proj` (Llama,
 SmolLM2, Mistral, Qwen2 and their relatives). Anything else is refused with the reason.

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from distserve_protos.generation.v1 import generation_pb2 as gen
-from distserve_worker.engine.runner import ModelRunner
+from distserve_worker.engine.runner import KVLayout, ModelRunner
+from distserve_worker.settings import WorkerSettings
 from distserve_worker.tp.group import RankGroup
 from distserve_worker.tp.heads import rank_heads
 from distserve_worker.tp.shard import parameters_held
@@ -44,3 +47,26 @@ def rank_infos(
             )
         )
     return out
+
+
+def topology(
+    settings: WorkerSettings,
+    layout: KVLayout,
+    runner: ModelRunner,
+    group: RankGroup | None,
+    kv_heads: int,
+    kv_capacity_tokens: int,
+) -> dict[str, Any]:
+    """The `WorkerStatus` fields saying what the instance runs (the contract) and whether it can."""
+    s = settings
+    layers = s.layers or (0, layout.num_layers)
+    return {
+        "ready": group is None or group.broken is None,
+        "tp": s.tp,
+        "pp": s.pp,
+        "stage": s.stage,
+        "layer_start": layers[0],
+        "layer_end": layers[1],
+        "address": s.address,
+        "ranks": rank_infos(runner, group, kv_heads, kv_capacity_tokens, s.address),
+    }
