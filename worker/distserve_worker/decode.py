@@ -163,6 +163,12 @@ async def serve_decode(settings: DecodeSettings, loaded: Any = None) -> None:
     server = grpc.aio.server()
     puller = GrpcKVPuller(settings.max_chunk_bytes)
     try:
+        if settings.pp > 1:  # the contract's stage split is not run yet: say so, loudly
+            print(
+                f"[distserve] WARNING: the plan gives decode pp={settings.pp}; pipeline stages are not run "
+                f"yet, so stage {settings.stage} loads every layer (pin pp: 1 in spec.planner.pin)",
+                flush=True,
+            )
         group, model, tokenizer, kv_heads = await start_ranks("decode", settings, loaded)
         runner = ModelRunner(model, settings.threads or None)
         layout = await asyncio.to_thread(probe_kv_layout, runner)
