@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -146,7 +147,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.rank_worker:
         rank_main(args)
-        return
+        sys.stdout.flush()
+        os._exit(0)  # skip gloo's C++ destructors, which can abort at interpreter exit
     degrees = [int(x) for x in args.tp.split(",")]
     configs = [(tp, args.threads) for tp in degrees]
     if args.device == "cpu" and max(degrees) > 1:  # TP1 given the cores all the ranks of TPn use

@@ -425,6 +425,12 @@ def run(args: argparse.Namespace) -> int:
         # life of the process (see kvtransfer/memory.py); `distserve profile` does the same.
         keep_freed_memory(int(args.max_chunk_mib * MiB))
     asyncio.run(_serve(settings))
+    if getattr(settings, "tp", 1) > 1:
+        # A process group was joined: leave without gloo's/NCCL's C++ destructors, which can abort a
+        # process at interpreter exit after a clean shutdown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

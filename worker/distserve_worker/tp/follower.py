@@ -105,6 +105,8 @@ class Follower(pb_grpc.RankServiceServicer):
         pieces = prepared_by(self.kv_heads, self.place.world, self.settings.decode_tp, self.place.rank)
         for prompt, out in zip(request.prompts, outs, strict=True):
             encoded = prepare(prompt.request_id, out.kv, pieces, self.own, self.settings.max_chunk_bytes)
+            if prompt.request_id in self.buffer.entries:  # a retried id whose release missed us
+                await self.buffer.release(prompt.request_id)
             await self.buffer.reserve(prompt.request_id, encoded.nbytes)
             self.buffer.store(prompt.request_id, encoded, encoded.nbytes)
         return pb.Ack()
@@ -228,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     keep_freed_memory(settings.max_chunk_bytes)
     asyncio.run(serve(role, settings, place))
-    return 0
+    sys.stdout.flush()
+    os._exit(0)  # skip the process group's C++ destructors (they can abort at interpreter exit)
 
 
 if __name__ == "__main__":
