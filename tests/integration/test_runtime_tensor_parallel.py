@@ -141,6 +141,7 @@ async def test_a_killed_rank_fails_its_instances_requests_and_the_others_keep_se
             assert result.error is not None and failed_after < 10
             assert "tensor-parallel rank 1" in result.error["message"]
             assert not ready(proc.http_port)
+            assert "tensor-parallel rank 1" in await _healthz_reason(proc.http_port)
             # The router sees it at its next poll of the instances (every 2 s).
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
@@ -246,3 +247,38 @@ async def test_smollm2_at_decode_tp3_through_distserve_up_matches_the_reference(
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def test_a_killed_prefill_rank_takes_its_instance_out_and_requests_still_succeed(tiny_path):
+    """Prefill TP2 x 2 instances: one loses its follower rank; nothing hangs, the router serves every
+    request through the other instance, and the broken one says why."""
+    with LocalStack(tp_config(tiny_path, 2, 1, prefill=2)) as stack:
+        stack.wait_ready(180)
+        while not all(i["ready"] for i in instances(stack)):  # the router's view: polled every 2 s
+            await asyncio.sleep(0.2)
+        victim = stack.proc("prefill-0")
+        (follower,) = follower_pids(victim.popen.pid)
+        os.kill(follower, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while ready(victim.http_port) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert not ready(victim.http_port)  # within a fraction of a second of the rank's death
+        # /healthz fails too (the kubelet restarts the pod with all its ranks), naming the rank.
+        assert "tensor-parallel rank 1" in await _healthz_reason(victim.http_port)
+        # Every request is served (the router retries a prefill that refuses before answering, and
+        # drops the instance at its next poll); none hangs.
+        url = f"{stack.url}/v1/completions"
+        async with aiohttp.ClientSession() as session:
+            results = await asyncio.gather(*(complete(session, url, body(p), timeout=30) for p in prompts()))
+        assert [r.status for r in results] == [200] * 8, [r.error for r in results]
+        listed = {i["address"]: i for i in instances(stack) if i["role"] == "prefill"}
+        assert listed[stack.prefill_addresses[0]]["ready"] is False
+        assert listed[stack.prefill_addresses[1]]["ready"] is True
+
+
+async def _healthz_reason(port: int) -> str:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+    except urllib.error.HTTPError as exc:
+        return json.loads(exc.read())["reason"]
+    return ""

@@ -159,6 +159,7 @@ async def serve_decode(settings: DecodeSettings, loaded: Any = None) -> None:
         settings.http_port,
         metrics,
         lambda: state["ready"] and (group is None or not group.broken),
+        lambda: None if group is None else group.broken,
     )
     server = grpc.aio.server()
     puller = GrpcKVPuller(settings.max_chunk_bytes)

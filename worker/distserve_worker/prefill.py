@@ -250,6 +250,7 @@ async def serve_prefill(settings: PrefillSettings, loaded: Any = None) -> None:
         settings.http_port,
         metrics,
         lambda: state["ready"] and (group is None or not group.broken),
+        lambda: None if group is None else group.broken,
     )
     server = grpc.aio.server(options=channel_options(settings.max_chunk_bytes))
     try:
