@@ -30,7 +30,7 @@ def rank_main(args: argparse.Namespace) -> None:
     from distserve_worker.kvtransfer.memory import keep_freed_memory
     from distserve_worker.profiling.randommodel import random_llama
     from distserve_worker.tp.ranks import JOIN_TIMEOUT, RankPlace, join
-    from distserve_worker.tp.shard import parameters_held, shard_model
+    from distserve_worker.tp.shard import shard_model
 
     keep_freed_memory(2 << 20)
     torch.set_num_threads(args.threads)
@@ -73,7 +73,7 @@ def rank_main(args: argparse.Namespace) -> None:
                     "step_ms": times,
                     "tokens": tokens,
                     "first_logits_head": first_logits[:64].tolist(),
-                    "parameters_rank0": parameters_held(model),
+                    "parameters_rank0": runner.parameters,
                     "device": str(place.device) if args.device != "cpu" else "cpu",
                     "backend": place.backend if args.tp > 1 else "-",
                 }

@@ -9,6 +9,7 @@ import pytest
 
 from distserve_operator import api
 from distserve_worker import cli_worker
+from distserve_worker.contract import load_contract
 from distserve_worker.testing.tiny import save_tiny_model
 
 LAYERS, HEADS, KV_HEADS = 2, 4, 2  # the tiny Llama
@@ -103,4 +104,4 @@ def test_a_good_contract_is_obeyed(tiny_dir, tmp_path):
     settings = cli_worker.build_settings(parser.parse_args(["prefill", "--plan-file", str(path)]))
     assert (settings.tp, settings.decode_tp, settings.layers) == (2, 2, (0, LAYERS))
     assert settings.rank_port_base == api.rank_port_base(50051, "prefill")
-    cli_worker.check_model(settings, str(path))  # fits the model: no error
+    cli_worker.check_model(settings, load_contract(path))  # fits the model: no error

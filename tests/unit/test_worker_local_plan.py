@@ -2,6 +2,7 @@
 process starts with; plans that cannot run here are refused with the fix. No processes started."""
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -118,14 +119,11 @@ def test_the_plans_tp_runs_and_replicas_are_capped(tmp_path, tiny_llama, capsys)
     assert (prefill.tp, prefill.decode_tp) == (2, 1)
 
 
-def test_limits_come_from_the_plan_or_default():
-    class Report:
-        def __init__(self, limits):
-            self.plan = type("Plan", (), {"limits": limits})()
-
-    assert cli_up._limits(Report(None)) == api.EngineLimits()
+def test_limits_come_from_the_plan_or_default(tiny_llama):
+    assert build_contract(local_plan(tiny_llama), 1, 1).limits == api.EngineLimits()
     mine = api.EngineLimits(decode_max_batch=7)
-    assert cli_up._limits(Report(mine)) == mine
+    planned = dataclasses.replace(local_plan(tiny_llama), limits=mine)
+    assert build_contract(planned, 1, 1).limits == mine
 
 
 def test_a_plan_with_pipeline_stages_is_refused_naming_the_pin(tiny_llama):

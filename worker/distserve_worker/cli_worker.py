@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from distserve_operator.api import EngineLimits, tp_refusal
+from distserve_operator.api import EngineLimits, RuntimeContract, tp_refusal
 from distserve_operator.api.runtime import MAX_TP
 from distserve_worker.colocated import ColocatedSettings
 from distserve_worker.contract import (
@@ -214,6 +214,7 @@ class Obeyed:
     rank_port_base: int = 0
     decode_tp: int = 1
     limits: EngineLimits = field(default_factory=EngineLimits)
+    contract: RuntimeContract | None = None  # the plan file's, when there is one
 
 
 def _limits_from_flags(args: argparse.Namespace) -> EngineLimits:
@@ -280,13 +281,14 @@ def obey(args: argparse.Namespace) -> Obeyed:
         rank_port_base=base,
         decode_tp=contract.decode.tp,
         limits=limits,
+        contract=contract,
     )
 
 
 def build_settings(
-    args: argparse.Namespace,
+    args: argparse.Namespace, ob: Obeyed | None = None
 ) -> PrefillSettings | DecodeSettings | RouterSettings | ColocatedSettings:
-    ob = obey(args)
+    ob = ob or obey(args)
     model = ob.model
     ttft = args.slo_ttft_millis or ob.ttft_millis
     tpot = args.slo_tpot_millis or ob.tpot_millis
@@ -355,7 +357,7 @@ def build_settings(
     )
 
 
-def check_model(settings: PrefillSettings | DecodeSettings, plan_file: str) -> None:
+def check_model(settings: PrefillSettings | DecodeSettings, contract: RuntimeContract | None) -> None:
     """Before loading weights: the model's own config fits what this process must run."""
     from distserve_worker.model_source import load_config
     from distserve_worker.tp.shard import SHARDABLE_MODEL_TYPES
@@ -367,8 +369,7 @@ def check_model(settings: PrefillSettings | DecodeSettings, plan_file: str) -> N
             f"tp {settings.tp}: tensor parallelism supports {', '.join(SHARDABLE_MODEL_TYPES)} models; this "
             f"one is {model_type!r}: run it with tp 1 (pin tp: 1 in spec.planner.pin)"
         )
-    if plan_file:
-        contract = load_contract(plan_file)
+    if contract is not None:
         check_against_model(
             contract, "prefill" if isinstance(settings, PrefillSettings) else "decode", settings.stage, config
         )
@@ -411,9 +412,10 @@ async def _serve(settings: PrefillSettings | DecodeSettings | RouterSettings | C
 
 def run(args: argparse.Namespace) -> int:
     try:
-        settings = build_settings(args)
+        obeyed = obey(args)  # the plan file is read once
+        settings = build_settings(args, obeyed)
         if isinstance(settings, (PrefillSettings, DecodeSettings)):
-            check_model(settings, args.plan_file)
+            check_model(settings, obeyed.contract)
     except ContractError as exc:
         # One line naming the field and the fix, before any weights are read.
         print(f"distserve worker {args.role}: {exc}", file=sys.stderr, flush=True)

@@ -16,18 +16,18 @@ from typing import Any
 from pydantic import ValidationError
 
 from distserve_operator.api import Role, RuntimeContract, tp_refusal
+from distserve_operator.api.errors import format_errors
 
 
 class ContractError(ValueError):
     """The plan file cannot be obeyed; the message is one line: where, what, and the fix."""
 
 
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "(document)"
-    message = str(err["msg"]).removeprefix("Value error, ")
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{where}: {message}{more}"
+def first_error(exc: ValidationError, model: type[RuntimeContract] = RuntimeContract) -> str:
+    """The first problem, in the API's own words (field path and fix), and how many more there are."""
+    lines = format_errors(exc, root="", model=model)
+    more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+    return f"{lines[0]}{more}"
 
 
 def load_contract(path: str | Path) -> RuntimeContract:
@@ -47,7 +47,7 @@ def load_contract(path: str | Path) -> RuntimeContract:
         return RuntimeContract.model_validate(data)
     except ValidationError as exc:
         raise ContractError(
-            f"plan file {path}: {_first_error(exc)}; re-render it with the operator or `distserve up` of this version"
+            f"plan file {path}: {first_error(exc)}; re-render it with the operator or `distserve up` of this version"
         ) from exc
 
 

@@ -6,6 +6,7 @@ event loop keeps serving gRPC while a forward runs.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -31,6 +32,11 @@ class ModelRunner:
         # a fifth of its forward on a CPU core), so ask for just those positions where the model
         # takes `logits_to_keep` (transformers' causal LMs do).
         self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    @functools.cached_property
+    def parameters(self) -> int:
+        """Parameters this process holds (its shard under tensor parallelism; a tied weight once)."""
+        return sum(p.numel() for p in self.model.parameters())
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]]) -> list[PrefillOutput]:

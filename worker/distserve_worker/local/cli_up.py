@@ -55,19 +55,6 @@ class LocalPlan:
     limits: Any = None  # api.EngineLimits
 
 
-def _limits(report: Any) -> Any:
-    """The engine limits the planner simulated (`report.plan.limits`), or the defaults."""
-    from distserve_operator import api
-
-    limits = getattr(report.plan, "limits", None) or getattr(report, "limits", None)
-    if limits is None:
-        return api.EngineLimits()
-    if isinstance(limits, api.EngineLimits):
-        return limits
-    dump = limits.model_dump() if hasattr(limits, "model_dump") else dict(limits)
-    return api.EngineLimits.model_validate(dump)
-
-
 def plan_manifest(path: str | Path) -> LocalPlan:
     """Read the manifest and plan it with the operator's own planner (same code as in the cluster)."""
     from distserve_operator.api import load_manifest
@@ -92,7 +79,7 @@ def plan_manifest(path: str | Path) -> LocalPlan:
         api_model=dsd.spec.model,
         api_slo=slo,
         status=plan,
-        limits=_limits(report),
+        limits=plan.limits,  # what the planner simulated; build_contract falls back to defaults
     )
 
 
@@ -101,7 +88,7 @@ def build_contract(plan: LocalPlan, prefill: int, decode: int) -> Any:
     from pydantic import ValidationError
 
     from distserve_operator import api
-    from distserve_worker.contract import ContractError, model_shape
+    from distserve_worker.contract import ContractError, first_error, model_shape
     from distserve_worker.model_source import load_config
 
     for role, tp, pp in (
@@ -130,11 +117,8 @@ def build_contract(plan: LocalPlan, prefill: int, decode: int) -> Any:
             plan=plan.status,
         )
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        message = str(err["msg"]).removeprefix("Value error, ")
         raise PlanNotRunnable(
-            f"the plan cannot run on {plan.model.name}: {where + ': ' if where else ''}{message}; "
+            f"the plan cannot run on {plan.model.name}: {first_error(exc)}; "
             "pin a parallelism that fits with spec.planner.pin"
         ) from exc
 

@@ -18,7 +18,7 @@ import torch
 from distserve_worker.engine.runner import ModelRunner
 from distserve_worker.testing.tiny import tiny_model
 from distserve_worker.tp.ranks import RankPlace, join
-from distserve_worker.tp.shard import parameters_held, shard_model
+from distserve_worker.tp.shard import shard_model
 
 PROMPTS = [[5, 17, 33, 2, 250, 9, 41], [7, 7, 200]]
 STEPS = 4
@@ -41,7 +41,7 @@ def run(arch: str, tp: int, rank: int, store_port: int) -> tuple[np.ndarray, dic
         step = runner.decode_step(batch, tokens)
         logits.append(step)
         tokens = [int(row.argmax()) for row in step]
-    facts = {"parameters": parameters_held(model), "kv_heads": int(outs[0].kv.layers[0][0].shape[0])}
+    facts = {"parameters": runner.parameters, "kv_heads": int(outs[0].kv.layers[0][0].shape[0])}
     return torch.stack(logits).numpy(), facts
 
 

@@ -47,7 +47,6 @@ from distserve_worker.model_source import ModelSpec
 from distserve_worker.settings import DecodeSettings, PrefillSettings
 from distserve_worker.tp.heads import Piece, prepared_by, rank_heads
 from distserve_worker.tp.ranks import RankPlace, join, kv_heads_of, load_shard
-from distserve_worker.tp.shard import parameters_held
 
 UNBOUNDED = 1 << 62  # rank 0's buffer bounds the instance; a follower's only mirrors it
 
@@ -80,6 +79,8 @@ class Follower(pb_grpc.RankServiceServicer):
         self.kv_heads = kv_heads
         self.own = rank_heads(kv_heads, place.world, place.rank)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rank-forward")
+        # Encoding the KV pieces runs beside the next forward, off the loop that serves pulls.
+        self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rank-encode")
         self.buffer = KVBuffer(UNBOUNDED, getattr(settings, "kv_ttl_seconds", 60.0))
         self.puller = GrpcKVPuller(settings.max_chunk_bytes)
         self.pulled: dict[str, tuple[SequenceKV, float]] = {}
@@ -104,7 +105,15 @@ class Follower(pb_grpc.RankServiceServicer):
         assert isinstance(self.settings, PrefillSettings)
         pieces = prepared_by(self.kv_heads, self.place.world, self.settings.decode_tp, self.place.rank)
         for prompt, out in zip(request.prompts, outs, strict=True):
-            encoded = prepare(prompt.request_id, out.kv, pieces, self.own, self.settings.max_chunk_bytes)
+            encoded = await loop.run_in_executor(
+                self.encoder,
+                prepare,
+                prompt.request_id,
+                out.kv,
+                pieces,
+                self.own,
+                self.settings.max_chunk_bytes,
+            )
             if prompt.request_id in self.buffer.entries:  # a retried id whose release missed us
                 await self.buffer.release(prompt.request_id)
             await self.buffer.reserve(prompt.request_id, encoded.nbytes)
@@ -167,7 +176,7 @@ class Follower(pb_grpc.RankServiceServicer):
         return pb.RankDescription(
             rank=self.place.rank,
             device=str(self.place.device),
-            parameters=parameters_held(self.runner.model),
+            parameters=self.runner.parameters,
             kv_capacity_tokens=capacity,
             address=self.address,
             kv_head_start=self.own[0],

@@ -81,6 +81,6 @@ def load_shard(spec: ModelSpec, place: RankPlace) -> tuple[Any, Any]:
 
 def kv_heads_of(model: Any) -> int:
     """The model's key/value heads (all ranks together)."""
-    config = getattr(model.config, "get_text_config", lambda: model.config)()
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
-    return int(getattr(config, "num_key_value_heads", None) or heads)
+    from distserve_worker.contract import model_shape
+
+    return model_shape(model.config)[2]

@@ -192,8 +192,3 @@ def shard_model(model: nn.Module, tp: int, rank: int) -> nn.Module:
         head_shard = embed_shard if tied else nn.Parameter(_rows(head.weight, v0, v1), requires_grad=False)
         model.set_output_embeddings(VocabParallelLMHead(head_shard, head.weight.shape[0], tp))
     return model
-
-
-def parameters_held(model: nn.Module) -> int:
-    """Parameters this rank holds (a tied weight once)."""
-    return sum(p.numel() for p in model.parameters())

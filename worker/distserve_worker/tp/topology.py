@@ -9,7 +9,6 @@ from distserve_worker.engine.runner import KVLayout, ModelRunner
 from distserve_worker.settings import WorkerSettings
 from distserve_worker.tp.group import RankGroup
 from distserve_worker.tp.heads import rank_heads
-from distserve_worker.tp.shard import parameters_held
 
 
 def rank_infos(
@@ -22,7 +21,7 @@ def rank_infos(
         gen.RankInfo(
             rank=0,
             device=str(runner.device),
-            parameters=parameters_held(runner.model),
+            parameters=runner.parameters,
             kv_capacity_tokens=kv_capacity_tokens,
             ready=ok,
             address=address,
