@@ -15,9 +15,11 @@ from .api import (
     DistServeDeploymentSpec,
     EngineLimits,
     ModelShape,
+    ModelSpec,
     PlanStatus,
     Role,
     RuntimeContract,
+    Slo,
     phase_contract,
 )
 
@@ -55,28 +57,55 @@ def runtime_contract(
     `services`: role -> one headless Service name per stage ("" where none selects just that
     stage; omitted in local mode); `shape`: the model shape (default: resolved from spec.model).
     """
-    shape = shape or model_shape(spec)
-    phases = {}
-    for role in (Role.PREFILL, Role.DECODE):
-        phase = plan.prefill if role is Role.PREFILL else plan.decode
-        grpc, metrics = (ports or {}).get(role.value, (spec.worker.grpc_port, spec.worker.metrics_port))
+    default = (spec.worker.grpc_port, spec.worker.metrics_port)
+    return assemble(
+        spec.model,
+        spec.slo,
+        plan,
+        shape or model_shape(spec),
+        plan_limits(spec, plan),
+        ports={role.value: (ports or {}).get(role.value, default) for role in Role},
+        services=services,
+    )
+
+
+def assemble(
+    model: ModelSpec,
+    slo: Slo,
+    plan: PlanStatus | None,
+    shape: ModelShape,
+    limits: EngineLimits,
+    *,
+    ports: Mapping[str, tuple[int, int]],
+    services: Mapping[str, Sequence[str]] | None = None,
+    phases: Mapping[str, tuple[int, int, int]] | None = None,
+) -> RuntimeContract:
+    """The contract from its parts (what `runtime_contract` and `distserve up` share). `phases`:
+    role -> (tp, pp, replicas), by default the plan's; `ports`: role -> (gRPC, metrics)."""
+    built = {}
+    for role in Role:
+        if phases is not None:
+            tp, pp, replicas = phases[role.value]
+        else:
+            assert plan is not None, "give phases or a plan"
+            phase = plan.prefill if role is Role.PREFILL else plan.decode
+            tp, pp, replicas = phase.tp, phase.pp, phase.replicas
         stage_services = (services or {}).get(role.value)
-        phases[role] = phase_contract(
+        built[role] = phase_contract(
             role,
-            phase.tp,
-            phase.pp,
-            phase.replicas,
+            tp,
+            pp,
+            replicas,
             shape.layers,
-            grpc,
-            metrics,
+            *ports[role.value],
             list(stage_services) if stage_services else None,
         )
     return RuntimeContract(
-        model=spec.model,
-        slo=spec.slo,
+        model=model,
+        slo=slo,
         shape=shape,
-        prefill=phases[Role.PREFILL],
-        decode=phases[Role.DECODE],
-        limits=plan_limits(spec, plan),
+        prefill=built[Role.PREFILL],
+        decode=built[Role.DECODE],
+        limits=limits,
         plan=plan,
     )

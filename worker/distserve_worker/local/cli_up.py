@@ -88,6 +88,7 @@ def build_contract(plan: LocalPlan, prefill: int, decode: int) -> Any:
     from pydantic import ValidationError
 
     from distserve_operator import api
+    from distserve_operator.contract import assemble
     from distserve_worker.contract import ContractError, first_error, model_shape
     from distserve_worker.model_source import load_config
 
@@ -107,14 +108,15 @@ def build_contract(plan: LocalPlan, prefill: int, decode: int) -> Any:
     except ContractError as exc:
         raise PlanNotRunnable(f"model {plan.model.name}: {exc}") from exc
     try:
-        return api.RuntimeContract(
-            model=plan.api_model,
-            slo=plan.api_slo,
-            shape=api.ModelShape(layers=layers, heads=heads, kv_heads=kv_heads),
-            prefill=api.phase_contract("prefill", plan.prefill_tp, 1, prefill, layers, *PREFILL_PORTS),
-            decode=api.phase_contract("decode", plan.decode_tp, 1, decode, layers, *DECODE_PORTS),
-            limits=plan.limits or api.EngineLimits(),
-            plan=plan.status,
+        # The operator's own assembly, with this machine's replica counts and the pods' ports.
+        return assemble(
+            plan.api_model,
+            plan.api_slo,
+            plan.status,
+            api.ModelShape(layers=layers, heads=heads, kv_heads=kv_heads),
+            plan.limits or api.EngineLimits(),
+            ports={"prefill": PREFILL_PORTS, "decode": DECODE_PORTS},
+            phases={"prefill": (plan.prefill_tp, 1, prefill), "decode": (plan.decode_tp, 1, decode)},
         )
     except ValidationError as exc:
         raise PlanNotRunnable(
