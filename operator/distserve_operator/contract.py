@@ -50,12 +50,14 @@ def runtime_contract(
     ports: Mapping[str, tuple[int, int]] | None = None,
     services: Mapping[str, Sequence[str]] | None = None,
     shape: ModelShape | None = None,
+    addresses: Mapping[str, Sequence[str]] | None = None,
 ) -> RuntimeContract:
     """The contract for `plan` of `spec`.
 
     `ports`: role -> (gRPC, metrics) port of its rank 0 (default: spec.worker's for both roles);
     `services`: role -> one headless Service name per stage ("" where none selects just that
-    stage; omitted in local mode); `shape`: the model shape (default: resolved from spec.model).
+    stage; omitted in local mode); `addresses`: role -> one pod address template per stage
+    (`StageContract.address`); `shape`: the model shape (default: resolved from spec.model).
     """
     default = (spec.worker.grpc_port, spec.worker.metrics_port)
     return assemble(
@@ -66,6 +68,7 @@ def runtime_contract(
         plan_limits(spec, plan),
         ports={role.value: (ports or {}).get(role.value, default) for role in Role},
         services=services,
+        addresses=addresses,
     )
 
 
@@ -79,18 +82,24 @@ def assemble(
     ports: Mapping[str, tuple[int, int]],
     services: Mapping[str, Sequence[str]] | None = None,
     phases: Mapping[str, tuple[int, int, int]] | None = None,
+    addresses: Mapping[str, Sequence[str]] | None = None,
 ) -> RuntimeContract:
     """The contract from its parts (what `runtime_contract` and `distserve up` share). `phases`:
-    role -> (tp, pp, replicas), by default the plan's; `ports`: role -> (gRPC, metrics)."""
+    role -> (tp, pp, replicas), by default the plan's; `ports`: role -> (gRPC, metrics). The
+    stages' layer ranges are the plan's split (`PhasePlan.stageLayers`) when it has one for that pp."""
     built = {}
     for role in Role:
+        planned = None
+        if plan is not None:
+            planned = plan.prefill if role is Role.PREFILL else plan.decode
         if phases is not None:
             tp, pp, replicas = phases[role.value]
         else:
-            assert plan is not None, "give phases or a plan"
-            phase = plan.prefill if role is Role.PREFILL else plan.decode
-            tp, pp, replicas = phase.tp, phase.pp, phase.replicas
+            assert planned is not None, "give phases or a plan"
+            tp, pp, replicas = planned.tp, planned.pp, planned.replicas
+        stage_layers = planned.stage_layers if planned is not None and planned.pp == pp else None
         stage_services = (services or {}).get(role.value)
+        stage_addresses = (addresses or {}).get(role.value)
         built[role] = phase_contract(
             role,
             tp,
@@ -99,6 +108,8 @@ def assemble(
             shape.layers,
             *ports[role.value],
             list(stage_services) if stage_services else None,
+            stage_layers,
+            list(stage_addresses) if stage_addresses else None,
         )
     return RuntimeContract(
         model=model,

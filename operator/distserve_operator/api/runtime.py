@@ -61,6 +61,15 @@ class StageContract(ApiModel):
     service: str = Field(
         "", description="Headless Service (DNS name) whose pods are this stage; empty in local mode."
     )
+    address: str = Field(
+        "",
+        description=(
+            "gRPC address of this stage's pod in one instance, with `{ordinal}` standing for the "
+            "instance's StatefulSet ordinal (every stage of instance k is ordinal k), e.g. "
+            "`demo-prefill-s1-{ordinal}.demo-prefill-s1.default.svc:50051`. Each stage finds its "
+            "neighbours here; empty in local mode, where `--stage-addresses` lists them."
+        ),
+    )
 
 
 class PhaseContract(ApiModel):
@@ -154,16 +163,25 @@ def tp_refusal(heads: int, kv_heads: int, tp: int) -> str:
     return ""
 
 
-def split_layers(num_layers: int, pp: int) -> list[LayerRange]:
-    """Balanced contiguous layer ranges for `pp` stages (the first stages take the remainder)."""
+def split_layers(num_layers: int, pp: int, stage_layers: list[int] | None = None) -> list[LayerRange]:
+    """Contiguous layer ranges for `pp` stages: `stage_layers` layers each when given (the planner's
+    cost-balanced split), else an even split (the first stages take the remainder)."""
     if pp > num_layers:
         raise ValueError(f"pp {pp} is more than the model's {num_layers} layers")
-    base, extra = divmod(num_layers, pp)
+    if stage_layers is not None:
+        if len(stage_layers) != pp or sum(stage_layers) != num_layers or min(stage_layers) < 1:
+            raise ValueError(
+                f"stageLayers {stage_layers} must give each of the {pp} stages at least one layer and "
+                f"sum to the model's {num_layers} layers"
+            )
+        counts = list(stage_layers)
+    else:
+        base, extra = divmod(num_layers, pp)
+        counts = [base + (1 if s < extra else 0) for s in range(pp)]
     out, start = [], 0
-    for s in range(pp):
-        end = start + base + (1 if s < extra else 0)
-        out.append(LayerRange(start=start, end=end))
-        start = end
+    for count in counts:
+        out.append(LayerRange(start=start, end=start + count))
+        start += count
     return out
 
 
@@ -180,14 +198,23 @@ def phase_contract(
     grpc_port: int,
     metrics_port: int,
     services: list[str] | None = None,
+    stage_layers: list[int] | None = None,
+    addresses: list[str] | None = None,
 ) -> PhaseContract:
-    ranges = split_layers(num_layers, pp)
+    """`services`/`addresses`: per stage, its headless Service and its pods' address template
+    (`StageContract.address`); `stage_layers`: the plan's layers per stage (even split without)."""
+    ranges = split_layers(num_layers, pp, stage_layers)
     return PhaseContract(
         tp=tp,
         pp=pp,
         replicas=replicas,
         stages=[
-            StageContract(stage=s, layers=r, service=(services[s] if services else ""))
+            StageContract(
+                stage=s,
+                layers=r,
+                service=(services[s] if services else ""),
+                address=(addresses[s] if addresses else ""),
+            )
             for s, r in enumerate(ranges)
         ],
         grpc_port=grpc_port,

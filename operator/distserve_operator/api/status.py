@@ -54,6 +54,14 @@ class PhasePlan(ApiModel):
     max_rate_per_instance: float | None = Field(
         None, ge=0, description="Requests/s one instance sustains at the SLO attainment target."
     )
+    stage_layers: list[int] | None = Field(
+        None,
+        description=(
+            "Decoder layers per pipeline stage, in order (one entry per stage): the planner's split, "
+            "balanced by cost with the embeddings counted on the first stage and the LM head on the "
+            "last. Absent: an even split."
+        ),
+    )
 
     @property
     def gpus_per_instance(self) -> int:
