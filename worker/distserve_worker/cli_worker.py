@@ -97,6 +97,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pipeline stage this process runs (the plan file gives its layers) [DISTSERVE_STAGE]",
     )
     s.add_argument(
+        "--stage-addresses",
+        default=_env("STAGE_ADDRESSES", ""),
+        help="comma-separated gRPC addresses of every pipeline stage of this instance, stage 0 first; "
+        "default: the plan file's stage address templates with this pod's ordinal "
+        "[DISTSERVE_STAGE_ADDRESSES]",
+    )
+    s.add_argument(
+        "--ordinal",
+        type=int,
+        default=int(_env("ORDINAL", -1)),
+        help="this instance's StatefulSet ordinal, which fills the plan file's stage address templates; "
+        "default: the number ending $POD_NAME [DISTSERVE_ORDINAL]",
+    )
+    s.add_argument(
         "--tp",
         type=int,
         default=int(_env("TP", 0)),
@@ -211,6 +225,7 @@ class Obeyed:
     pp: int = 1
     stage: int = 0
     layers: tuple[int, int] | None = None
+    stage_addresses: tuple[str, ...] = ()  # every stage of this instance, stage 0 first (pp > 1)
     rank_port_base: int = 0
     decode_tp: int = 1
     limits: EngineLimits = field(default_factory=EngineLimits)
@@ -278,11 +293,48 @@ def obey(args: argparse.Namespace) -> Obeyed:
         pp=phase.pp,
         stage=args.stage,
         layers=(span.start, span.end),
+        stage_addresses=stage_addresses(args, contract, role),
         rank_port_base=base,
         decode_tp=contract.decode.tp,
         limits=limits,
         contract=contract,
     )
+
+
+def ordinal(args: argparse.Namespace) -> int:
+    """This instance's StatefulSet ordinal: --ordinal, else the number ending the pod's name."""
+    if args.ordinal >= 0:
+        return int(args.ordinal)
+    tail = os.environ.get("POD_NAME", "").rsplit("-", 1)[-1]
+    if tail.isdigit():
+        return int(tail)
+    raise ContractError(
+        "pipeline stages need this instance's ordinal to find their neighbours: give --ordinal "
+        "(DISTSERVE_ORDINAL) or run in a StatefulSet pod (POD_NAME ends in it)"
+    )
+
+
+def stage_addresses(args: argparse.Namespace, contract: RuntimeContract, role: str) -> tuple[str, ...]:
+    """Where every stage of this instance listens (pp > 1): --stage-addresses, else the contract's
+    per-stage templates filled with this instance's ordinal."""
+    phase = contract.phase(role)
+    given = _split(args.stage_addresses)
+    if given:
+        if len(given) != phase.pp:
+            raise ContractError(
+                f"--stage-addresses lists {len(given)} addresses but {role}.pp is {phase.pp}: list one per stage"
+            )
+        return given
+    if phase.pp == 1:
+        return ()
+    missing = [s.stage for s in phase.stages if not s.address]
+    if missing:
+        raise ContractError(
+            f"plan file: {role}.stages[{missing[0]}].address is empty: pipeline stages find each other "
+            "there (re-render the plan with the operator) or give --stage-addresses"
+        )
+    k = ordinal(args)
+    return tuple(s.address.replace("{ordinal}", str(k)) for s in phase.stages)
 
 
 def build_settings(
@@ -306,6 +358,7 @@ def build_settings(
         "pp": ob.pp,
         "stage": ob.stage,
         "layers": ob.layers,
+        "stage_addresses": ob.stage_addresses,
         "rank_port_base": ob.rank_port_base,
     }
     prefill_limits: dict[str, Any] = {

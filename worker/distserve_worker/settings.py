@@ -28,6 +28,9 @@ class WorkerSettings:
     pp: int = 1
     stage: int = 0
     layers: tuple[int, int] | None = None  # [start, end) of this stage; None: the whole model
+    # gRPC addresses of every pipeline stage of this instance, stage 0 first (pp > 1; from the
+    # contract's address templates or --stage-addresses).
+    stage_addresses: tuple[str, ...] = ()
     rank_port_base: int = 0  # follower rank r serves gRPC on this + r; 0: free ports (local mode)
 
     @property

@@ -58,6 +58,7 @@ def settings_from(role: str, data: dict[str, Any]) -> PrefillSettings | DecodeSe
     values["model"] = ModelSpec(**data["model"])
     if values.get("layers") is not None:
         values["layers"] = tuple(values["layers"])
+    values["stage_addresses"] = tuple(values.get("stage_addresses", ()))
     return cls(**values)
 
 
