@@ -9,7 +9,14 @@ Topology (DESIGN.md, "Children"):
 - Low node affinity, layout SeparatePods: decode stage i requires the node of a prefill stage i pod.
   Layout SharedPod: one StatefulSet `<name>-pd-s<i>` whose pods run both stage segments, so the
   KV cache moves over NVLink / CUDA IPC inside the pod.
-- A headless Service per role, the router Deployment and the Service users call (`<name>`).
+- A headless Service per stage StatefulSet, named like it and governing it (`serviceName`), so
+  every stage pod has a stable DNS name `<sts>-<k>.<sts>.<namespace>.svc`; it publishes pods before
+  they are ready, since the stages of an instance find each other while they start. The plan's
+  `stages[i].address` is that name with `{ordinal}` for k: stage 0 of instance k reaches its
+  stages 1..pp-1 there.
+- A headless Service per role (`<name>-prefill`, `<name>-decode`) selecting only stage-0 pods: the
+  instances the router resolves and calls. The router Deployment and the Service users call
+  (`<name>`).
 - A NetworkPolicy letting only this deployment's pods reach the workers' gRPC ports (rank 0's and
   the tensor-parallel follower ranks', which decode ranks pull KV from).
 - Gang scheduling: one scheduler-plugins PodGroup per instance (its pp stage pods).
@@ -80,6 +87,23 @@ def router_name(name: str) -> str:
     return f"{name}-router"
 
 
+def stage_service_name(name: str, group: WorkerGroup) -> str:
+    """The headless Service governing one stage StatefulSet: its own name."""
+    return group.name(name)
+
+
+def stage_groups(spec: DistServeDeploymentSpec, plan: PlanStatus) -> dict[str, list[WorkerGroup]]:
+    """role (prefill, decode) -> the StatefulSet of each of its stages, stage 0 first (in SharedPod
+    both roles' stage i is the same `<name>-pd-s<i>`)."""
+    out: dict[str, list[WorkerGroup]] = {L.ROLE_PREFILL: [], L.ROLE_DECODE: []}
+    for group in worker_groups(spec, plan):
+        for role, _ in group.segments:
+            out[role].append(group)
+    for groups in out.values():
+        groups.sort(key=lambda g: g.stage)
+    return out
+
+
 def shared_pod_layout(spec: DistServeDeploymentSpec, plan: PlanStatus) -> bool:
     """SharedPod pairs stage i of prefill with stage i of decode: it needs matching shapes."""
     return (
@@ -127,28 +151,51 @@ def parallelism_hash(plan: PlanStatus) -> str:
 # ---------------------------------------------------------------------------- the plan
 
 
-def plan_document(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus) -> dict[str, Any]:
-    """`plan.json`: the runtime contract for this deployment's pods (their ports and Services)."""
+def stage_endpoints(
+    name: str, spec: DistServeDeploymentSpec, plan: PlanStatus, namespace: str
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(services, addresses): role -> per stage, the DNS name of the stage's headless Service
+    (`<sts>.<namespace>.svc`) and the gRPC address template of its pod in one instance
+    (`<sts>-{ordinal}.<sts>.<namespace>.svc:<port>`, the worker fills in its ordinal)."""
     shared = shared_pod_layout(spec, plan)
-    roles = {L.ROLE_PREFILL: plan.prefill, L.ROLE_DECODE: plan.decode}
+    services: dict[str, list[str]] = {}
+    addresses: dict[str, list[str]] = {}
+    for role, groups in stage_groups(spec, plan).items():
+        grpc_port = ports(spec, role, shared)[0]
+        services[role] = [f"{stage_service_name(name, g)}.{namespace}.svc" for g in groups]
+        addresses[role] = [
+            f"{g.name(name)}-{{ordinal}}.{stage_service_name(name, g)}.{namespace}.svc:{grpc_port}"
+            for g in groups
+        ]
+    return services, addresses
+
+
+def plan_document(
+    name: str, spec: DistServeDeploymentSpec, plan: PlanStatus, *, namespace: str
+) -> dict[str, Any]:
+    """`plan.json`: the runtime contract for this deployment's pods (their ports, the Services
+    and addresses of their stages in `namespace`)."""
+    shared = shared_pod_layout(spec, plan)
+    services, addresses = stage_endpoints(name, spec, plan, namespace)
     contract = runtime_contract(
         spec,
         plan,
-        ports={role: ports(spec, role, shared) for role in roles},
-        services={
-            role: [role_service_name(name, role) if phase.pp == 1 else "" for _ in range(phase.pp)]
-            for role, phase in roles.items()
-        },
+        ports={role: ports(spec, role, shared) for role in (L.ROLE_PREFILL, L.ROLE_DECODE)},
+        services=services,
+        addresses=addresses,
     )
     return contract.to_wire()
 
 
-def render_plan_configmap(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus) -> Obj:
+def render_plan_configmap(
+    name: str, spec: DistServeDeploymentSpec, plan: PlanStatus, *, namespace: str
+) -> Obj:
+    document = plan_document(name, spec, plan, namespace=namespace)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": plan_configmap_name(name), "labels": L.base(name, L.COMPONENT_PLAN)},
-        "data": {PLAN_KEY: json.dumps(plan_document(name, spec, plan), indent=2, sort_keys=True)},
+        "data": {PLAN_KEY: json.dumps(document, indent=2, sort_keys=True)},
     }
 
 
@@ -333,14 +380,19 @@ def _group_labels(name: str, group: WorkerGroup) -> dict[str, str]:
     return out
 
 
-def render_statefulset(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus, group: WorkerGroup) -> Obj:
-    shared = group.role == L.ROLE_PAIRED
-    selector = {
+def _group_selector(name: str, group: WorkerGroup) -> dict[str, str]:
+    """Selects exactly the pods of one stage StatefulSet (it and its Service use it)."""
+    return {
         L.APP_INSTANCE: name,
         L.APP_COMPONENT: L.COMPONENT_WORKER,
         L.ROLE: group.role,
         L.STAGE: str(group.stage),
     }
+
+
+def render_statefulset(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus, group: WorkerGroup) -> Obj:
+    shared = group.role == L.ROLE_PAIRED
+    selector = _group_selector(name, group)
     pod_labels = _group_labels(name, group)
     volumes, _, _ = _model_volumes(spec)
     pod_spec: Obj = {
@@ -377,9 +429,8 @@ def render_statefulset(name: str, spec: DistServeDeploymentSpec, plan: PlanStatu
         "metadata": {"name": group.name(name), "labels": pod_labels},
         "spec": {
             "replicas": group.replicas,
-            "serviceName": role_service_name(
-                name, L.ROLE_PREFILL if group.role == L.ROLE_PAIRED else group.role
-            ),
+            # Its own headless Service: pod k is `<sts>-<k>.<sts>.<namespace>.svc`.
+            "serviceName": stage_service_name(name, group),
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": selector},
             "template": {
@@ -445,7 +496,50 @@ def ungate_patch(pod: Obj) -> Obj | None:
 # ---------------------------------------------------------------------------- services, router, policy
 
 
+def render_stage_services(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus) -> list[Obj]:
+    """One headless Service per stage StatefulSet, governing it: stable DNS names for its pods,
+    published before they are ready (the stages of an instance connect while they start)."""
+    out = []
+    for group in worker_groups(spec, plan):
+        shared = group.role == L.ROLE_PAIRED
+        service_ports: list[Obj] = []
+        for role, _ in group.segments:
+            grpc_port, metrics_port = ports(spec, role, shared)
+            service_ports += [
+                {"name": f"grpc-{role}", "port": grpc_port, "targetPort": f"grpc-{role}", "protocol": "TCP"},
+                {
+                    "name": f"metrics-{role}",
+                    "port": metrics_port,
+                    "targetPort": f"metrics-{role}",
+                    "protocol": "TCP",
+                },
+            ]
+        out.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {
+                    "name": stage_service_name(name, group),
+                    "labels": {
+                        **L.base(name, L.COMPONENT_WORKER),
+                        L.ROLE: group.role,
+                        L.STAGE: str(group.stage),
+                    },
+                },
+                "spec": {
+                    "clusterIP": "None",
+                    "publishNotReadyAddresses": True,
+                    "selector": _group_selector(name, group),
+                    "ports": service_ports,
+                },
+            }
+        )
+    return out
+
+
 def render_role_services(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus) -> list[Obj]:
+    """The headless Services the router resolves: stage-0 pods only, since stage 0 of an
+    instance is the one it calls (stage 0 reaches the instance's other stages itself)."""
     out = []
     for role, serves in ((L.ROLE_PREFILL, L.SERVES_PREFILL), (L.ROLE_DECODE, L.SERVES_DECODE)):
         out.append(
@@ -458,7 +552,12 @@ def render_role_services(name: str, spec: DistServeDeploymentSpec, plan: PlanSta
                 },
                 "spec": {
                     "clusterIP": "None",
-                    "selector": {L.APP_INSTANCE: name, L.APP_COMPONENT: L.COMPONENT_WORKER, serves: "true"},
+                    "selector": {
+                        L.APP_INSTANCE: name,
+                        L.APP_COMPONENT: L.COMPONENT_WORKER,
+                        serves: "true",
+                        L.STAGE: "0",
+                    },
                     "ports": [
                         {
                             "name": "grpc",
@@ -597,10 +696,13 @@ def render_network_policy(name: str, spec: DistServeDeploymentSpec, plan: PlanSt
 # ---------------------------------------------------------------------------- all of it
 
 
-def render_all(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus) -> list[Obj]:
-    """Every child, in the order to apply them (config before the pods that mount it)."""
-    objs: list[Obj] = [render_plan_configmap(name, spec, plan)]
+def render_all(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus, *, namespace: str) -> list[Obj]:
+    """Every child, in the order to apply them (config before the pods that mount it, Services
+    before the StatefulSets they govern). `namespace`: where they go (the plan names stage pods
+    by their DNS names there)."""
+    objs: list[Obj] = [render_plan_configmap(name, spec, plan, namespace=namespace)]
     objs += render_role_services(name, spec, plan)
+    objs += render_stage_services(name, spec, plan)
     objs.append(render_network_policy(name, spec, plan))
     objs += render_pod_groups(name, spec, plan)
     objs += [render_statefulset(name, spec, plan, g) for g in worker_groups(spec, plan)]

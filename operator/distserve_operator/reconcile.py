@@ -47,6 +47,7 @@ from .settings import OperatorSettings
 
 API_VERSION = "distserve.io/v1alpha1"
 KIND = "DistServeDeployment"
+log = logging.getLogger(__name__)
 T, F, U = ConditionStatus.TRUE, ConditionStatus.FALSE, ConditionStatus.UNKNOWN
 
 
@@ -309,6 +310,23 @@ def effective_spec(
     return spec, []
 
 
+async def _replace_if_rebound(rt: Runtime, obj: dict[str, Any]) -> None:
+    """A StatefulSet's `serviceName` cannot be changed in place (the API server refuses the
+    patch): delete one governed by another Service (one from before per-stage Services) so it is
+    created anew, its pods with it, and they get their stage DNS names."""
+    meta = obj["metadata"]
+    live = await rt.kube.get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+    live_service = ((live or {}).get("spec") or {}).get("serviceName")
+    if live_service and live_service != obj["spec"]["serviceName"]:
+        log.info(
+            "StatefulSet %s: serviceName %s -> %s cannot change in place; recreating it",
+            meta["name"],
+            live_service,
+            obj["spec"]["serviceName"],
+        )
+        await rt.kube.delete(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+
+
 async def _apply_children(
     rt: Runtime, owner: dict[str, Any], spec: DistServeDeploymentSpec, plan: PlanStatus, *, prune: bool = True
 ) -> list[RoleStatus]:
@@ -316,11 +334,13 @@ async def _apply_children(
     replicas per role."""
     meta = owner["metadata"]
     name, namespace = meta["name"], meta["namespace"]
-    objs = children.render_all(name, spec, plan)
+    objs = children.render_all(name, spec, plan, namespace=namespace)
     ready: dict[str, int] = {}
     live_replicas: dict[str, int] = {}
     for obj in objs:
         kopf.adopt(obj, owner=owner)  # type: ignore[arg-type]  # a raw body works as the owner
+        if obj["kind"] == "StatefulSet":
+            await _replace_if_rebound(rt, obj)
         applied = await rt.kube.apply(
             obj, preserve_replicas=not children.scaled_by_operator(obj, spec.autoscaling.mode)
         )

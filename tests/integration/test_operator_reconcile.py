@@ -47,7 +47,9 @@ async def test_apply_creates_children_with_planned_replicas_and_status() -> None
         for s in sets:
             assert s["metadata"]["ownerReferences"][0]["uid"] == owner_uid
         names = {o["metadata"]["name"] for o in env.children("v1/services", "llm")}
-        assert names == {"llm", "llm-prefill", "llm-decode"}
+        # The router's, the role Services, and one governing each stage StatefulSet.
+        assert names == {"llm", "llm-prefill", "llm-decode"} | {s["metadata"]["name"] for s in sets}
+        assert all(s["spec"]["serviceName"] == s["metadata"]["name"] for s in sets)
         assert env.children("v1/configmaps", "llm")[0]["metadata"]["name"] == "llm-plan"
         assert env.children("apps/v1/deployments", "llm")[0]["metadata"]["name"] == "llm-router"
         assert env.children("networking.k8s.io/v1/networkpolicies", "llm")
@@ -192,7 +194,37 @@ async def test_restarted_operator_converges_without_duplicates_and_repairs_child
         for k in kinds:
             if k != "v1/services":
                 assert second[k] == first[k], k  # same objects, not re-created
-        assert len(second["v1/services"]) == 3
+        assert len(second["v1/services"]) == 3 + len(second[STS])  # router, roles, one per stage
+
+
+async def test_a_statefulset_governed_by_another_service_is_recreated() -> None:
+    """`serviceName` is immutable on a real API server: a StatefulSet from before per-stage
+    Services (governed by its role's Service) is replaced, not patched forever in vain."""
+    async with operator_env(plan_fn=plan_fn()) as env:
+        await env.start_operator()
+        await env.create(dsd("llm"))
+        await eventually(lambda: env.condition("llm", "Ready"), what="first reconcile")
+        await env.stop_operator()
+        old, decode = env.api.fetch(STS, NS, "llm-prefill-s0"), env.api.fetch(STS, NS, "llm-decode-s0")
+        assert old is not None and decode is not None and old["spec"]["serviceName"] == "llm-prefill-s0"
+        async with env.session.patch(
+            f"{env.url}/apis/apps/v1/namespaces/{NS}/statefulsets/llm-prefill-s0",
+            json={"spec": {"serviceName": "llm-prefill"}},
+            headers={"Content-Type": "application/merge-patch+json"},
+        ) as r:
+            assert r.status < 400
+        await env.start_operator()
+        new = await eventually(
+            lambda: (
+                (s := env.api.fetch(STS, NS, "llm-prefill-s0"))
+                and s["spec"]["serviceName"] == "llm-prefill-s0"
+                and s
+            ),
+            what="the StatefulSet under its own Service",
+        )
+        assert new["metadata"]["uid"] != old["metadata"]["uid"]  # created anew
+        # One already under its own Service is left alone.
+        assert (env.api.fetch(STS, NS, "llm-decode-s0") or {})["metadata"]["uid"] == decode["metadata"]["uid"]
 
 
 async def test_deleting_the_deployment_raises_no_errors(caplog: pytest.LogCaptureFixture) -> None:

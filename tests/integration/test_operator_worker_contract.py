@@ -2,7 +2,7 @@
 with probes it serves and environment it reads.
 
 Both sides are real: the operator's renderer (children.render_all) over a real plan of every
-example, and the worker's own argument parser, its contract check (`cli_worker.obey`) and its
+example (and of pinned pipeline-parallel variants, which no example plans), and the worker's own argument parser, its contract check (`cli_worker.obey`) and its
 sources. A renamed flag, a dead environment variable or a plan.json the worker refuses fails here,
 not in a cluster's CrashLoopBackOff.
 """
@@ -25,17 +25,65 @@ from distserve_operator.planner import plan_deployment
 from distserve_worker import cli_worker
 
 ROOT = Path(__file__).parents[2]
-EXAMPLES = sorted(p.name for p in (ROOT / "deploy" / "examples").glob("*.yaml"))
 WORKER_SOURCES = ROOT / "worker" / "distserve_worker"
+NAMESPACE = "serving"
+# Pipeline-parallel variants of an example (none of the examples plans pp > 1): the example file,
+# the pin, and the placement; SharedPod needs Low affinity and equal pp and replicas.
+PP2 = "llama3-8b-h100x8-pinned.yaml"
+VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "pp2-separate-pods": (
+        PP2,
+        {"prefill": {"tp": 1, "pp": 2, "replicas": 1}, "decode": {"tp": 1, "pp": 2, "replicas": 2}},
+        {"affinity": "High"},
+    ),
+    "pp2-shared-pod": (
+        PP2,
+        {"prefill": {"tp": 1, "pp": 2, "replicas": 2}, "decode": {"tp": 1, "pp": 2, "replicas": 2}},
+        {"affinity": "Low", "stageLayout": "SharedPod"},
+    ),
+}
+EXAMPLES = sorted(p.name for p in (ROOT / "deploy" / "examples").glob("*.yaml")) + sorted(VARIANTS)
 
 Obj = dict[str, Any]
 
 
+def _load(case: str) -> DistServeDeployment:
+    if case not in VARIANTS:
+        return load_manifest(ROOT / "deploy" / "examples" / case)
+    example, pin, placement = VARIANTS[case]
+    dsd = load_manifest(ROOT / "deploy" / "examples" / example)
+    spec = dsd.spec.model_copy(
+        update={
+            "planner": dsd.spec.planner.model_validate({**dsd.spec.planner.to_wire(), "pin": pin}),
+            "placement": dsd.spec.placement.model_validate({**dsd.spec.placement.to_wire(), **placement}),
+        }
+    )
+    return dsd.model_copy(update={"spec": spec})
+
+
 @functools.cache
 def _rendered(example: str) -> tuple[DistServeDeployment, PlanStatus, list[Obj]]:
-    dsd = load_manifest(ROOT / "deploy" / "examples" / example)
+    dsd = _load(example)
     plan = plan_deployment(dsd).status
-    return dsd, plan, children.render_all(dsd.metadata.name, dsd.spec, plan)
+    return dsd, plan, children.render_all(dsd.metadata.name, dsd.spec, plan, namespace=NAMESPACE)
+
+
+def test_the_pipeline_variants_plan_what_they_pin() -> None:
+    """Else the pp > 1 cases below would pass without pipeline stages (or SharedPod) at all."""
+    for case, (_, pin, placement) in VARIANTS.items():
+        dsd, plan, objs = _rendered(case)
+        for role in ("prefill", "decode"):
+            phase = plan.prefill if role == "prefill" else plan.decode
+            assert (phase.tp, phase.pp, phase.replicas) == tuple(
+                pin[role][k] for k in ("tp", "pp", "replicas")
+            )
+        sets = sorted(o["metadata"]["name"] for o in objs if o["kind"] == "StatefulSet")
+        name = dsd.metadata.name
+        if placement.get("stageLayout") == "SharedPod":
+            assert children.shared_pod_layout(dsd.spec, plan)
+            assert sets == [f"{name}-pd-s0", f"{name}-pd-s1"]
+        else:
+            assert sets == sorted(f"{name}-{r}-s{i}" for r in ("prefill", "decode") for i in (0, 1))
 
 
 def _containers(example: str) -> list[tuple[Obj, Obj]]:
@@ -85,10 +133,14 @@ def test_rendered_commands_parse_with_the_worker_cli(example: str) -> None:
 
 
 @pytest.mark.parametrize("example", EXAMPLES)
-def test_every_worker_obeys_the_rendered_plan_file(example: str, tmp_path: Path) -> None:
+def test_every_worker_obeys_the_rendered_plan_file(
+    example: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The ConfigMap's plan.json, mounted where the command says, is a contract each worker accepts,
     and what it then runs (tp, stage, layers, rank ports, limits) is what the pod was sized for."""
     dsd, plan, objs = _rendered(example)
+    services = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Service"}
+    sets = {o["metadata"]["name"]: o for o in objs if o["kind"] == "StatefulSet"}
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(_plan_json(example))
     contract = RuntimeContract.model_validate_json(plan_file.read_text())
@@ -99,6 +151,8 @@ def test_every_worker_obeys_the_rendered_plan_file(example: str, tmp_path: Path)
     for owner, container in _containers(example):
         args = _parse(container)
         args.plan_file = str(plan_file)
+        # The pod's name (`<sts>-<ordinal>`, from the downward API) gives the worker its ordinal.
+        monkeypatch.setenv("POD_NAME", f"{owner['metadata']['name']}-0")
         obeyed = cli_worker.obey(args)  # raises ContractError if the worker would refuse it
         assert obeyed.model.name == dsd.spec.model.name
         assert obeyed.limits == plan.limits
@@ -117,6 +171,30 @@ def test_every_worker_obeys_the_rendered_plan_file(example: str, tmp_path: Path)
         assert followers == [obeyed.rank_port_base + r for r in range(1, obeyed.tp)]
         for port in followers:
             assert any(rule["port"] <= port <= rule.get("endPort", rule["port"]) for rule in admitted), port
+        # Instance 0's stages, each at the DNS name of its pod under the Service governing its
+        # StatefulSet, on a gRPC port that the pod's container of this role listens on.
+        assert len(obeyed.stage_addresses) == (phase.pp if phase.pp > 1 else 0)
+        for i, address in enumerate(obeyed.stage_addresses):
+            host, port = address.rsplit(":", 1)
+            pod, service, namespace, svc = host.split(".")
+            assert (namespace, svc) == (NAMESPACE, "svc"), address
+            assert service in sets and service in services, address  # both rendered
+            assert sets[service]["spec"]["serviceName"] == service, address  # and it governs the set
+            stage_set = sets[service]
+            assert pod == f"{service}-0", address
+            stage_pods = stage_set["spec"]["template"]
+            assert stage_pods["metadata"]["labels"][L.STAGE] == str(i), address
+            governing = services[service]["spec"]
+            assert governing["clusterIP"] == "None" and governing["publishNotReadyAddresses"] is True
+            assert all(stage_pods["metadata"]["labels"].get(k) == v for k, v in governing["selector"].items())
+            (peer,) = [c for c in stage_pods["spec"]["containers"] if c["name"] == args.role]
+            assert int(port) in {
+                p["containerPort"] for p in peer["ports"] if p["name"] == f"grpc-{args.role}"
+            }
+            # ... and the NetworkPolicy lets this stage's pods reach it there.
+            assert any(r["port"] <= int(port) <= r.get("endPort", r["port"]) for r in admitted), address
+        if phase.pp > 1:
+            assert obeyed.stage_addresses[stage].startswith(f"{owner['metadata']['name']}-0."), "itself"
     # Every stage of both roles runs somewhere, and the stages cover the model's layers.
     for role in ("prefill", "decode"):
         phase = contract.phase(role)

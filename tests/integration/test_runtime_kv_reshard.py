@@ -98,7 +98,7 @@ async def test_a_head_range_the_rank_did_not_prepare_is_refused():
     servers, addresses = await prefill_ranks(kv, 1, 2)  # prepared for decode TP2: halves
     puller = GrpcKVPuller(CHUNK)
     try:
-        with pytest.raises(KVPullError, match=r"prepared KV heads .* asked for \[0, 2\]"):
+        with pytest.raises(KVPullError, match=r"prepared KV \(heads, layers\) .* asked for \[\[0, 2\]"):
             await puller.pull(
                 addresses[0], "r", Expected(LAYERS, TOKENS, 2, DIM, torch.float32, CHUNK), 10, heads=(0, 2)
             )

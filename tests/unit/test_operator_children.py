@@ -45,6 +45,7 @@ def _plan(
 
 # The hand-written plans below use TP2 and TP4: a model whose 32 heads and 8 KV heads split so
 # (the runtime contract refuses a TP that does not divide them, as the workers would).
+NS = "serving"
 LLAMA = {"name": "meta-llama/Meta-Llama-3-8B-Instruct", "dtype": "bfloat16"}
 
 
@@ -57,11 +58,13 @@ def _by_name(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def test_every_child_is_rendered_with_labels() -> None:
-    objs = _by_name(children.render_all("llm", _spec(), _plan()))
+    objs = _by_name(children.render_all("llm", _spec(), _plan(), namespace=NS))
     assert set(objs) == {
         "ConfigMap/llm-plan",
         "Service/llm-prefill",
         "Service/llm-decode",
+        "Service/llm-prefill-s0",
+        "Service/llm-decode-s0",
         "NetworkPolicy/llm-workers",
         "StatefulSet/llm-prefill-s0",
         "StatefulSet/llm-decode-s0",
@@ -74,7 +77,7 @@ def test_every_child_is_rendered_with_labels() -> None:
 
 
 def test_worker_pods_request_tp_gpus_and_are_locked_down() -> None:
-    sts = _by_name(children.render_all("llm", _spec(), _plan()))["StatefulSet/llm-prefill-s0"]
+    sts = _by_name(children.render_all("llm", _spec(), _plan(), namespace=NS))["StatefulSet/llm-prefill-s0"]
     assert sts["spec"]["replicas"] == 2
     pod = sts["spec"]["template"]["spec"]
     (c,) = pod["containers"]
@@ -100,30 +103,109 @@ def test_worker_pods_request_tp_gpus_and_are_locked_down() -> None:
 
 
 def test_cpu_clusters_request_no_gpu() -> None:
-    sts = _by_name(children.render_all("llm", _spec(cluster={"gpu": {"type": "CPU"}}), _plan()))
+    sts = _by_name(children.render_all("llm", _spec(cluster={"gpu": {"type": "CPU"}}), _plan(), namespace=NS))
     c = sts["StatefulSet/llm-prefill-s0"]["spec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
 
 
 def test_one_statefulset_per_pipeline_stage() -> None:
-    objs = _by_name(children.render_all("llm", _spec(), _plan(prefill=(1, 3, 2))))
+    objs = _by_name(children.render_all("llm", _spec(), _plan(prefill=(1, 3, 2)), namespace=NS))
     assert {"StatefulSet/llm-prefill-s0", "StatefulSet/llm-prefill-s1", "StatefulSet/llm-prefill-s2"} <= set(
         objs
     )
     assert objs["StatefulSet/llm-prefill-s2"]["spec"]["template"]["metadata"]["labels"][L.STAGE] == "2"
 
 
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _pod_labels(objs: dict[str, dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """StatefulSet name -> its pods' labels."""
+    return {
+        o["metadata"]["name"]: o["spec"]["template"]["metadata"]["labels"]
+        for o in objs.values()
+        if o["kind"] == "StatefulSet"
+    }
+
+
+@pytest.mark.parametrize(
+    ("placement", "affinity"),
+    [
+        ({"affinity": "High"}, "High"),
+        ({"affinity": "Low", "stageLayout": "SeparatePods"}, "Low"),
+        ({"affinity": "Low", "stageLayout": "SharedPod"}, "Low"),
+    ],
+)
+def test_each_stage_statefulset_has_its_own_headless_service(
+    placement: dict[str, str], affinity: str
+) -> None:
+    objs = _by_name(
+        children.render_all(
+            "llm", _spec(placement=placement), _plan(affinity, (1, 2, 2), (1, 2, 2)), namespace=NS
+        )
+    )
+    pods = _pod_labels(objs)
+    assert len(pods) == (2 if placement.get("stageLayout") == "SharedPod" else 4)
+    for sts_name, labels in pods.items():
+        sts = objs[f"StatefulSet/{sts_name}"]
+        svc = objs[f"Service/{sts_name}"]
+        # It governs the StatefulSet: pod k is `<sts>-<k>.<sts>.<namespace>.svc`.
+        assert sts["spec"]["serviceName"] == sts_name
+        assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+        # It selects exactly this StatefulSet's pods.
+        assert svc["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"]
+        assert _selects(svc["spec"]["selector"], labels)
+        assert [name for name, other in pods.items() if _selects(svc["spec"]["selector"], other)] == [
+            sts_name
+        ]
+        # Its ports are the containers' named gRPC and metrics ports.
+        named = {
+            p["name"]: p["containerPort"]
+            for c in sts["spec"]["template"]["spec"]["containers"]
+            for p in c["ports"]
+        }
+        roles = [c["name"] for c in sts["spec"]["template"]["spec"]["containers"]]
+        assert {p["targetPort"] for p in svc["spec"]["ports"]} == {
+            f"{kind}-{role}" for role in roles for kind in ("grpc", "metrics")
+        }
+        assert all(named[p["targetPort"]] == p["port"] for p in svc["spec"]["ports"])
+
+
+@pytest.mark.parametrize(
+    ("placement", "affinity"),
+    [({"affinity": "High"}, "High"), ({"affinity": "Low", "stageLayout": "SharedPod"}, "Low")],
+)
+def test_role_services_select_only_stage_zero(placement: dict[str, str], affinity: str) -> None:
+    """The router calls stage 0 of an instance only: stages >= 1 are not behind the role Services."""
+    objs = _by_name(
+        children.render_all(
+            "llm", _spec(placement=placement), _plan(affinity, (1, 2, 2), (1, 2, 2)), namespace=NS
+        )
+    )
+    pods = _pod_labels(objs)
+    for role in ("prefill", "decode"):
+        svc = objs[f"Service/llm-{role}"]["spec"]
+        assert svc["selector"][L.STAGE] == "0" and svc["clusterIP"] == "None"
+        selected = {name for name, labels in pods.items() if _selects(svc["selector"], labels)}
+        assert selected and all(pods[name][L.STAGE] == "0" for name in selected)
+        # ... and every stage-0 pod serving the role.
+        serves = L.SERVES_PREFILL if role == "prefill" else L.SERVES_DECODE
+        assert selected == {n for n, labels in pods.items() if labels[L.STAGE] == "0" and serves in labels}
+        assert svc["ports"][0]["targetPort"] == f"grpc-{role}"
+
+
 def test_high_affinity_spreads_instances() -> None:
-    pod = _by_name(children.render_all("llm", _spec(), _plan()))["StatefulSet/llm-decode-s0"]["spec"][
-        "template"
-    ]["spec"]
+    pod = _by_name(children.render_all("llm", _spec(), _plan(), namespace=NS))["StatefulSet/llm-decode-s0"][
+        "spec"
+    ]["template"]["spec"]
     term = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
     assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
 
 
 def test_low_affinity_separate_pods_puts_decode_stage_on_prefill_stage_node() -> None:
     spec = _spec(placement={"affinity": "Low", "stageLayout": "SeparatePods"})
-    objs = _by_name(children.render_all("llm", spec, _plan("Low", (1, 2, 2), (1, 2, 2))))
+    objs = _by_name(children.render_all("llm", spec, _plan("Low", (1, 2, 2), (1, 2, 2)), namespace=NS))
     pod = objs["StatefulSet/llm-decode-s1"]["spec"]["template"]["spec"]
     (term,) = pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert term["topologyKey"] == "kubernetes.io/hostname"
@@ -132,7 +214,7 @@ def test_low_affinity_separate_pods_puts_decode_stage_on_prefill_stage_node() ->
 
 def test_low_affinity_shared_pod_runs_both_segments_in_one_pod() -> None:
     spec = _spec(placement={"affinity": "Low", "stageLayout": "SharedPod"})
-    objs = _by_name(children.render_all("llm", spec, _plan("Low", (2, 2, 2), (1, 2, 2))))
+    objs = _by_name(children.render_all("llm", spec, _plan("Low", (2, 2, 2), (1, 2, 2)), namespace=NS))
     assert "StatefulSet/llm-prefill-s0" not in objs
     pod = objs["StatefulSet/llm-pd-s1"]["spec"]["template"]["spec"]
     prefill, decode = pod["containers"]
@@ -144,8 +226,8 @@ def test_low_affinity_shared_pod_runs_both_segments_in_one_pod() -> None:
     assert (
         prefill["ports"][0]["containerPort"] != decode["ports"][0]["containerPort"]
     )  # one network namespace
-    # Both headless Services find the shared pods, each on its own named port.
-    labels = objs["StatefulSet/llm-pd-s1"]["spec"]["template"]["metadata"]["labels"]
+    # Both role Services find the shared stage-0 pods, each on its own named port.
+    labels = objs["StatefulSet/llm-pd-s0"]["spec"]["template"]["metadata"]["labels"]
     for role in ("prefill", "decode"):
         svc = objs[f"Service/llm-{role}"]["spec"]
         assert all(labels.get(k) == v for k, v in svc["selector"].items())
@@ -154,13 +236,13 @@ def test_low_affinity_shared_pod_runs_both_segments_in_one_pod() -> None:
 
 def test_shared_pod_falls_back_to_separate_pods_when_shapes_differ() -> None:
     spec = _spec(placement={"affinity": "Low", "stageLayout": "SharedPod"})
-    objs = _by_name(children.render_all("llm", spec, _plan("Low", (2, 2, 1), (1, 1, 3))))
+    objs = _by_name(children.render_all("llm", spec, _plan("Low", (2, 2, 1), (1, 1, 3)), namespace=NS))
     assert "StatefulSet/llm-prefill-s1" in objs and "StatefulSet/llm-decode-s0" in objs
 
 
 def test_gang_scheduling_renders_a_podgroup_per_instance_and_gates_pods() -> None:
     spec = _spec(placement={"affinity": "High", "gangScheduling": "PodGroup"})
-    objs = _by_name(children.render_all("llm", spec, _plan(prefill=(1, 2, 2))))
+    objs = _by_name(children.render_all("llm", spec, _plan(prefill=(1, 2, 2)), namespace=NS))
     groups = {k: v for k, v in objs.items() if k.startswith("PodGroup/")}
     assert set(groups) == {
         "PodGroup/llm-prefill-i0",
@@ -188,7 +270,9 @@ def test_gang_scheduling_renders_a_podgroup_per_instance_and_gates_pods() -> Non
 
 
 def test_network_policy_admits_only_own_pods_to_grpc() -> None:
-    np = _by_name(children.render_all("llm", _spec(), _plan()))["NetworkPolicy/llm-workers"]["spec"]
+    np = _by_name(children.render_all("llm", _spec(), _plan(), namespace=NS))["NetworkPolicy/llm-workers"][
+        "spec"
+    ]
     grpc_rule, metrics_rule = np["ingress"]
     assert grpc_rule["from"] == [
         {"podSelector": {"matchLabels": {L.APP_INSTANCE: "llm", L.APP_NAME: "distserve"}}}
@@ -196,7 +280,9 @@ def test_network_policy_admits_only_own_pods_to_grpc() -> None:
     # Rank 0 of both roles, and prefill's TP2 follower rank (decode ranks pull KV from it).
     assert grpc_rule["ports"] == [{"protocol": "TCP", "port": 50051}, {"protocol": "TCP", "port": 51052}]
     assert "from" not in metrics_rule
-    wide = _by_name(children.render_all("llm", _spec(), _plan(prefill=(4, 1, 1), decode=(2, 1, 1))))
+    wide = _by_name(
+        children.render_all("llm", _spec(), _plan(prefill=(4, 1, 1), decode=(2, 1, 1)), namespace=NS)
+    )
     rule = wide["NetworkPolicy/llm-workers"]["spec"]["ingress"][0]
     assert rule["ports"][1:] == [
         {"protocol": "TCP", "port": 51052, "endPort": 51054},  # prefill ranks 1..3
@@ -205,7 +291,7 @@ def test_network_policy_admits_only_own_pods_to_grpc() -> None:
 
 
 def _contract(spec: Any, plan: PlanStatus) -> RuntimeContract:
-    cm = children.render_plan_configmap("llm", spec, plan)
+    cm = children.render_plan_configmap("llm", spec, plan, namespace=NS)
     return RuntimeContract.model_validate(json.loads(cm["data"]["plan.json"]))
 
 
@@ -220,7 +306,11 @@ def test_plan_configmap_is_the_runtime_contract() -> None:
     prefill = contract.prefill
     assert (prefill.tp, prefill.pp, prefill.replicas) == (2, 3, 2)
     assert [(s.layers.start, s.layers.end) for s in prefill.stages] == [(0, 11), (11, 22), (22, 32)]
-    assert [s.service for s in contract.decode.stages] == ["llm-decode"]  # one stage: the role's Service
+    # Each stage's own headless Service, and where its pod of instance k listens.
+    assert [s.service for s in contract.decode.stages] == ["llm-decode-s0.serving.svc"]
+    assert [s.address for s in prefill.stages] == [
+        f"llm-prefill-s{i}-{{ordinal}}.llm-prefill-s{i}.serving.svc:50051" for i in range(3)
+    ]
     assert (contract.decode.tp, contract.decode.stages[0].layers.end) == (4, 32)
     # Exactly the limits the planner simulated.
     assert contract.limits == limits
@@ -234,7 +324,13 @@ def test_shared_pod_contract_gives_decode_the_next_ports() -> None:
     contract = _contract(spec, _plan("Low", (2, 2, 2), (2, 2, 2)))
     decode = contract.decode
     assert (decode.grpc_port, decode.metrics_port) == (50052, 9091)
-    pod = _by_name(children.render_all("llm", spec, _plan("Low", (2, 2, 2), (2, 2, 2))))[
+    # Both roles' stage i live in the pods of `llm-pd-s<i>`, each role on its own port.
+    for phase, port in ((contract.prefill, 50051), (decode, 50052)):
+        assert [s.service for s in phase.stages] == ["llm-pd-s0.serving.svc", "llm-pd-s1.serving.svc"]
+        assert [s.address for s in phase.stages] == [
+            f"llm-pd-s{i}-{{ordinal}}.llm-pd-s{i}.serving.svc:{port}" for i in range(2)
+        ]
+    pod = _by_name(children.render_all("llm", spec, _plan("Low", (2, 2, 2), (2, 2, 2)), namespace=NS))[
         "StatefulSet/llm-pd-s1"
     ]
     ports = {p["containerPort"] for c in pod["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
@@ -253,15 +349,15 @@ def test_a_plan_without_limits_gets_the_planners() -> None:
 
 def test_pvc_models_mount_under_the_root_the_worker_reads() -> None:
     spec = _spec(model={**LLAMA, "source": {"kind": "PVC", "claimName": "weights", "path": "llama"}})
-    c = _by_name(children.render_all("llm", spec, _plan()))["StatefulSet/llm-decode-s0"]["spec"]["template"][
+    c = _by_name(children.render_all("llm", spec, _plan(), namespace=NS))["StatefulSet/llm-decode-s0"][
         "spec"
-    ]["containers"][0]
+    ]["template"]["spec"]["containers"][0]
     assert {"name": "DISTSERVE_MODEL_ROOT", "value": "/models"} in c["env"]
     assert {"name": "model", "mountPath": "/models", "readOnly": True} in c["volumeMounts"]
 
 
 def test_router_and_user_service() -> None:
-    objs = _by_name(children.render_all("llm", _spec(), _plan()))
+    objs = _by_name(children.render_all("llm", _spec(), _plan(), namespace=NS))
     c = objs["Deployment/llm-router"]["spec"]["template"]["spec"]["containers"][0]
     assert c["command"][:3] == ["distserve", "worker", "router"]
     assert c["command"][c["command"].index("--prefill-dns") + 1] == "llm-prefill.$(POD_NAMESPACE).svc"
@@ -294,7 +390,7 @@ def test_rendered_children_pass_the_kubernetes_schema(placement: dict[str, str])
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     affinity = placement["affinity"]
     spec = _spec(placement=placement)
-    for obj in children.render_all("llm", spec, _plan(affinity, (2, 2, 2), (1, 2, 2))):
+    for obj in children.render_all("llm", spec, _plan(affinity, (2, 2, 2), (1, 2, 2)), namespace=NS):
         if obj["kind"] == "PodGroup":
             continue  # a scheduler-plugins CRD: not in the Kubernetes schema
         obj["metadata"]["namespace"] = "serving"

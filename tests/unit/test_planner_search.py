@@ -105,8 +105,12 @@ def test_opt13b_reference_case_matches_the_paper() -> None:
 
 
 def test_low_affinity_keeps_stage_segments_on_a_node() -> None:
-    dsd = api.load_manifest(EXAMPLES / "opt-66b-a100-4x8-low.yaml")
-    report = plan_deployment(dsd)
+    doc = yaml.safe_load((EXAMPLES / "opt-66b-a100-4x8-low.yaml").read_text())
+    # At the example's 3 GB/s a stage hop of a 2,048-token prefill batch (38 MB) costs ~13 ms, and
+    # the pipelines' gain over one-node TP4 falls within the 5% the search calls a tie (the smaller
+    # plan wins); at 10 GB/s the pipelines still pay for crossing nodes.
+    doc["spec"]["cluster"]["interconnect"]["interNodeGBps"] = 10
+    report = plan_deployment(api.parse_resource(doc))
     p = report.plan
     assert p.affinity is api.PlacementAffinity.LOW and p.feasible
     assert p.prefill.pp == p.decode.pp == p.node_span and p.node_span > 1

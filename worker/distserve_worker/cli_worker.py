@@ -228,6 +228,7 @@ class Obeyed:
     stage_addresses: tuple[str, ...] = ()  # every stage of this instance, stage 0 first (pp > 1)
     rank_port_base: int = 0
     decode_tp: int = 1
+    decode_layers: tuple[tuple[int, int], ...] = ()  # the decode stages' layer ranges (pp > 1)
     limits: EngineLimits = field(default_factory=EngineLimits)
     contract: RuntimeContract | None = None  # the plan file's, when there is one
 
@@ -296,6 +297,7 @@ def obey(args: argparse.Namespace) -> Obeyed:
         stage_addresses=stage_addresses(args, contract, role),
         rank_port_base=base,
         decode_tp=contract.decode.tp,
+        decode_layers=tuple((st.layers.start, st.layers.end) for st in contract.decode.stages),
         limits=limits,
         contract=contract,
     )
@@ -385,6 +387,7 @@ def build_settings(
             port=args.port or 50051,
             http_port=args.http_port or 8081,
             decode_tp=ob.decode_tp,
+            decode_layers=ob.decode_layers,
             **prefill_limits,
         )
     if args.role == "decode":
@@ -413,6 +416,7 @@ def build_settings(
 def check_model(settings: PrefillSettings | DecodeSettings, contract: RuntimeContract | None) -> None:
     """Before loading weights: the model's own config fits what this process must run."""
     from distserve_worker.model_source import load_config
+    from distserve_worker.pp.partial import PIPELINE_MODEL_TYPES
     from distserve_worker.tp.shard import SHARDABLE_MODEL_TYPES
 
     config = load_config(settings.model)
@@ -421,6 +425,11 @@ def check_model(settings: PrefillSettings | DecodeSettings, contract: RuntimeCon
         raise ContractError(
             f"tp {settings.tp}: tensor parallelism supports {', '.join(SHARDABLE_MODEL_TYPES)} models; this "
             f"one is {model_type!r}: run it with tp 1 (pin tp: 1 in spec.planner.pin)"
+        )
+    if settings.pp > 1 and model_type not in PIPELINE_MODEL_TYPES:
+        raise ContractError(
+            f"pp {settings.pp}: pipeline stages support {', '.join(PIPELINE_MODEL_TYPES)} models; this one "
+            f"is {model_type!r}: run it with pp 1 (pin pp: 1 in spec.planner.pin)"
         )
     if contract is not None:
         check_against_model(

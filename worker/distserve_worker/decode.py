@@ -24,10 +24,12 @@ from distserve_protos.generation.v1 import generation_pb2_grpc as gen_grpc
 from distserve_worker.engine.decoder import DecodeEngine, DecodeLimits, Stream
 from distserve_worker.engine.detokenizer import Detokenizer
 from distserve_worker.engine.runner import KVLayout, ModelRunner
+from distserve_worker.engine.sampling import sampling_from_proto
 from distserve_worker.engine.sequence import Sequence
 from distserve_worker.kvtransfer.source import KVSource
 from distserve_worker.metrics import RuntimeMetrics
-from distserve_worker.prefill import sampling_from_proto
+from distserve_worker.pp.chain import StageChain
+from distserve_worker.pp.pieces import SourceStage
 from distserve_worker.settings import DecodeSettings
 from distserve_worker.tp.group import RankGroup
 from distserve_worker.tp.topology import topology
@@ -47,6 +49,7 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
         kv_heads: int = 0,
         group: RankGroup | None = None,
         executor: ThreadPoolExecutor | None = None,
+        chain: StageChain | None = None,
     ) -> None:
         self.settings = settings
         self.runner = runner
@@ -64,9 +67,23 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
             metrics,
             executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-forward"),
             group,
+            chain,
+            micro_batches=chain.pp if chain is not None else 1,
         )
+        self.chain = chain
         if group is not None:
             group.on_broken.append(self._broken)
+        if chain is not None:
+            chain.on_broken.append(self._broken)
+
+    @property
+    def broken(self) -> str | None:
+        """Why the instance cannot serve (a dead rank, a broken stage chain), or None."""
+        if self.group is not None and self.group.broken:
+            return self.group.broken
+        if self.chain is not None and self.chain.broken:
+            return self.chain.broken
+        return None
 
     def _broken(self, reason: str) -> None:
         """A rank died: every request here fails now, with the reason; new ones are refused."""
@@ -81,6 +98,9 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
             max_tokens=max(1, request.max_tokens),
             kv_address=request.kv_address,
             kv_sources=tuple(request.kv_rank_addresses),
+            kv_stages=tuple(
+                SourceStage((s.layer_start, s.layer_end), tuple(s.ranks)) for s in request.kv_stages
+            ),
         )
         stream = Stream(
             sampling_from_proto(request.sampling),
@@ -88,10 +108,11 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
             request.ignore_eos,
         )
         seq.detok = stream
-        if self.group is not None and self.group.broken:
+        broken = self.broken
+        if broken:
             self.metrics.request("error")
             await context.abort(
-                grpc.StatusCode.UNAVAILABLE, f"decode instance {self.settings.address}: {self.group.broken}"
+                grpc.StatusCode.UNAVAILABLE, f"decode instance {self.settings.address}: {broken}"
             )
         if not engine.fits_ever(seq):
             await context.abort(
@@ -129,7 +150,7 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
         now = self.engine.status()
         per_token = self.layout.bytes_per_token * s.tp  # all ranks' heads
         return gen.WorkerStatus(
-            **topology(s, self.layout, self.runner, self.group, self.kv_heads, s.max_kv_tokens),
+            **topology(s, self.layout, self.runner, self.group, self.kv_heads, s.max_kv_tokens, self.chain),
             role="decode",
             model=s.model.name,
             queued=now["queued"],
@@ -148,28 +169,33 @@ async def serve_decode(settings: DecodeSettings, loaded: Any = None) -> None:
     from distserve_worker.kvtransfer.source import PullSource
     from distserve_worker.kvtransfer.transport import GrpcKVPuller
     from distserve_worker.model_source import eos_token_ids, max_context
+    from distserve_worker.prefill import instance_label
     from distserve_worker.serving import serve_until_stopped
     from distserve_worker.tp.launch import start_ranks
 
+    if settings.stage > 0:  # a later pipeline stage: driven by stage 0, not by routers
+        from distserve_worker.pp.stage import serve_stage
+
+        await serve_stage("decode", settings)
+        return
     metrics = RuntimeMetrics("decode", settings.model.name, settings.instance or settings.address)
     state = {"ready": False}
     group: RankGroup | None = None
+    chain = (
+        StageChain("decode", settings.stage_addresses, settings.max_chunk_bytes) if settings.pp > 1 else None
+    )
     http = await start_http(
         settings.host,
         settings.http_port,
         metrics,
-        lambda: state["ready"] and (group is None or not group.broken),
+        lambda: (
+            state["ready"] and (group is None or not group.broken) and (chain is None or not chain.broken)
+        ),
         lambda: None if group is None else group.broken,
     )
     server = grpc.aio.server()
     puller = GrpcKVPuller(settings.max_chunk_bytes)
     try:
-        if settings.pp > 1:  # the contract's stage split is not run yet: say so, loudly
-            print(
-                f"[distserve] WARNING: the plan gives decode pp={settings.pp}; pipeline stages are not run "
-                f"yet, so stage {settings.stage} loads every layer (pin pp: 1 in spec.planner.pin)",
-                flush=True,
-            )
         group, model, tokenizer, kv_heads = await start_ranks("decode", settings, loaded)
         runner = ModelRunner(model, settings.threads or None)
         layout = await asyncio.to_thread(probe_kv_layout, runner)
@@ -188,25 +214,33 @@ async def serve_decode(settings: DecodeSettings, loaded: Any = None) -> None:
                 group,
                 settings.max_chunk_bytes,
                 settings.pull_timeout_seconds,
+                layers=(runner.span.start, runner.span.end),
+                total_layers=runner.span.total,
+                chain=chain,
             ),
             metrics,
             kv_heads,
             group,
+            chain=chain,
         )
         gen_grpc.add_DecodeServiceServicer_to_server(worker, server)
         loops = [worker.engine.run]
         if group is not None:
             await group.connect(settings.address)
             loops.append(group.watch_loop)
+        if chain is not None:
+            loops.append(chain.watch_loop)
         await serve_until_stopped(
             server,
             f"{settings.host}:{settings.port}",
             loops,
             state=state,
-            label="decode" if group is None else f"decode (TP{settings.tp})",
+            label=instance_label("decode", settings, runner),
         )
     finally:
         if group is not None:
             await group.close()
+        if chain is not None:
+            await chain.close()
         await puller.close()
         await http.cleanup()

@@ -25,30 +25,29 @@ import grpc
 
 from distserve_protos.generation.v1 import generation_pb2 as gen
 from distserve_protos.generation.v1 import generation_pb2_grpc as gen_grpc
+from distserve_protos.stage.v1 import stage_pb2 as stage_pb
 from distserve_worker.engine.runner import KVLayout, ModelRunner, PrefillOutput
-from distserve_worker.engine.sampling import SamplingParams, sample
+from distserve_worker.engine.sampling import SamplingParams, sample, sampling_from_proto
 from distserve_worker.engine.scheduler import PrefillBatcher
 from distserve_worker.kvtransfer.buffer import BufferTooSmall, KVBuffer
 from distserve_worker.kvtransfer.prepared import prepare
 from distserve_worker.metrics import RuntimeMetrics
-from distserve_worker.settings import PrefillSettings
+from distserve_worker.pp.chain import StageChain, StageChainBroken
+from distserve_worker.pp.pieces import pieces_prepared
+from distserve_worker.settings import DecodeSettings, PrefillSettings
 from distserve_worker.tp.group import RankGroup, RankGroupBroken
 from distserve_worker.tp.heads import prepared_by, rank_heads
 from distserve_worker.tp.topology import topology
-
-
-def sampling_from_proto(p: gen.SamplingParams) -> SamplingParams:
-    return SamplingParams(
-        temperature=p.temperature, top_p=p.top_p or 1.0, seed=p.seed if p.HasField("seed") else None
-    )
 
 
 @dataclass
 class Pending:
     prompt: list[int]
     sampling: SamplingParams
+    proto: gen.SamplingParams
     started: float = 0.0  # when its batch's forward began
-    done: asyncio.Future[PrefillOutput] = field(
+    # Its cache (this stage's layers) and, with pipeline stages, the first token the last one sampled.
+    done: asyncio.Future[tuple[PrefillOutput, int | None]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
@@ -64,6 +63,7 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
         kv_heads: int = 0,
         group: RankGroup | None = None,
         encode: bool = True,
+        chain: StageChain | None = None,
     ) -> None:
         self.settings = settings
         # False: caches are kept as tensors, for a decode engine in this same process (colocated)
@@ -78,9 +78,24 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
         self.kv_heads = kv_heads or layout.kv_heads
         self.own = rank_heads(self.kv_heads, settings.tp, 0)
         self.pieces = prepared_by(self.kv_heads, settings.tp, settings.decode_tp, 0)
+        # Pipeline stages: this stage's layers, and the ranges of them decode stages will pull.
+        self.layers = (runner.span.start, runner.span.end)
+        decode_layers = list(settings.decode_layers) or [(0, runner.span.total)]
+        self.spans = list(
+            dict.fromkeys(
+                span
+                for _, span in pieces_prepared(
+                    self.layers, decode_layers, self.kv_heads, settings.tp, settings.decode_tp, 0
+                )
+            )
+        )
         self.group = group
         if group is not None:
             group.on_broken.append(self._broken)
+        self.chain = chain
+        if chain is not None:
+            chain.on_broken.append(self._broken)
+        self.downstream: set[asyncio.Task[None]] = set()
         self.buffer = KVBuffer(settings.kv_buffer_bytes, settings.kv_ttl_seconds)
         self.batcher = PrefillBatcher(settings.token_budget)
         self.pending: dict[str, Pending] = {}
@@ -96,10 +111,11 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
         arrived = time.perf_counter()
         prompt = list(request.prompt_token_ids)
         rid = request.request_id
-        if self.group is not None and self.group.broken:
+        broken = self.broken
+        if broken:
             self.metrics.request("error")
             await context.abort(
-                grpc.StatusCode.UNAVAILABLE, f"prefill instance {self.settings.address}: {self.group.broken}"
+                grpc.StatusCode.UNAVAILABLE, f"prefill instance {self.settings.address}: {broken}"
             )
         if not prompt or len(prompt) >= self.max_context:
             self.metrics.request("rejected")
@@ -117,19 +133,29 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         stored = False
         try:
-            pending = Pending(prompt, sampling_from_proto(request.sampling))
+            pending = Pending(prompt, sampling_from_proto(request.sampling), request.sampling)
             self.pending[rid] = pending
             self.batcher.add(rid, len(prompt))
             self._update_queue()
             self.wake.set()
-            out = await pending.done
+            out, first = await pending.done
             started_forward = pending.started or arrived
-            first = sample(out.last_logits, pending.sampling, index=0)
+            if first is None:
+                assert out.last_logits is not None
+                first = sample(out.last_logits, pending.sampling, index=0)
             # Encoded once here, so a pull only streams bytes (see kvtransfer/codec.py).
             encoded: Any = out.kv
             if self.encode:
                 encoded = await asyncio.get_running_loop().run_in_executor(
-                    self.encoder, prepare, rid, out.kv, self.pieces, self.own, self.settings.max_chunk_bytes
+                    self.encoder,
+                    prepare,
+                    rid,
+                    out.kv,
+                    self.pieces,
+                    self.own,
+                    self.settings.max_chunk_bytes,
+                    self.layers,
+                    self.spans,
                 )
             self.buffer.store(rid, encoded, encoded.nbytes)
             stored = True
@@ -143,6 +169,7 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
                 prefill_seconds=time.perf_counter() - started_forward,
                 queue_seconds=started_forward - arrived,
                 kv_rank_addresses=self.group.addresses if self.group is not None else [],
+                kv_stages=self.kv_stages(),
             )
         finally:
             self.pending.pop(rid, None)
@@ -154,8 +181,24 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
     async def Status(self, request: gen.StatusRequest, context: grpc.aio.ServicerContext) -> gen.WorkerStatus:
         return self.status()
 
+    @property
+    def broken(self) -> str | None:
+        """Why the instance cannot serve (a dead rank, a broken stage chain), or None."""
+        if self.group is not None and self.group.broken:
+            return self.group.broken
+        if self.chain is not None and self.chain.broken:
+            return self.chain.broken
+        return None
+
+    def kv_stages(self) -> list[gen.KVStage]:
+        if self.chain is None:
+            return []
+        ranks = self.group.addresses if self.group is not None else [self.settings.address]
+        own = gen.KVStage(layer_start=self.layers[0], layer_end=self.layers[1], ranks=ranks)
+        return self.chain.kv_stages(own)
+
     def _broken(self, reason: str) -> None:
-        """A rank died: every prompt waiting here fails now, with the reason."""
+        """A rank or a stage died: every prompt waiting here fails now, with the reason."""
         error = RankGroupBroken(f"prefill instance {self.settings.address}: {reason}")
         for pending in self.pending.values():
             if not pending.done.done():
@@ -164,7 +207,9 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
     def status(self) -> gen.WorkerStatus:
         capacity = self.buffer.capacity // max(1, self.layout.bytes_per_token)
         return gen.WorkerStatus(
-            **topology(self.settings, self.layout, self.runner, self.group, self.kv_heads, capacity),
+            **topology(
+                self.settings, self.layout, self.runner, self.group, self.kv_heads, capacity, self.chain
+            ),
             role="prefill",
             model=self.settings.model.name,
             queued=len(self.batcher.queue) + self.buffer.waiting,
@@ -195,12 +240,13 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
                 self.metrics.batch(len(batch))
                 followers = None
                 if self.group is not None:  # the followers run their shards of the same forward
+                    seq = self.group.next_seq()
                     followers = asyncio.ensure_future(
-                        self.group.prefill([(rid, p.prompt) for rid, p in batch])
+                        self.group.prefill([(rid, p.prompt) for rid, p in batch], seq)
                     )
                 try:
-                    outs = await loop.run_in_executor(
-                        self.executor, self.runner.prefill, [p.prompt for _, p in batch]
+                    outs, hidden = await loop.run_in_executor(
+                        self.executor, self.runner.prefill_stage, [p.prompt for _, p in batch]
                     )
                     if followers is not None:
                         await followers
@@ -218,9 +264,36 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
                     continue
                 finally:
                     self.running = 0
+                if self.chain is not None and hidden is not None:
+                    # The later stages run it while this one takes the next batch (the pipeline).
+                    task = asyncio.create_task(self._downstream(batch, outs, hidden))
+                    self.downstream.add(task)
+                    task.add_done_callback(self.downstream.discard)
+                    continue
                 for (_, p), out in zip(batch, outs, strict=True):
                     if not p.done.done():
-                        p.done.set_result(out)
+                        p.done.set_result((out, None))
+
+    async def _downstream(
+        self, batch: list[tuple[str, Pending]], outs: list[PrefillOutput], hidden: Any
+    ) -> None:
+        """The rest of the pipeline for one batch: its first tokens, sampled by the last stage."""
+        assert self.chain is not None
+        work = stage_pb.PrefillWork(
+            prompts=[
+                stage_pb.Prompt(request_id=rid, token_ids=p.prompt, sampling=p.proto) for rid, p in batch
+            ]
+        )
+        try:
+            tokens = await self.chain.forward(stage_pb.ForwardHeader(prefill=work), hidden)
+        except StageChainBroken as exc:
+            for _, p in batch:
+                if not p.done.done():
+                    p.done.set_exception(RankGroupBroken(f"prefill instance {self.settings.address}: {exc}"))
+            return
+        for (_, p), out, token in zip(batch, outs, tokens, strict=True):
+            if not p.done.done():
+                p.done.set_result((out, token))
 
     async def reap_loop(self) -> None:
         while True:
@@ -242,45 +315,71 @@ async def serve_prefill(settings: PrefillSettings, loaded: Any = None) -> None:
     from distserve_worker.serving import serve_until_stopped
     from distserve_worker.tp.launch import start_ranks
 
+    if settings.stage > 0:  # a later pipeline stage: driven by stage 0, not by routers
+        from distserve_worker.pp.stage import serve_stage
+
+        await serve_stage("prefill", settings)
+        return
     metrics = RuntimeMetrics("prefill", settings.model.name, settings.instance or settings.address)
     state = {"ready": False}
     group: RankGroup | None = None
+    chain = (
+        StageChain("prefill", settings.stage_addresses, settings.max_chunk_bytes) if settings.pp > 1 else None
+    )
     http = await start_http(
         settings.host,
         settings.http_port,
         metrics,
-        lambda: state["ready"] and (group is None or not group.broken),
+        lambda: (
+            state["ready"] and (group is None or not group.broken) and (chain is None or not chain.broken)
+        ),
         lambda: None if group is None else group.broken,
     )
     server = grpc.aio.server(options=channel_options(settings.max_chunk_bytes))
     try:
-        if settings.pp > 1:  # the contract's stage split is not run yet: say so, loudly
-            print(
-                f"[distserve] WARNING: the plan gives prefill pp={settings.pp}; pipeline stages are not run "
-                f"yet, so stage {settings.stage} loads every layer (pin pp: 1 in spec.planner.pin)",
-                flush=True,
-            )
         group, model, _, kv_heads = await start_ranks("prefill", settings, loaded)
         runner = ModelRunner(model, settings.threads or None)
         layout = await asyncio.to_thread(probe_kv_layout, runner)
-        worker = PrefillWorker(settings, runner, layout, max_context(model), metrics, kv_heads, group)
+        worker = PrefillWorker(
+            settings, runner, layout, max_context(model), metrics, kv_heads, group, chain=chain
+        )
         gen_grpc.add_PrefillServiceServicer_to_server(worker, server)
         add_kv_transfer(
-            KVTransferServicer(worker.buffer, settings.max_chunk_bytes, worker.on_kv_sent, heads=worker.own),
+            KVTransferServicer(
+                worker.buffer,
+                settings.max_chunk_bytes,
+                worker.on_kv_sent,
+                heads=worker.own,
+                layers=worker.layers,
+            ),
             server,
         )
         loops = [worker.batch_loop, worker.reap_loop]
         if group is not None:
             await group.connect(settings.address)
             loops.append(group.watch_loop)
+        if chain is not None:
+            loops.append(chain.watch_loop)
         await serve_until_stopped(
             server,
             f"{settings.host}:{settings.port}",
             loops,
             state=state,
-            label="prefill" if group is None else f"prefill (TP{settings.tp})",
+            label=instance_label("prefill", settings, runner),
         )
     finally:
         if group is not None:
             await group.close()
+        if chain is not None:
+            await chain.close()
         await http.cleanup()
+
+
+def instance_label(role: str, settings: PrefillSettings | DecodeSettings, runner: ModelRunner) -> str:
+    """How the start-up line names what this process runs."""
+    parts = []
+    if settings.tp > 1:
+        parts.append(f"TP{settings.tp}")
+    if settings.pp > 1:
+        parts.append(f"stage 0/{settings.pp}, layers [{runner.span.start}, {runner.span.end})")
+    return f"{role} ({', '.join(parts)})" if parts else role

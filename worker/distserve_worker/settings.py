@@ -50,6 +50,9 @@ class PrefillSettings(WorkerSettings):
     kv_buffer_bytes: int = 512 * MiB  # KV caches held while waiting to be pulled
     kv_ttl_seconds: float = 60.0  # a cache nobody pulled within this is freed
     decode_tp: int = 1  # decode instances' tp: each rank prepares its KV for their head ranges
+    # Decode instances' stage layer ranges: each rank prepares its KV for their layer ranges too;
+    # empty: decode holds every layer in one stage.
+    decode_layers: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)

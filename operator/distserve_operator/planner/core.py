@@ -12,7 +12,7 @@ from . import pin as pinning
 from . import simulator as sim
 from .architecture import ModelArchitecture
 from .hardware import DeviceSpec, Links
-from .latency import InstanceTiming, LatencyModel, kv_transfer_ms, stage_hop_ms
+from .latency import InstanceTiming, LatencyModel, kv_transfer_ms, stage_hop
 from .memory import Fit, check_fit
 from .pin import PhaseChoice, Pin
 from .report import PlanReport, build_report
@@ -24,10 +24,13 @@ from .search import (
     Progress,
     SloTargets,
     colocated,
+    decode_stages,
     exhaustive_one_to_one,
     high_affinity,
     low_affinity,
+    prefill_stages,
     stage_link,
+    with_stages,
 )
 from .workload import Lengths, generate
 
@@ -218,11 +221,11 @@ def simulate_plan(
     else:
         p_bw = stage_link(links, inp.cluster, p.prefill.gpus)
         d_bw = stage_link(links, inp.cluster, p.decode.gpus)
-    pt = inp.latency.instance(
-        p.prefill.tp, p.prefill.pp, stage_hop_ms(inp.architecture, reqs.mean_input, p_bw)
-    )
-    dt = inp.latency.instance(p.decode.tp, p.decode.pp, stage_hop_ms(inp.architecture, 1.0, d_bw))
+    pt = inp.latency.instance(p.prefill.tp, p.prefill.pp, *stage_hop(inp.architecture, p_bw))
+    dt = inp.latency.instance(p.decode.tp, p.decode.pp, *stage_hop(inp.architecture, d_bw))
     assert pt is not None and dt is not None  # the search only keeps configurations the model has
+    # Paced by the splits the plan deploys (the search found them for these instances).
+    pt, dt = with_stages(pt, prefill=p.prefill.split), with_stages(dt, decode=p.decode.split)
     arrivals = [t * 1e3 for t in reqs.arrivals(min(rate, p.goodput) if capped and p.goodput > 0 else rate)]
     gpus = p.decode.gpus
     return sim.simulate_disaggregated(
@@ -286,15 +289,15 @@ def simulate_configuration(
     slo = inp.slo
     longest = max(i + o for i, o in zip(reqs.inputs, reqs.outputs, strict=True))
 
-    def instance(c: PhaseChoice, tokens: float, model: LatencyModel) -> tuple[InstanceTiming, Fit]:
+    def instance(c: PhaseChoice, model: LatencyModel) -> tuple[InstanceTiming, Fit]:
         fit = check_fit(arch, inp.device, c.tp, c.pp, longest)
-        timing = model.instance(c.tp, c.pp, stage_hop_ms(arch, tokens, links.intra_node))
+        timing = model.instance(c.tp, c.pp, *stage_hop(arch, links.intra_node))
         if not fit.ok or timing is None:
             raise ValueError(f"TP{c.tp}xPP{c.pp} cannot run: {fit.reason or model.missing_reason}")
         return timing, fit
 
     if colocated_choice is not None:
-        timing, fit = instance(colocated_choice, reqs.mean_input, inp.colocated_latency or inp.latency)
+        timing, fit = instance(colocated_choice, inp.colocated_latency or inp.latency)
         firsts, lasts = [], []
         n = colocated_choice.replicas
         first_all, last_all = [0.0] * len(reqs), [0.0] * len(reqs)
@@ -320,8 +323,13 @@ def simulate_configuration(
     else:
         if prefill is None or decode is None:
             raise ValueError("give both --prefill and --decode, or --colocated")
-        pt, _ = instance(prefill, reqs.mean_input, inp.latency)
-        dt, dfit = instance(decode, 1.0, inp.latency)
+        pt, _ = instance(prefill, inp.latency)
+        dt, dfit = instance(decode, inp.latency)
+        # The splits the plan would deploy; decode balanced for the largest batch memory and the
+        # engine's limit allow (no SLO search here).
+        running = min(max_batch, max(1, int(dfit.kv_tokens // (reqs.mean_input + reqs.mean_output))))
+        pt = with_stages(pt, prefill=prefill_stages(arch, reqs, prefill.pp))
+        dt = with_stages(dt, decode=decode_stages(arch, reqs, decode.pp, running))
         one_node = inp.cluster.budget <= inp.cluster.gpus_per_node
         bw = links.intra_node if one_node else links.inter_node
         gp = decode.tp * decode.pp

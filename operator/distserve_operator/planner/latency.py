@@ -3,7 +3,8 @@ lengths) and a decode step `a + b*ctx + c*batch`, all in milliseconds, per tenso
 
 The coefficients come from one of three places and end in the same `PhaseCoefficients`:
 `analytical()` derives them from FLOPs, HBM bytes and all-reduce cost; `profiles.py` loads fitted
-ones (ours or DistServe's). Pipeline parallelism is applied on top, the same way for all three.
+ones (ours or DistServe's). Pipeline parallelism is applied on top, the same way for all three
+(`InstanceTiming`; the stages' layer split is stages.py's).
 """
 
 from __future__ import annotations
@@ -103,33 +104,59 @@ class PhaseCoefficients:
 class InstanceTiming:
     """Timing of one instance of TP*PP GPUs, the only thing the simulator needs.
 
-    Prefill with PP: a batch's latency is the whole model plus a hop per stage boundary, but the
-    first stage is free again after 1/PP of the work, so PP stages work on different batches at
-    once. Decode with PP: PP micro-batches circulate; each request gets a token per full round,
-    so the per-token terms shrink by PP while the per-round fixed cost stays.
+    PP stages hold contiguous layers and hand activations on; a hop costs `hop_ms` plus
+    `hop_ms_per_token` per token handed on (see `stage_hop`). `prefill_share` and `decode_share`
+    are the busiest stage's share of the whole model's time under the plan's split (stages.py);
+    0 means an even split, 1/PP.
+
+    Prefill: a batch goes through every stage (the whole model's time) plus PP-1 hops of its
+    activations; the busiest stage is free for the next batch after its share of the work, so
+    stages work on different batches at once. Decode: the running batch of B is cut into
+    m = min(PP, B) micro-batches that circulate; a request's token costs its micro-batch's trip
+    through every stage plus PP hops, and throughput grows with PP only through the m micro-batches
+    in flight (see `decode_abc`).
     """
 
     coefficients: PhaseCoefficients
     pp: int
-    hop_ms: float  # one stage-to-stage activation hand-off for a typical batch
+    hop_ms: float = 0.0  # fixed cost of one stage-to-stage hand-off
+    hop_ms_per_token: float = 0.0  # activations of one token over the stages' link
+    prefill_share: float = 0.0
+    decode_share: float = 0.0
 
     @property
     def padded(self) -> bool:
         return self.coefficients.padded
+
+    def hop(self, tokens: float) -> float:
+        """One hand-off of `tokens` tokens' activations between adjacent stages."""
+        return self.hop_ms + self.hop_ms_per_token * tokens
 
     def prefill(self, tokens: float, sum_sq: float) -> tuple[float, float]:
         """(latency, busy): when the batch's first token is out, and when the next batch may start."""
         t = self.coefficients.prefill_ms(tokens, sum_sq)
         if self.pp == 1:
             return t, t
-        return t + (self.pp - 1) * self.hop_ms, t / self.pp + self.hop_ms
+        share = self.prefill_share or 1.0 / self.pp
+        return t + (self.pp - 1) * self.hop(tokens), t * share + self.hop(tokens)
 
     def decode_abc(self, batch: int) -> Abc:
-        """Step time as `a + b*ctx + c*batch` for the current batch size, PP folded in."""
+        """Time per token of a request, `a + b*ctx + c*batch` at this batch size, PP folded in.
+
+        With m = min(PP, B) micro-batches of B/m requests, a round (every request gets a token)
+        takes the whole model's step for one micro-batch, a + (b*ctx + c*B)/m, plus PP hops of B/m
+        tokens (PP-1 of hidden states; the last returns token ids, a fixed cost only). The busiest
+        stage must also run all m micro-batches per round: m*share*(a + (b*ctx + c*B)/m), which
+        exceeds the trip only as far as the split is uneven, so the step is scaled by
+        f = max(1, m*share) (f = 1 for an even split and at batch 1)."""
         a, b, c = self.coefficients.decode_abc(batch)
         if self.pp == 1:
             return a, b, c
-        return a + self.pp * self.hop_ms, b / self.pp, c / self.pp
+        m = min(self.pp, max(1, batch))
+        f = max(1.0, m * (self.decode_share or 1.0 / self.pp))
+        hops = self.pp * self.hop_ms
+        per_row = (self.pp - 1) * self.hop_ms_per_token / m  # B/m tokens per hop, PP-1 such hops
+        return f * a + hops, f * b / m, f * c / m + per_row
 
 
 CoefficientSource = Callable[[int, int], PhaseCoefficients | None]
@@ -146,13 +173,15 @@ class LatencyModel:
     def coefficients(self, tp: int, pp: int) -> PhaseCoefficients | None:
         return self.source(tp, pp)
 
-    def instance(self, tp: int, pp: int, hop_ms: float) -> InstanceTiming | None:
+    def instance(
+        self, tp: int, pp: int, hop_ms: float = 0.0, hop_ms_per_token: float = 0.0
+    ) -> InstanceTiming | None:
         """A profile may hold an entry measured at this PP; otherwise PP is modelled from PP1."""
         exact = self.source(tp, pp) if pp > 1 else None
         if exact is not None:
-            return InstanceTiming(exact, 1, 0.0)
+            return InstanceTiming(exact, 1)
         base = self.source(tp, 1)
-        return None if base is None else InstanceTiming(base, pp, hop_ms)
+        return None if base is None else InstanceTiming(base, pp, hop_ms, hop_ms_per_token)
 
 
 def analytical_coefficients(
@@ -192,9 +221,10 @@ def analytical(arch: ModelArchitecture, device: DeviceSpec, link_bytes_per_s: fl
     return LatencyModel(source, f"analytical ({device.name} roofline)")
 
 
-def stage_hop_ms(arch: ModelArchitecture, tokens: float, link_bytes_per_s: float) -> float:
-    """Activations of `tokens` tokens crossing one stage boundary."""
-    return STAGE_HOP_MS + tokens * arch.hidden_size * arch.dtype_bytes / link_bytes_per_s * 1e3
+def stage_hop(arch: ModelArchitecture, link_bytes_per_s: float) -> tuple[float, float]:
+    """(fixed ms, ms per token) of one hand-off between stages: the send/receive cost, and one
+    token's hidden state (hidden x dtype bytes) over the link the stages sit on."""
+    return STAGE_HOP_MS, arch.hidden_size * arch.dtype_bytes / link_bytes_per_s * 1e3
 
 
 def kv_transfer_ms(arch: ModelArchitecture, tokens: float, link_bytes_per_s: float, gpus: int) -> float:

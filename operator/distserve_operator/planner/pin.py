@@ -78,7 +78,7 @@ def check(pin: Pin, ctx: Context, gpus_per_node: int) -> None:
                 f"{where}: {choice.label} cannot run: {fit.reason}; fix: raise {where}.tp or {where}.pp "
                 "(more GPUs per instance), or use GPUs with more memory"
             )
-        if ctx.latency.instance(choice.tp, choice.pp, 0.0) is None:
+        if ctx.latency.instance(choice.tp, choice.pp) is None:
             raise ValueError(
                 f"{where}: the latency model has no {choice.label} ({ctx.latency.missing_reason}); fix: pin a "
                 "configuration the profile covers, or profile this one (distserve profile)"

@@ -45,7 +45,14 @@ class PlanReport:
 
 
 def _phase(r: PhaseResult, n: int) -> api.PhasePlan:
-    return api.PhasePlan(tp=r.tp, pp=r.pp, replicas=n, max_rate_per_instance=round(r.max_rate, 4))
+    return api.PhasePlan(
+        tp=r.tp, pp=r.pp, replicas=n, max_rate_per_instance=round(r.max_rate, 4), stage_layers=r.stage_layers
+    )
+
+
+def layers_text(stage_layers: list[int] | None) -> str:
+    """ " layers 19+11" for a plan's pipeline split, "" without one."""
+    return " layers " + "+".join(str(n) for n in stage_layers) if stage_layers else ""
 
 
 def engine_limits(ctx: Context, decode: PhaseResult | None) -> api.EngineLimits:
@@ -72,8 +79,8 @@ def _candidate(p: Placement, attainment: float | None) -> api.Candidate:
 
 def summary(p: Placement) -> str:
     return (
-        f"prefill TP{p.prefill.tp}xPP{p.prefill.pp} ×{p.prefill_replicas} | "
-        f"decode TP{p.decode.tp}xPP{p.decode.pp} ×{p.decode_replicas}"
+        f"prefill TP{p.prefill.tp}xPP{p.prefill.pp}{layers_text(p.prefill.stage_layers)} ×{p.prefill_replicas} | "
+        f"decode TP{p.decode.tp}xPP{p.decode.pp}{layers_text(p.decode.stage_layers)} ×{p.decode_replicas}"
     )
 
 
@@ -300,6 +307,7 @@ def format_table(report: PlanReport) -> str:
         for name, ph in (("prefill", s.prefill), ("decode", s.decode)):
             lines.append(
                 f"  {name:<8} TP{ph.tp} PP{ph.pp} × {ph.replicas:<3} {ph.max_rate_per_instance or 0:8.2f} req/s per instance"
+                + layers_text(ph.stage_layers)
             )
         e = s.estimated
         lines.append(

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from distserve_operator.api import Bottleneck, tp_refusal
 
 from . import simulator as sim
+from . import stages
 from .architecture import ModelArchitecture
 from .hardware import DeviceSpec, Links
-from .latency import InstanceTiming, LatencyModel, kv_transfer_ms, stage_hop_ms
+from .latency import InstanceTiming, LatencyModel, kv_transfer_ms, stage_hop
 from .memory import Fit, check_fit
 from .workload import Requests
 
@@ -54,6 +55,11 @@ class PhaseResult:
     low_load_attainment: float = 0.0
     reason: str = ""  # why infeasible (memory, split, SLO)
     probes: int = 0
+    split: stages.StageSplit | None = None  # layers per pipeline stage, what the plan deploys; None at PP1
+
+    @property
+    def stage_layers(self) -> list[int] | None:
+        return list(self.split.layers) if self.split is not None else None
 
     @property
     def gpus(self) -> int:
@@ -150,8 +156,38 @@ def parallel_configs(
 # ---------------------------------------------------------------------------- per-instance rates
 
 
-def _timing(ctx: Context, tp: int, pp: int, stage_bw: float, tokens: float) -> InstanceTiming | None:
-    return ctx.latency.instance(tp, pp, stage_hop_ms(ctx.arch, tokens, stage_bw))
+def _timing(ctx: Context, tp: int, pp: int, stage_bw: float) -> InstanceTiming | None:
+    """The instance's timing with its stages on links of `stage_bw` (an even split's shares)."""
+    return ctx.latency.instance(tp, pp, *stage_hop(ctx.arch, stage_bw))
+
+
+def prefill_stages(arch: ModelArchitecture, reqs: Requests, pp: int) -> stages.StageSplit | None:
+    """Prefill's layer split for the workload's prompts; None at PP1."""
+    if pp == 1:
+        return None
+    mean_sq = sum(i * i for i in reqs.inputs) / len(reqs)
+    return stages.prefill_split(arch, pp, reqs.mean_input, mean_sq)
+
+
+def decode_stages(arch: ModelArchitecture, reqs: Requests, pp: int, batch: int) -> stages.StageSplit | None:
+    """Decode's layer split, balanced for the micro-batches of a running batch of `batch`
+    requests (the one the instance settles on): balance matters under load, and the KV those
+    requests read on every layer shrinks the LM head's weight in the balance. None at PP1."""
+    if pp == 1:
+        return None
+    rows = max(1, batch) / min(pp, max(1, batch))
+    return stages.decode_split(arch, pp, rows, reqs.mean_input + reqs.mean_output / 2)
+
+
+def with_stages(
+    timing: InstanceTiming, prefill: stages.StageSplit | None = None, decode: stages.StageSplit | None = None
+) -> InstanceTiming:
+    """`timing` paced by the busiest stage of each split given."""
+    if prefill is not None:
+        timing = replace(timing, prefill_share=prefill.share)
+    if decode is not None:
+        timing = replace(timing, decode_share=decode.share)
+    return timing
 
 
 def _rejected(ctx: Context, phase: str, fit: Fit, reason: str, bottleneck: Bottleneck) -> PhaseResult:
@@ -163,11 +199,13 @@ def prefill_rate(ctx: Context, tp: int, pp: int, stage_bw: float) -> PhaseResult
     if key in ctx.cache:
         return ctx.cache[key]
     fit = check_fit(ctx.arch, ctx.device, tp, pp, ctx.longest_request)
-    timing = _timing(ctx, tp, pp, stage_bw, ctx.requests.mean_input)
+    timing = _timing(ctx, tp, pp, stage_bw)
     if not fit.ok or timing is None:
         reason = fit.reason or ctx.latency.missing_reason
         result = _rejected(ctx, "prefill", fit, reason, Bottleneck.MEMORY if fit.reason else Bottleneck.NONE)
     else:
+        split = prefill_stages(ctx.arch, ctx.requests, pp)
+        timing = with_stages(timing, prefill=split)
         reqs, target = ctx.requests, ctx.slo.attainment
         mean_in = reqs.mean_input
         mean_sq = sum(i * i for i in reqs.inputs) / len(reqs)
@@ -182,7 +220,7 @@ def prefill_rate(ctx: Context, tp: int, pp: int, stage_bw: float) -> PhaseResult
 
         rate, low, probes = bisect_rate(attain, target, capacity)
         reason = "" if rate > 0 else _ttft_reason(ctx, timing, low)
-        result = PhaseResult("prefill", tp, pp, rate, Bottleneck.TTFT, fit, low, reason, probes)
+        result = PhaseResult("prefill", tp, pp, rate, Bottleneck.TTFT, fit, low, reason, probes, split)
     ctx.cache[key] = result
     ctx.say(f"prefill {result.label}: {result.max_rate:.2f} req/s per instance")
     return result
@@ -205,6 +243,14 @@ def _p90(values: Sequence[int]) -> float:
 def decode_capacity(ctx: Context, timing: InstanceTiming, kv_tokens: int) -> tuple[float, Bottleneck]:
     """Largest stable decode throughput whose step time stays within the TPOT SLO, and what caps it:
     the SLO, the KV memory, or the engine's batch limit."""
+    rate, bottleneck, _ = decode_operating_point(ctx, timing, kv_tokens)
+    return rate, bottleneck
+
+
+def decode_operating_point(
+    ctx: Context, timing: InstanceTiming, kv_tokens: int
+) -> tuple[float, Bottleneck, int]:
+    """`decode_capacity`, and the running batch it is reached at (0 when none meets the SLO)."""
     reqs = ctx.requests
     mean_in, mean_out = reqs.mean_input, reqs.mean_output
     by_memory = max(1, int(kv_tokens // (mean_in + mean_out)))
@@ -230,14 +276,14 @@ def decode_capacity(ctx: Context, timing: InstanceTiming, kv_tokens: int) -> tup
         if fits and (not batch or fits / step_ms(fits) > batch / step_ms(batch)):
             batch = fits
     if batch < 1:
-        return 0.0, Bottleneck.TPOT
+        return 0.0, Bottleneck.TPOT, 0
     if batch < largest:
         bottleneck = Bottleneck.TPOT
     elif largest == ctx.max_batch < by_memory:
         bottleneck = Bottleneck.BATCH  # the engine's decodeMaxBatch, not memory, stops the batch
     else:
         bottleneck = Bottleneck.MEMORY
-    return batch / (step_ms(batch) * max(1.0, mean_out - 1)) * 1e3, bottleneck
+    return batch / (step_ms(batch) * max(1.0, mean_out - 1)) * 1e3, bottleneck, batch
 
 
 def _largest_batch_within(step_ms: Callable[[int], float], lo: int, hi: int, limit: float) -> int:
@@ -258,12 +304,17 @@ def decode_rate(
     if key in ctx.cache:
         return ctx.cache[key]
     fit = check_fit(ctx.arch, ctx.device, tp, pp, ctx.longest_request)
-    timing = _timing(ctx, tp, pp, stage_bw, 1.0)
+    timing = _timing(ctx, tp, pp, stage_bw)
     if not fit.ok or timing is None:
         reason = fit.reason or ctx.latency.missing_reason
         result = _rejected(ctx, "decode", fit, reason, Bottleneck.MEMORY if fit.reason else Bottleneck.NONE)
     else:
         reqs = ctx.requests
+        # The split is balanced for the batch the instance runs at, found with an even split's
+        # timing first; the capacity is then the split's own (the busiest stage paces the round).
+        _, _, batch = decode_operating_point(ctx, timing, fit.kv_tokens)
+        split = decode_stages(ctx.arch, reqs, pp, batch)
+        timing = with_stages(timing, decode=split)
         capacity, bottleneck = decode_capacity(ctx, timing, fit.kv_tokens)
         transfer = [kv_transfer_ms(ctx.arch, i, transfer_bw, transfer_gpus) for i in reqs.inputs]
         if capacity <= 0:
@@ -276,6 +327,7 @@ def decode_rate(
                 fit,
                 0.0,
                 f"TPOT: one decode step takes longer than {ctx.slo.tpot_ms:.0f} ms even with one request",
+                split=split,
             )
         else:
 
@@ -297,7 +349,7 @@ def decode_rate(
             )
             if rate > 0 and mean(transfer) > 0.25 * ctx.slo.tpot_ms * max(1.0, reqs.mean_output - 1):
                 bottleneck = Bottleneck.TRANSFER
-            result = PhaseResult("decode", tp, pp, rate, bottleneck, fit, low, reason, probes)
+            result = PhaseResult("decode", tp, pp, rate, bottleneck, fit, low, reason, probes, split)
     ctx.cache[key] = result
     ctx.say(f"decode {result.label}: {result.max_rate:.2f} req/s per instance")
     return result
@@ -308,7 +360,7 @@ def colocated_rate(ctx: Context, tp: int, pp: int, stage_bw: float) -> PhaseResu
     if key in ctx.cache:
         return ctx.cache[key]
     fit = check_fit(ctx.arch, ctx.device, tp, pp, ctx.longest_request)
-    timing = _timing(ctx, tp, pp, stage_bw, ctx.requests.mean_input)
+    timing = _timing(ctx, tp, pp, stage_bw)
     if not fit.ok or timing is None:
         reason = fit.reason or ctx.latency.missing_reason
         result = _rejected(
@@ -543,10 +595,14 @@ def exhaustive_one_to_one(ctx: Context, shape: ClusterShape) -> list[tuple[float
                 continue
             pfit = check_fit(ctx.arch, ctx.device, ptp, ppp, ctx.longest_request)
             dfit = check_fit(ctx.arch, ctx.device, dtp, dpp, ctx.longest_request)
-            pt = _timing(ctx, ptp, ppp, stage_bw, reqs.mean_input)
-            dt = _timing(ctx, dtp, dpp, stage_bw, 1.0)
+            pt = _timing(ctx, ptp, ppp, stage_bw)
+            dt = _timing(ctx, dtp, dpp, stage_bw)
             if not (pfit.ok and dfit.ok) or pt is None or dt is None:
                 continue
+            # Like the paper's simulator, no batch limit: balance decode for a full pipeline of
+            # one-request micro-batches.
+            psplit, dsplit = prefill_stages(ctx.arch, reqs, ppp), decode_stages(ctx.arch, reqs, dpp, dpp)
+            pt, dt = with_stages(pt, prefill=psplit), with_stages(dt, decode=dsplit)
 
             def attain(
                 rate: float, pt: InstanceTiming = pt, dt: InstanceTiming = dt, kv: int = dfit.kv_tokens
@@ -561,8 +617,8 @@ def exhaustive_one_to_one(ctx: Context, shape: ClusterShape) -> list[tuple[float
 
             rate, _, _ = bisect_rate(attain, ctx.slo.attainment, 100.0)
             gpus = ptp * ppp + dtp * dpp
-            p = PhaseResult("prefill", ptp, ppp, rate, Bottleneck.NONE, pfit)
-            d = PhaseResult("decode", dtp, dpp, rate, Bottleneck.NONE, dfit)
+            p = PhaseResult("prefill", ptp, ppp, rate, Bottleneck.NONE, pfit, split=psplit)
+            d = PhaseResult("decode", dtp, dpp, rate, Bottleneck.NONE, dfit, split=dsplit)
             out.append((rate / gpus, p, d))
     out.sort(key=lambda x: x[0], reverse=True)
     return out

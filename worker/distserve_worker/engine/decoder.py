@@ -26,15 +26,17 @@ import torch
 
 from distserve_protos.generation.v1 import generation_pb2 as gen
 from distserve_protos.rank.v1 import rank_pb2 as rank_pb
+from distserve_protos.stage.v1 import stage_pb2 as stage_pb
 from distserve_worker.engine.detokenizer import Detokenizer
 from distserve_worker.engine.kvcache import BatchedKV
 from distserve_worker.engine.runner import ModelRunner
-from distserve_worker.engine.sampling import SamplingParams, sample
+from distserve_worker.engine.sampling import SamplingParams, sample, sampling_to_proto
 from distserve_worker.engine.scheduler import DecodeScheduler
 from distserve_worker.engine.sequence import Finish, Sequence
 from distserve_worker.kvtransfer.source import KVSource
 from distserve_worker.kvtransfer.transport import KVPullError
 from distserve_worker.metrics import RuntimeMetrics
+from distserve_worker.pp.chain import StageChain, StageChainBroken
 from distserve_worker.tp.group import RankGroup, RankGroupBroken
 
 FINISH_PROTO = {Finish.STOP: gen.FINISH_REASON_STOP, Finish.LENGTH: gen.FINISH_REASON_LENGTH}
@@ -60,6 +62,27 @@ class DecodeLimits:
 
 
 @dataclass
+class Lane:
+    """One micro-batch: its batch, which sequence each row is, and what the other ranks and stages
+    must mirror before its next step. Without pipeline stages there is one lane; with pp stages
+    there are pp, circulating through the stages at once (while stage 1 runs lane A, stage 0 runs
+    lane B), so the stages work in parallel as the planner assumes."""
+
+    index: int
+    batch: BatchedKV | None = None
+    rows: list[Sequence] = field(default_factory=list)
+    ops: list[rank_pb.BatchOp] = field(default_factory=list)  # tensor-parallel followers
+    stage_ops: list[stage_pb.RowOp] = field(default_factory=list)  # later pipeline stages
+    new_batch: bool = True
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def drop(self) -> None:
+        """Forget the batch; the followers and later stages drop theirs with the next step."""
+        self.batch, self.rows = None, []
+        self.ops, self.stage_ops, self.new_batch = [], [], True
+
+
+@dataclass
 class DecodeEngine:
     runner: ModelRunner
     limits: DecodeLimits
@@ -68,18 +91,24 @@ class DecodeEngine:
     metrics: RuntimeMetrics
     executor: Executor
     group: RankGroup | None = None
+    chain: StageChain | None = None  # the later pipeline stages (pp > 1)
+    micro_batches: int = 1  # lanes in flight at once: pp with pipeline stages
     scheduler: DecodeScheduler = field(init=False)
-    wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
-    # The batch the last step ran on, and which sequence each of its rows is.
-    batch: BatchedKV | None = field(init=False, default=None)
-    batch_rows: list[Sequence] = field(init=False, default_factory=list)
+    lanes: list[Lane] = field(init=False, default_factory=list)
     pulls: set[asyncio.Task[None]] = field(init=False, default_factory=set)
-    # What the follower ranks must mirror before the next step.
-    ops: list[rank_pb.BatchOp] = field(init=False, default_factory=list)
-    new_batch: bool = field(init=False, default=True)
 
     def __post_init__(self) -> None:
         self.scheduler = DecodeScheduler(self.limits.max_batch, self.limits.max_kv_tokens)
+        self.lanes = [Lane(i) for i in range(max(1, self.micro_batches))]
+
+    @property
+    def batch(self) -> BatchedKV | None:
+        """The first lane's batch (the only one without pipeline stages)."""
+        return self.lanes[0].batch
+
+    def wake_all(self) -> None:
+        for lane in self.lanes:
+            lane.wake.set()
 
     # --- requests ---------------------------------------------------------------------------------
 
@@ -92,18 +121,20 @@ class DecodeEngine:
         between steps cost 1.5-2 steps per request)."""
         self.scheduler.add(seq)
         self._admit()
-        self.wake.set()
+        self.wake_all()
 
     def abort(self, seq: Sequence) -> None:
         """The caller went away: the slot is free now; the next step drops the row."""
         if not seq.finished:
             self.scheduler.finish(seq, Finish.ABORTED)
-            self.wake.set()
+            self.wake_all()
 
     def fail_all(self, error: Exception) -> None:
         for seq in [*self.scheduler.waiting, *self.scheduler.admitted]:
             self._fail(seq, error)
-        self.wake.set()
+        for lane in self.lanes:
+            lane.drop()
+        self.wake_all()
 
     # --- per token --------------------------------------------------------------------------------
 
@@ -152,9 +183,9 @@ class DecodeEngine:
         started = time.perf_counter()
         try:
             fetched = await self.source.fetch(seq)
-        except (KVPullError, RankGroupBroken) as exc:
+        except (KVPullError, RankGroupBroken, StageChainBroken) as exc:
             self._fail(seq, exc)
-            self.wake.set()
+            self.wake_all()
             return
         seconds = time.perf_counter() - started
         await self.source.release(seq)
@@ -166,102 +197,143 @@ class DecodeEngine:
             return
         seq.kv = fetched.kv
         self.scheduler.mark_ready(seq)
-        self.wake.set()
+        self.wake_all()
 
     # --- the step ---------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Step while there is work; sleep until `add` (or a fetch, or an abort) wakes it."""
-        while True:
-            if not await self.step():
-                self.wake.clear()
-                await self.wake.wait()
+        """Step every lane while there is work; a lane sleeps until `add` (or a fetch, or an abort)
+        wakes it."""
+        await asyncio.gather(*(self._lane_loop(lane) for lane in self.lanes))
 
-    async def step(self) -> bool:
-        """One decode step over every running sequence; False when there was nothing to run."""
+    async def _lane_loop(self, lane: Lane) -> None:
+        while True:
+            if not await self.step(lane):
+                lane.wake.clear()
+                await lane.wake.wait()
+
+    async def step(self, lane: Lane | None = None) -> bool:
+        """One decode step over every running sequence of `lane` (the first by default); False when
+        there was nothing to run."""
+        lane = lane or self.lanes[0]
         self._admit()  # slots freed by the last step
-        rows = self._schedule()
+        rows = self._schedule(lane)
         if not rows:
             return False
-        logits = await self._run(rows)
-        if logits is not None:
-            self._postprocess(rows, logits)
+        out = await self._run(lane, rows)
+        if out is not None:
+            self._postprocess(rows, out)
         return True
 
-    def _schedule(self) -> list[Sequence]:
-        """Make the batch's rows exactly the running sequences: departed rows are dropped (the last
+    def _assign(self, running: list[Sequence]) -> None:
+        """A sequence that starts running joins the lane with the fewest rows (it stays there)."""
+        if len(self.lanes) == 1:
+            for seq in running:
+                seq.lane = 0
+            return
+        counts = [0] * len(self.lanes)
+        for seq in running:
+            if seq.lane >= 0:
+                counts[seq.lane] += 1
+        for seq in running:
+            if seq.lane < 0:
+                seq.lane = counts.index(min(counts))
+                counts[seq.lane] += 1
+
+    def _schedule(self, lane: Lane) -> list[Sequence]:
+        """Make the lane's rows exactly its running sequences: departed rows are dropped (the last
         row moves into the gap), newcomers' caches are copied in; rows already there stay put."""
-        rows = self.scheduler.running()
+        running = self.scheduler.running()
+        self._assign(running)
+        rows = [s for s in running if s.lane == lane.index]
         if not rows:
-            self._drop_batch()
+            lane.drop()
             return []
         keep = {id(s) for s in rows}
         i = 0
-        while i < len(self.batch_rows):
-            if id(self.batch_rows[i]) in keep:
+        while i < len(lane.rows):
+            if id(lane.rows[i]) in keep:
                 i += 1
                 continue
-            assert self.batch is not None
-            self.batch.remove(i)
-            self.ops.append(rank_pb.BatchOp(remove_row=i))
-            last = self.batch_rows.pop()
-            if i < len(self.batch_rows):
-                self.batch_rows[i] = last
-        present = {id(s) for s in self.batch_rows}
+            assert lane.batch is not None
+            lane.batch.remove(i)
+            lane.ops.append(rank_pb.BatchOp(remove_row=i))
+            lane.stage_ops.append(stage_pb.RowOp(remove_row=i))
+            last = lane.rows.pop()
+            if i < len(lane.rows):
+                lane.rows[i] = last
+        present = {id(s) for s in lane.rows}
         for seq in rows:
             if id(seq) in present:
                 continue
             assert seq.kv is not None
-            if self.batch is None:
-                self.batch = self.runner.empty_batch(seq.kv, self.limits.max_batch)
-            self.batch.add(seq.kv)
-            self.ops.append(rank_pb.BatchOp(add_request=seq.request_id))
-            self.batch_rows.append(seq)
+            if lane.batch is None:
+                lane.batch = self.runner.empty_batch(seq.kv, self.limits.max_batch)
+            lane.batch.add(seq.kv)
+            lane.ops.append(rank_pb.BatchOp(add_request=seq.request_id))
+            if self.chain is not None:
+                stream: Stream = seq.detok
+                add = stage_pb.AddRow(request_id=seq.request_id, sampling=sampling_to_proto(stream.sampling))
+                lane.stage_ops.append(stage_pb.RowOp(add=add))
+            lane.rows.append(seq)
             seq.kv = None  # the batch holds it now
-        return list(self.batch_rows)
+        return list(lane.rows)
 
-    async def _run(self, rows: list[Sequence]) -> torch.Tensor | None:
-        """The forward (rank 0's shard of it while the followers run theirs); None when it failed,
-        which fails its rows, not the engine (unless the ranks are now out of step)."""
-        assert self.batch is not None
+    async def _run(self, lane: Lane, rows: list[Sequence]) -> torch.Tensor | list[int] | None:
+        """The forward (rank 0's shard of it while the followers run theirs; then, with pipeline
+        stages, the rest of the chain): logits, or the tokens the last stage sampled. None when it
+        failed, which fails its rows, not the engine (unless the ranks are now out of step)."""
+        assert lane.batch is not None
         self.metrics.batch(len(rows))
-        started, width = time.perf_counter(), self.batch.span + 1
+        started, width = time.perf_counter(), lane.batch.span + 1
         last = [s.output[-1] for s in rows]
         followers = None
+        new_batch = lane.new_batch
+        stage_ops, lane.stage_ops = lane.stage_ops, []
         if self.group is not None:
-            followers = asyncio.ensure_future(self.group.step(self.ops, last, self.new_batch))
-            self.ops, self.new_batch = [], False
+            seq_no = self.group.next_seq()  # right before the submit below: ranks keep this order
+            followers = asyncio.ensure_future(self.group.step(lane.ops, last, new_batch, seq_no, lane.index))
+        lane.ops, lane.new_batch = [], False
         loop = asyncio.get_running_loop()
         try:
-            logits = await loop.run_in_executor(self.executor, self.runner.decode_step, self.batch, last)
+            out = await loop.run_in_executor(self.executor, self.runner.decode_step, lane.batch, last)
             if followers is not None:
                 await followers
+            if self.chain is not None:
+                work = stage_pb.DecodeWork(
+                    lane=lane.index,
+                    ops=stage_ops,
+                    new_batch=new_batch,
+                    sample_index=[len(s.output) for s in rows],
+                )
+                out = await self.chain.forward(stage_pb.ForwardHeader(decode=work), out)
         except Exception as exc:
             error: Exception = RuntimeError(f"decode step failed: {exc}")
-            if self.group is not None:
+            if isinstance(exc, StageChainBroken):
+                error = RuntimeError(str(exc))
+            elif self.group is not None:
                 if followers is not None:
                     followers.cancel()
                 error = RuntimeError(await self.group.fail_forward("decode step", exc))
             for seq in rows:
                 self._fail(seq, error)
-            self._drop_batch()
+            lane.drop()
             return None
         self.metrics.forward(len(rows), width, time.perf_counter() - started)
-        return logits
+        return out
 
-    def _postprocess(self, rows: list[Sequence], logits: torch.Tensor) -> None:
+    def _postprocess(self, rows: list[Sequence], out: torch.Tensor | list[int]) -> None:
+        """Logits are sampled here; a pipeline's last stage has sampled already (token ids)."""
         for row, seq in enumerate(rows):
             if seq.finished:  # aborted during the step
                 continue
             stream: Stream = seq.detok
-            token = sample(logits[row], stream.sampling, index=len(seq.output))
+            if isinstance(out, list):
+                token = out[row]
+            else:
+                token = sample(out[row], stream.sampling, index=len(seq.output))
             seq.output.append(token)
             stream.events.put_nowait(self.emit(seq, token))
-
-    def _drop_batch(self) -> None:
-        """Forget the batch; the followers drop theirs with the next step (`new_batch`)."""
-        self.batch, self.batch_rows = None, []
-        self.ops, self.new_batch = [], True
 
     def status(self) -> dict[str, Any]:
         queued, running = self.scheduler.counts()

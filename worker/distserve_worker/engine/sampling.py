@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from distserve_protos.generation.v1 import generation_pb2 as gen
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -40,3 +42,17 @@ def sample(logits: torch.Tensor, params: SamplingParams, index: int) -> int:
     else:
         generator.manual_seed((params.seed * 1_000_003 + index) % (2**63))
     return int(torch.multinomial(probs.cpu(), 1, generator=generator).item())
+
+
+def sampling_from_proto(p: gen.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        temperature=p.temperature, top_p=p.top_p or 1.0, seed=p.seed if p.HasField("seed") else None
+    )
+
+
+def sampling_to_proto(s: SamplingParams) -> gen.SamplingParams:
+    """What a later pipeline stage gets to sample with (the last stage samples)."""
+    out = gen.SamplingParams(temperature=s.temperature, top_p=s.top_p)
+    if s.seed is not None:
+        out.seed = s.seed
+    return out

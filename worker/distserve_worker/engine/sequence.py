@@ -31,6 +31,10 @@ class Sequence:
     kv_address: str = ""
     # Under tensor parallelism, prefill rank r's KV server is entry r (entry 0 is kv_address).
     kv_sources: tuple[str, ...] = ()
+    # Under pipeline parallelism, the prefill instance's stages: (layer range, rank addresses) each
+    # (pp/pieces.SourceStage); empty when it runs one stage.
+    kv_stages: tuple[Any, ...] = ()
+    lane: int = -1  # the micro-batch it runs in (pipeline stages); -1 until it joins one
     output: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     finish: Finish | None = None

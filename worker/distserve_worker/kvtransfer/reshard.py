@@ -1,9 +1,11 @@
-"""The decode side of a KV pull across tensor-parallel degrees: pull this rank's pieces and join them.
+"""The decode side of a KV pull across tensor-parallel degrees and pipeline stages: pull this
+rank's pieces and join them.
 
 A decode rank's heads may live on several prefill ranks (prefill TP2 -> decode TP1) or be part of
-one prefill rank's heads (TP1 -> TP2); `tp/heads.py` says which. Each piece is pulled straight from
-the prefill rank that holds it, checked chunk by chunk as any pull, and the pieces are joined along
-the head dimension (a copy only when there is more than one).
+one prefill rank's heads (TP1 -> TP2); `tp/heads.py` says which. Its stage's layers may live on
+several prefill stages (`pp/pieces.py`). Each piece is pulled straight from the prefill rank that
+holds it, checked chunk by chunk as any pull; pieces of one layer range are joined along the head
+dimension (a copy only when there is more than one), the ranges then put one after the other.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from distserve_worker.engine.kvcache import SequenceKV
 from distserve_worker.engine.runner import KVLayout
 from distserve_worker.kvtransfer.codec import Expected
 from distserve_worker.kvtransfer.transport import KVPuller
+from distserve_worker.pp.pieces import KVPiece
 from distserve_worker.tp.heads import Piece
 
 
@@ -59,3 +62,40 @@ async def pull_pieces(
         )
     )
     return join_heads(list(parts))
+
+
+async def pull_kv_pieces(
+    puller: KVPuller,
+    request_id: str,
+    num_tokens: int,
+    pieces: list[KVPiece],
+    layout: KVLayout,
+    max_chunk_bytes: int,
+    timeout: float,
+) -> SequenceKV:
+    """Pull `pieces` (heads x layers, `pp/pieces.py`) concurrently and join them into this rank's
+    cache: heads within a layer range, then the ranges in order. KVPullError if one fails."""
+
+    def expected(piece: KVPiece) -> Expected:
+        return Expected(
+            num_layers=piece.num_layers,
+            num_tokens=num_tokens,
+            kv_heads=piece.num_heads,
+            head_dim=layout.head_dim,
+            dtype=layout.dtype,
+            max_chunk_bytes=max_chunk_bytes,
+        )
+
+    parts = await asyncio.gather(
+        *(
+            puller.pull(p.address, request_id, expected(p), timeout, heads=p.heads, layers=p.layers)
+            for p in pieces
+        )
+    )
+    spans: dict[tuple[int, int], list[SequenceKV]] = {}
+    for piece, part in zip(pieces, parts, strict=True):
+        spans.setdefault(piece.layers, []).append(part)
+    layers = []
+    for span in sorted(spans):
+        layers.extend(join_heads(spans[span]).layers)
+    return SequenceKV(layers)

@@ -1,8 +1,9 @@
 """Where a decode engine gets a request's KV cache from: the `KVSource` interface.
 
 - `PullSource`: the disaggregated case. Pulls this instance's heads over gRPC from the prefill
-  rank(s) that hold them (rank 0's own pieces here, each follower rank's by itself, all at once;
-  see `tp/heads.py`), then releases the cache on every prefill rank.
+  rank(s) that hold them (rank 0's own pieces here, each follower rank's by itself, each later
+  pipeline stage its own layers, all at once; see `tp/heads.py`, `pp/pieces.py`), then releases
+  the cache on every prefill rank.
 - `LocalSource`: the cache is already in this process (the colocated baseline, engine tests): it
   is taken from the prefill side's buffer as tensors, with no encoding, no loopback gRPC and no copy.
 """
@@ -13,14 +14,16 @@ import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
+from distserve_protos.generation.v1 import generation_pb2 as gen
 from distserve_worker.engine.kvcache import SequenceKV
 from distserve_worker.engine.runner import KVLayout
 from distserve_worker.engine.sequence import Sequence
 from distserve_worker.kvtransfer.buffer import KVBuffer
-from distserve_worker.kvtransfer.reshard import pull_pieces
+from distserve_worker.kvtransfer.reshard import pull_kv_pieces
 from distserve_worker.kvtransfer.transport import KVPuller, KVPullError
+from distserve_worker.pp.chain import StageChain
+from distserve_worker.pp.pieces import LayerRange, SourceStage, pieces_to_pull
 from distserve_worker.tp.group import RankGroup
-from distserve_worker.tp.heads import pieces_for
 
 
 @dataclass
@@ -40,6 +43,9 @@ class KVSource(Protocol):
 
 
 class PullSource:
+    """Pulls this instance's part of a request's cache: each of its stages its own layers (stage 0
+    here, later stages told to through the chain), each rank its own heads of them."""
+
     def __init__(
         self,
         puller: KVPuller,
@@ -49,6 +55,9 @@ class PullSource:
         group: RankGroup | None,
         max_chunk_bytes: int,
         timeout: float,
+        layers: LayerRange | None = None,
+        total_layers: int = 0,
+        chain: StageChain | None = None,
     ) -> None:
         self.puller = puller
         self.layout = layout
@@ -57,35 +66,55 @@ class PullSource:
         self.group = group
         self.max_chunk_bytes = max_chunk_bytes
         self.timeout = timeout
+        self.total_layers = total_layers or layout.num_layers
+        self.layers = layers or (0, self.total_layers)  # this stage's, model-wide
+        self.chain = chain
 
     @staticmethod
     def addresses(seq: Sequence) -> list[str]:
         return list(seq.kv_sources) or [seq.kv_address]
 
+    def sources(self, seq: Sequence) -> list[SourceStage]:
+        """The prefill stages holding the cache (one, holding every layer, without pipeline stages)."""
+        if seq.kv_stages:
+            return list(seq.kv_stages)
+        return [SourceStage((0, self.total_layers), tuple(self.addresses(seq)))]
+
     async def fetch(self, seq: Sequence) -> Fetched:
-        addresses = self.addresses(seq)
-        pieces = [pieces_for(self.kv_heads, len(addresses), self.tp, rank) for rank in range(self.tp)]
-        own = pull_pieces(
+        sources = self.sources(seq)
+        try:
+            plans = [pieces_to_pull(sources, self.layers, self.kv_heads, self.tp, r) for r in range(self.tp)]
+        except ValueError as exc:
+            raise KVPullError(f"request {seq.request_id}: {exc}") from exc
+        own = pull_kv_pieces(
             self.puller,
-            addresses,
             seq.request_id,
             seq.prompt_tokens,
-            pieces[0],
+            plans[0],
             self.layout,
             self.max_chunk_bytes,
             self.timeout,
         )
-        followers = [
-            self.group.pull(rank, seq.request_id, seq.prompt_tokens, pieces[rank], addresses, self.timeout)
+        others = [
+            self.group.pull(rank, seq.request_id, seq.prompt_tokens, plans[rank], self.timeout)
             for rank in range(1, self.tp)
             if self.group is not None
         ]
-        kv, *pulled = await asyncio.gather(own, *followers)
+        if self.chain is not None:
+            wire = [
+                gen.KVStage(layer_start=s.layers[0], layer_end=s.layers[1], ranks=s.ranks) for s in sources
+            ]
+            others += [
+                self.chain.pull(stage, seq.request_id, seq.prompt_tokens, wire, self.timeout)
+                for stage in range(1, self.chain.pp)
+            ]
+        kv, *pulled = await asyncio.gather(own, *others)
         return Fetched(kv, kv.nbytes + sum(p.bytes for p in pulled))
 
     async def release(self, seq: Sequence) -> None:
-        """Every prefill rank frees its part (all decode ranks hold theirs now)."""
-        await asyncio.gather(*(self.puller.release(a, seq.request_id) for a in self.addresses(seq)))
+        """Every prefill rank of every stage frees its part (every decode rank holds its own now)."""
+        addresses = {a for s in self.sources(seq) for a in s.ranks}
+        await asyncio.gather(*(self.puller.release(a, seq.request_id) for a in sorted(addresses)))
 
 
 class LocalSource:

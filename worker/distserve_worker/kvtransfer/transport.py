@@ -58,6 +58,7 @@ class KVPuller(Protocol):
         expected: Expected,
         timeout: float,
         heads: tuple[int, int] | None = None,
+        layers: tuple[int, int] | None = None,
     ) -> SequenceKV: ...
 
     async def release(self, address: str, request_id: str) -> None: ...
@@ -84,13 +85,15 @@ class GrpcKVPuller:
         expected: Expected,
         timeout: float,
         heads: tuple[int, int] | None = None,
+        layers: tuple[int, int] | None = None,
     ) -> SequenceKV:
-        """Pull (and check) one cache, or heads [start, end) of the model of it (`heads`). A pull is idempotent until `release`, so an unreachable instance
+        """Pull (and check) one cache, or heads [start, end) of the model of it (`heads`), or layers
+        [start, end) of the model (`layers`). A pull is idempotent until `release`, so an unreachable instance
         is retried a few times on a fresh channel: a prefill instance restarted at the same address
         is reached at once instead of after gRPC's reconnect backoff; a dead one fails in ~2 s."""
         for attempt in range(PULL_ATTEMPTS):
             try:
-                return await self._pull_once(address, request_id, expected, timeout, heads)
+                return await self._pull_once(address, request_id, expected, timeout, heads, layers)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == PULL_ATTEMPTS - 1:
                     raise KVPullError(
@@ -109,6 +112,7 @@ class GrpcKVPuller:
         expected: Expected,
         timeout: float,
         heads: tuple[int, int] | None = None,
+        layers: tuple[int, int] | None = None,
     ) -> SequenceKV:
         assembler = Assembler(expected)
         self._stub(address)  # opens the channel
@@ -122,6 +126,8 @@ class GrpcKVPuller:
         )
         if heads is not None:
             request.head_start, request.head_end = heads
+        if layers is not None:
+            request.layer_start, request.layer_end = layers
         call = pull(request, timeout=timeout)
         # Each chunk is checked (XXH3-64, ~0.1 ms per MiB) and placed as it arrives, inline: a helper
         # thread overlapping the check with receiving (as with CRC-32) costs more in hand-offs than
@@ -155,11 +161,13 @@ class KVTransferServicer(pb_grpc.KVTransferServiceServicer):
         max_chunk_bytes: int,
         on_sent: Callable[[int, float], None] | None = None,
         heads: tuple[int, int] | None = None,
+        layers: tuple[int, int] | None = None,
     ) -> None:
         self.buffer = buffer
         self.max_chunk_bytes = max_chunk_bytes
         self.on_sent = on_sent
         self.heads = heads  # the model-wide KV heads this rank holds (None: all of them)
+        self.layers = layers  # the model-wide layers its stage holds (None: all of them)
 
     async def Pull(
         self, request: pb.PullRequest, context: grpc.aio.ServicerContext
@@ -178,14 +186,21 @@ class KVTransferServicer(pb_grpc.KVTransferServiceServicer):
             )
         limit = request.max_chunk_bytes or self.max_chunk_bytes
         wanted = (request.head_start, request.head_end)
+        wanted_layers = (request.layer_start, request.layer_end)
         if isinstance(held, PreparedKV):
-            piece = held.pieces.get(wanted)
+            heads = wanted if wanted != (0, 0) or self.heads is None else self.heads
+            layers = wanted_layers if wanted_layers != (0, 0) or self.layers is None else self.layers
+            if layers == (0, 0):  # the puller wants every layer held; there is one piece of them
+                matches = [v for (h, _), v in held.pieces.items() if h == heads]
+                piece = matches[0] if len(matches) == 1 else None
+            else:
+                piece = held.pieces.get((heads, layers))
             if piece is None:
                 await context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
-                    f"this rank prepared KV heads {sorted(held.pieces)} of request {request.request_id!r}; "
-                    f"the puller asked for {list(wanted)} (prefill and decode disagree on the decode tp: "
-                    "run both from the same plan)",
+                    f"this rank prepared KV (heads, layers) {sorted(held.pieces)} of request "
+                    f"{request.request_id!r}; the puller asked for {[list(heads), list(layers)]} (prefill "
+                    "and decode disagree on the decode tp or stages: run both from the same plan)",
                 )
             held = piece
         elif wanted != (0, 0) and self.heads is not None and wanted != self.heads:
@@ -193,6 +208,12 @@ class KVTransferServicer(pb_grpc.KVTransferServiceServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"this rank holds KV heads {list(self.heads)} whole; the puller asked for {list(wanted)} "
                 "(prefill and decode disagree on the decode tp: run both from the same plan)",
+            )
+        elif wanted_layers != (0, 0) and self.layers is not None and wanted_layers != self.layers:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this stage holds KV layers {list(self.layers)} whole; the puller asked for "
+                f"{list(wanted_layers)} (prefill and decode disagree on the stages: run both from the same plan)",
             )
         if isinstance(held, EncodedKV):
             if held.chunk_bytes > limit:

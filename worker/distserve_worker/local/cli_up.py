@@ -6,7 +6,8 @@ a pod gets: the plan (the planner's choice, or the user's `spec.planner.pin`) be
 `RuntimeContract` written to `<log dir>/plan.json`, and every process starts with `--plan-file`
 (its role's tp, the layers, the engine limits, the model and the SLO). Replica counts are capped
 (`--max-replicas`) because on a small machine every instance loads its own copy of the model.
-Pipeline stages (pp > 1) do not run yet: such a plan is refused with the fix (pin pp 1).
+An instance with pipeline stages (pp > 1) runs as pp processes, one per stage, each holding its
+layers of the contract's split; stage 0 is the one the router calls.
 Once the stack is up, the router's `GET /v1/distserve/instances` is printed as a table.
 """
 
@@ -92,17 +93,6 @@ def build_contract(plan: LocalPlan, prefill: int, decode: int) -> Any:
     from distserve_worker.contract import ContractError, first_error, model_shape
     from distserve_worker.model_source import load_config
 
-    for role, tp, pp in (
-        ("prefill", plan.prefill_tp, plan.prefill_pp),
-        ("decode", plan.decode_tp, plan.decode_pp),
-    ):
-        if pp != 1:
-            raise PlanNotRunnable(
-                f"the plan runs {role} as TP{tp}xPP{pp}: pipeline stages (pp > 1) do not run in this "
-                f"version yet; pin a plan without them in the manifest, e.g. spec.planner.pin: "
-                f"{{prefill: {{tp: {plan.prefill_tp}, pp: 1, replicas: {prefill}}}, "
-                f"decode: {{tp: {plan.decode_tp}, pp: 1, replicas: {decode}}}}}"
-            )
     try:
         layers, heads, kv_heads = model_shape(load_config(plan.model))
     except ContractError as exc:
@@ -116,7 +106,10 @@ def build_contract(plan: LocalPlan, prefill: int, decode: int) -> Any:
             api.ModelShape(layers=layers, heads=heads, kv_heads=kv_heads),
             plan.limits or api.EngineLimits(),
             ports={"prefill": PREFILL_PORTS, "decode": DECODE_PORTS},
-            phases={"prefill": (plan.prefill_tp, 1, prefill), "decode": (plan.decode_tp, 1, decode)},
+            phases={
+                "prefill": (plan.prefill_tp, plan.prefill_pp, prefill),
+                "decode": (plan.decode_tp, plan.decode_pp, decode),
+            },
         )
     except ValidationError as exc:
         raise PlanNotRunnable(
@@ -168,8 +161,8 @@ def describe(plan: LocalPlan, stack: LocalStack) -> str:
     c = stack.config
     how = "from its plan file" if c.plan_file else "from model flags"
     return (
-        f"{c.prefill} prefill instance(s) at TP{plan.prefill_tp} + {c.decode} decode instance(s) at "
-        f"TP{plan.decode_tp}, {how}"
+        f"{c.prefill} prefill instance(s) at TP{plan.prefill_tp}xPP{plan.prefill_pp} + {c.decode} decode "
+        f"instance(s) at TP{plan.decode_tp}xPP{plan.decode_pp}, {how}"
     )
 
 

@@ -152,17 +152,24 @@ class LocalStack:
                 ("prefill", config.prefill, config.prefill_args, self.prefill_addresses),
                 ("decode", config.decode, config.decode_args, self.decode_addresses),
             ]
+        stages = self._stages()
         for role, count, extra, addresses in roles:
             for index in range(count):
-                port, http_port = free_port(), free_port()
-                addresses.append(f"127.0.0.1:{port}")
-                args = [role, *common, "--port", str(port), "--http-port", str(http_port)]
-                if role != "colocated":
-                    args += ["--rank-port-base", "0"]  # tensor-parallel follower ranks: free ports
-                args += extra
-                self.procs.append(
-                    Proc(f"{role}-{index}", args, http_port, self.log_dir / f"{role}-{index}.log")
-                )
+                # An instance with pipeline stages is one process per stage; the router calls stage 0.
+                pp = stages.get(role, 1)
+                ports = [free_port() for _ in range(pp)]
+                chain = ",".join(f"127.0.0.1:{p}" for p in ports)
+                addresses.append(f"127.0.0.1:{ports[0]}")
+                for stage, port in enumerate(ports):
+                    http_port = free_port()
+                    args = [role, *common, "--port", str(port), "--http-port", str(http_port)]
+                    if role != "colocated":
+                        args += ["--rank-port-base", "0"]  # tensor-parallel follower ranks: free ports
+                    if pp > 1:
+                        args += ["--stage", str(stage), "--stage-addresses", chain]
+                    args += extra
+                    name = f"{role}-{index}" + (f"-s{stage}" if stage else "")
+                    self.procs.append(Proc(name, args, http_port, self.log_dir / f"{name}.log"))
         if config.colocated:
             self.decode_addresses.extend(self.prefill_addresses)
         self.router_port = config.router_port or free_port()
@@ -178,6 +185,15 @@ class LocalStack:
         self.procs.append(
             Proc("router", [*router, *config.router_args], self.router_port, self.log_dir / "router.log")
         )
+
+    def _stages(self) -> dict[str, int]:
+        """Pipeline stages per role, from the plan file (one each without one)."""
+        if self.plan_file is None:
+            return {}
+        from distserve_worker.contract import load_contract
+
+        contract = load_contract(self.plan_file)
+        return {"prefill": contract.prefill.pp, "decode": contract.decode.pp}
 
     @property
     def url(self) -> str:

@@ -79,30 +79,39 @@ def topology_rows(doc: dict[str, Any]) -> list[tuple[str, ...]]:
     that reports no ranks (an older worker, or one not polled yet)."""
     rows: list[tuple[str, ...]] = []
     for inst in doc.get("instances", []):
-        head = (
-            inst["address"],
-            inst["role"],
-            _state(inst),
-            _dash(inst.get("stage")),
-            _span(inst.get("layers")),
-            _dash(inst.get("tp")),
-        )
-        ranks = inst.get("ranks") or []
-        if not ranks:
-            rows.append((*head, "-", "-", "-", "-", "-", "-"))
-            continue
-        for i, rank in enumerate(ranks):
-            rows.append(
-                (
-                    *(head if i == 0 else ("",) * len(head)),
-                    str(rank["rank"]),
-                    rank.get("device") or "-",
-                    _count(rank.get("parameters")),
-                    f"{rank['kv_capacity_tokens']:,}" if rank.get("kv_capacity_tokens") else "-",
-                    _span(rank.get("kv_heads")),
-                    "yes" if rank.get("ready") else "no",
-                )
+        # With pipeline stages, each stage's ranks under its own stage number and layers.
+        parts = inst.get("stages") or [inst]
+        for n, part in enumerate(parts):
+            rows.extend(_part_rows(inst, part, first=n == 0))
+    return rows
+
+
+def _part_rows(inst: dict[str, Any], part: dict[str, Any], first: bool) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    head = (
+        inst["address"] if first else "",
+        inst["role"] if first else "",
+        _state(inst) if first else "",
+        _dash(part.get("stage")),
+        _span(part.get("layers")),
+        _dash(inst.get("tp")),
+    )
+    ranks = part.get("ranks") or []
+    if not ranks:
+        rows.append((*head, "-", "-", "-", "-", "-", "-"))
+        return rows
+    for i, rank in enumerate(ranks):
+        rows.append(
+            (
+                *(head if i == 0 else ("",) * len(head)),
+                str(rank["rank"]),
+                rank.get("device") or "-",
+                _count(rank.get("parameters")),
+                f"{rank['kv_capacity_tokens']:,}" if rank.get("kv_capacity_tokens") else "-",
+                _span(rank.get("kv_heads")),
+                "yes" if rank.get("ready") else "no",
             )
+        )
     return rows
 
 

@@ -225,6 +225,8 @@ class Router:
             ignore_eos=req.ignore_eos,
             # Under tensor parallelism: each prefill rank's KV server, so decode ranks pull their heads.
             kv_rank_addresses=list(first.kv_rank_addresses),
+            # Under pipeline parallelism: each prefill stage's layers and ranks (decode stages pull theirs).
+            kv_stages=list(first.kv_stages),
         )
         tried: set[str] = set()
         while True:

@@ -30,6 +30,17 @@ class Rank:
     ready: bool = False
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage of an instance, as its stage 0 reported it."""
+
+    stage: int
+    layers: tuple[int, int]
+    address: str = ""
+    ready: bool = False
+    ranks: tuple[Rank, ...] = ()
+
+
 @dataclass
 class Instance:
     address: str
@@ -47,6 +58,7 @@ class Instance:
     stage: int = 0
     layers: tuple[int, int] | None = None  # [start, end)
     ranks: list[Rank] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list)  # pipeline stages (pp > 1), stage 0 first
 
     @property
     def load(self) -> int:

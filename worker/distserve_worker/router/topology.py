@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from distserve_protos.generation.v1 import generation_pb2 as gen
-from distserve_worker.router.picker import Instance, Rank
+from distserve_worker.router.picker import Instance, Rank, Stage
 
 
 def apply_status(inst: Instance, status: gen.WorkerStatus) -> None:
@@ -25,7 +25,29 @@ def apply_status(inst: Instance, status: gen.WorkerStatus) -> None:
         return
     inst.ready = status.ready
     inst.layers = (status.layer_start, status.layer_end) if status.layer_end > status.layer_start else None
-    inst.ranks = [
+    inst.ranks = _ranks(status.ranks)
+    inst.stages = [
+        Stage(
+            stage=st.stage,
+            layers=(st.layer_start, st.layer_end),
+            address=st.address,
+            ready=st.ready,
+            ranks=tuple(_ranks(st.ranks)),
+        )
+        for st in sorted(status.stages, key=lambda st: st.stage)
+    ]
+    if inst.stages and inst.stages[-1].layers[1] > 0:  # the instance holds every stage's layers
+        inst.layers = (inst.stages[0].layers[0], inst.stages[-1].layers[1])
+    if not inst.ready:
+        down = [str(r.rank) for r in inst.ranks if not r.ready]
+        if status.broken:
+            inst.error = f"not ready: {status.broken}"
+        else:
+            inst.error = f"not ready (rank {', '.join(down)} down)" if down else "not ready"
+
+
+def _ranks(ranks: Iterable[gen.RankInfo]) -> list[Rank]:
+    return [
         Rank(
             rank=r.rank,
             device=r.device,
@@ -35,11 +57,8 @@ def apply_status(inst: Instance, status: gen.WorkerStatus) -> None:
             address=r.address,
             ready=r.ready,
         )
-        for r in sorted(status.ranks, key=lambda r: r.rank)
+        for r in sorted(ranks, key=lambda r: r.rank)
     ]
-    if not inst.ready:
-        down = [str(r.rank) for r in inst.ranks if not r.ready]
-        inst.error = f"not ready (rank {', '.join(down)} down)" if down else "not ready"
 
 
 def rank_json(rank: Rank) -> dict[str, Any]:
@@ -75,6 +94,17 @@ def instance_json(role: str, inst: Instance) -> dict[str, Any]:
             "inflight": inst.inflight,
         },
         "ranks": [rank_json(r) for r in inst.ranks],
+        # Pipeline stages (pp > 1): each stage's layers and ranks; their layers cover the model once.
+        "stages": [
+            {
+                "stage": st.stage,
+                "layers": {"start": st.layers[0], "end": st.layers[1]},
+                "address": st.address,
+                "ready": st.ready,
+                "ranks": [rank_json(r) for r in st.ranks],
+            }
+            for st in inst.stages
+        ],
     }
 
 

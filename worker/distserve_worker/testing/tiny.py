@@ -35,7 +35,9 @@ def byte_tokenizer() -> Any:
     )
 
 
-def tiny_model(arch: str, vocab_size: int = 257, seed: int = 0, max_positions: int = 512) -> Any:
+def tiny_model(
+    arch: str, vocab_size: int = 257, seed: int = 0, max_positions: int = 512, layers: int = 2
+) -> Any:
     import torch
     from transformers import (
         GPT2Config,
@@ -55,7 +57,7 @@ def tiny_model(arch: str, vocab_size: int = 257, seed: int = 0, max_positions: i
     llama_shape = {
         "hidden_size": 64,
         "intermediate_size": 128,
-        "num_hidden_layers": 2,
+        "num_hidden_layers": layers,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "max_position_embeddings": max_positions,
@@ -85,9 +87,11 @@ def tiny_model(arch: str, vocab_size: int = 257, seed: int = 0, max_positions: i
     return model.eval()
 
 
-def save_tiny_model(arch: str, directory: Path, seed: int = 0, max_positions: int = 512) -> Path:
+def save_tiny_model(
+    arch: str, directory: Path, seed: int = 0, max_positions: int = 512, layers: int = 2
+) -> Path:
     """Write a tiny model and its tokenizer to `directory` (a `source.kind: Path` model)."""
     directory.mkdir(parents=True, exist_ok=True)
-    tiny_model(arch, seed=seed, max_positions=max_positions).save_pretrained(directory)
+    tiny_model(arch, seed=seed, max_positions=max_positions, layers=layers).save_pretrained(directory)
     byte_tokenizer().save_pretrained(directory)
     return directory

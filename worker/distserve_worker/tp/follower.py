@@ -16,26 +16,29 @@ also exits when rank 0 goes away.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from typing import Any
 
 import grpc
+import torch
 
 from distserve_protos.rank.v1 import rank_pb2 as pb
 from distserve_protos.rank.v1 import rank_pb2_grpc as pb_grpc
 from distserve_worker.engine.kvcache import BatchedKV, SequenceKV
-from distserve_worker.engine.runner import KVLayout, ModelRunner, probe_kv_layout
+from distserve_worker.engine.runner import KVLayout, ModelRunner, PrefillOutput, probe_kv_layout
 from distserve_worker.kvtransfer.buffer import KVBuffer
 from distserve_worker.kvtransfer.memory import keep_freed_memory
 from distserve_worker.kvtransfer.prepared import prepare
-from distserve_worker.kvtransfer.reshard import pull_pieces
+from distserve_worker.kvtransfer.reshard import pull_kv_pieces
 from distserve_worker.kvtransfer.transport import (
     GrpcKVPuller,
     KVPullError,
@@ -44,9 +47,10 @@ from distserve_worker.kvtransfer.transport import (
 )
 from distserve_worker.kvtransfer.transport import add_to_server as add_kv_transfer
 from distserve_worker.model_source import ModelSpec
+from distserve_worker.pp.pieces import KVPiece, pieces_prepared
 from distserve_worker.settings import DecodeSettings, PrefillSettings
-from distserve_worker.tp.heads import Piece, prepared_by, rank_heads
-from distserve_worker.tp.ranks import RankPlace, join, kv_heads_of, load_shard
+from distserve_worker.tp.heads import prepared_by, rank_heads
+from distserve_worker.tp.ranks import RankPlace, join, kv_heads_of, load_shard, receive_hidden
 
 UNBOUNDED = 1 << 62  # rank 0's buffer bounds the instance; a follower's only mirrors it
 
@@ -59,7 +63,26 @@ def settings_from(role: str, data: dict[str, Any]) -> PrefillSettings | DecodeSe
     if values.get("layers") is not None:
         values["layers"] = tuple(values["layers"])
     values["stage_addresses"] = tuple(values.get("stage_addresses", ()))
+    if "decode_layers" in values:
+        values["decode_layers"] = tuple(tuple(span) for span in values["decode_layers"])
     return cls(**values)
+
+
+class Turnstile:
+    """Lets forwards through in rank 0's order (`seq`), whatever order their RPCs arrive in."""
+
+    def __init__(self) -> None:
+        self.next = 0
+        self.changed = asyncio.Condition()
+
+    async def wait(self, seq: int) -> None:
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.next >= seq)
+
+    async def passed(self) -> None:
+        async with self.changed:
+            self.next += 1
+            self.changed.notify_all()
 
 
 class Follower(pb_grpc.RankServiceServicer):
@@ -85,7 +108,9 @@ class Follower(pb_grpc.RankServiceServicer):
         self.buffer = KVBuffer(UNBOUNDED, getattr(settings, "kv_ttl_seconds", 60.0))
         self.puller = GrpcKVPuller(settings.max_chunk_bytes)
         self.pulled: dict[str, tuple[SequenceKV, float]] = {}
-        self.batch: BatchedKV | None = None
+        self.batches: dict[int, BatchedKV | None] = {}  # one per pipeline micro-batch (lane)
+        self.turn = Turnstile()
+        self.layers = runner.span.start, runner.span.end  # this stage's layers, model-wide
         self.address = ""
 
     def die(self, what: str) -> None:
@@ -96,15 +121,45 @@ class Follower(pb_grpc.RankServiceServicer):
 
     # --- prefill ------------------------------------------------------------------------------------
 
+    def _input(self, shape: list[int]) -> torch.Tensor | None:
+        """A later pipeline stage's input hidden states, broadcast by rank 0 (in the forward thread)."""
+        if not shape:
+            return None
+        return receive_hidden(list(shape), self.runner.dtype, self.runner.device)
+
+    def _prefill(self, prompts: list[list[int]], shape: list[int]) -> list[PrefillOutput]:
+        return self.runner.prefill(prompts, self._input(shape))
+
+    async def _in_turn(self, seq: int, job: Callable[[], Any]) -> Any:
+        """Run `job` in the forward thread in rank 0's order of forwards."""
+        await self.turn.wait(seq)
+        future = asyncio.get_running_loop().run_in_executor(self.executor, job)
+        await self.turn.passed()
+        return await future
+
     async def Prefill(self, request: pb.PrefillBatch, context: grpc.aio.ServicerContext) -> pb.Ack:
         loop = asyncio.get_running_loop()
         prompts = [list(p.token_ids) for p in request.prompts]
         try:
-            outs = await loop.run_in_executor(self.executor, self.runner.prefill, prompts)
+            outs = await self._in_turn(
+                request.seq, functools.partial(self._prefill, prompts, list(request.hidden_shape))
+            )
         except Exception:
             self.die("prefill forward failed")
         assert isinstance(self.settings, PrefillSettings)
         pieces = prepared_by(self.kv_heads, self.place.world, self.settings.decode_tp, self.place.rank)
+        spans = [
+            (lo, hi)
+            for _, (lo, hi) in pieces_prepared(
+                self.layers,
+                list(self.settings.decode_layers) or [(0, self.runner.span.total)],
+                self.kv_heads,
+                self.place.world,
+                self.settings.decode_tp,
+                self.place.rank,
+            )
+        ]
+        spans = list(dict.fromkeys(spans))
         for prompt, out in zip(request.prompts, outs, strict=True):
             encoded = await loop.run_in_executor(
                 self.encoder,
@@ -114,6 +169,8 @@ class Follower(pb_grpc.RankServiceServicer):
                 pieces,
                 self.own,
                 self.settings.max_chunk_bytes,
+                self.layers,
+                spans,
             )
             if prompt.request_id in self.buffer.entries:  # a retried id whose release missed us
                 await self.buffer.release(prompt.request_id)
@@ -125,13 +182,13 @@ class Follower(pb_grpc.RankServiceServicer):
 
     async def Pull(self, request: pb.PullKV, context: grpc.aio.ServicerContext) -> pb.Pulled:
         started = time.perf_counter()
-        addresses = sorted({s.address for s in request.sources})
-        index = {a: i for i, a in enumerate(addresses)}
-        pieces = [Piece(index[s.address], s.head_start, s.head_end) for s in request.sources]
+        pieces = [
+            KVPiece(s.address, (s.head_start, s.head_end), (s.layer_start, s.layer_end))
+            for s in request.sources
+        ]
         try:
-            kv = await pull_pieces(
+            kv = await pull_kv_pieces(
                 self.puller,
-                addresses,
                 request.request_id,
                 request.num_tokens,
                 pieces,
@@ -146,24 +203,25 @@ class Follower(pb_grpc.RankServiceServicer):
         return pb.Pulled(bytes=kv.nbytes, seconds=time.perf_counter() - started)
 
     def _step(self, request: pb.DecodeStep) -> None:
+        """Rank 0's batch changes to this lane's batch, then the step (in the forward thread, in order)."""
         assert isinstance(self.settings, DecodeSettings)
-        if request.new_batch:
-            self.batch = None
+        batch = None if request.new_batch else self.batches.get(request.lane)
         for op in request.ops:
             if op.WhichOneof("op") == "remove_row":
-                assert self.batch is not None
-                self.batch.remove(op.remove_row)
+                assert batch is not None
+                batch.remove(op.remove_row)
             else:
                 kv, _ = self.pulled.pop(op.add_request)
-                if self.batch is None:
-                    self.batch = self.runner.empty_batch(kv, self.settings.max_batch)
-                self.batch.add(kv)
-        assert self.batch is not None
-        self.runner.decode_step(self.batch, list(request.last_tokens))
+                if batch is None:
+                    batch = self.runner.empty_batch(kv, self.settings.max_batch)
+                batch.add(kv)
+        self.batches[request.lane] = batch
+        assert batch is not None
+        self.runner.decode_step(batch, list(request.last_tokens), self._input(list(request.hidden_shape)))
 
     async def Step(self, request: pb.DecodeStep, context: grpc.aio.ServicerContext) -> pb.Ack:
         try:
-            await asyncio.get_running_loop().run_in_executor(self.executor, self._step, request)
+            await self._in_turn(request.seq, functools.partial(self._step, request))
         except Exception:
             self.die("decode step failed")
         return pb.Ack()
@@ -209,7 +267,7 @@ def advertised(settings: PrefillSettings | DecodeSettings, port: int) -> str:
 
 async def serve(role: str, settings: PrefillSettings | DecodeSettings, place: RankPlace) -> None:
     store = await asyncio.to_thread(join, place)
-    model, _ = await asyncio.to_thread(load_shard, settings.model, place)
+    model, _ = await asyncio.to_thread(load_shard, settings.model, place, settings.layers)
     runner = ModelRunner(model, settings.threads or None)
     layout = await asyncio.to_thread(probe_kv_layout, runner)  # the same start-up forward as rank 0
     follower = Follower(role, settings, place, runner, layout, kv_heads_of(model))
@@ -217,7 +275,10 @@ async def serve(role: str, settings: PrefillSettings | DecodeSettings, place: Ra
     pb_grpc.add_RankServiceServicer_to_server(follower, server)
     if role == "prefill":
         add_kv_transfer(
-            KVTransferServicer(follower.buffer, settings.max_chunk_bytes, heads=follower.own), server
+            KVTransferServicer(
+                follower.buffer, settings.max_chunk_bytes, heads=follower.own, layers=follower.layers
+            ),
+            server,
         )
     port = settings.rank_port_base + place.rank if settings.rank_port_base else 0
     bound = server.add_insecure_port(f"{settings.host}:{port}")

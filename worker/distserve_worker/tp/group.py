@@ -28,8 +28,8 @@ import grpc
 from distserve_protos.rank.v1 import rank_pb2 as pb
 from distserve_protos.rank.v1 import rank_pb2_grpc as pb_grpc
 from distserve_worker.kvtransfer.transport import channel_options
+from distserve_worker.pp.pieces import KVPiece
 from distserve_worker.settings import DecodeSettings, PrefillSettings
-from distserve_worker.tp.heads import Piece
 from distserve_worker.tp.ranks import RankPlace, host_store, join
 
 STEP_TIMEOUT = 120.0  # seconds; a collective that hangs fails sooner (ranks.COLLECTIVE_TIMEOUT)
@@ -57,6 +57,16 @@ class RankGroup:
         self.described: dict[int, pb.RankDescription] = {}
         self.broken: str | None = None
         self.on_broken: list[Callable[[str], None]] = []
+        self.seq = 0  # forwards handed out so far; followers run them in this order
+
+    def next_seq(self) -> int:
+        """The order number of the forward rank 0 is about to run. Take it right before submitting
+        that forward to rank 0's (single, FIFO) executor, with no await in between: followers run
+        forwards in this order, so concurrent forwards (pipeline micro-batches, overlapping prefill
+        batches) reach every rank's collectives in the same order."""
+        seq = self.seq
+        self.seq += 1
+        return seq
 
     # --- start ------------------------------------------------------------------------------------
 
@@ -164,14 +174,37 @@ class RankGroup:
 
     # --- what rank 0 tells the followers ----------------------------------------------------------
 
-    async def prefill(self, batch: list[tuple[str, list[int]]]) -> None:
+    async def prefill(
+        self, batch: list[tuple[str, list[int]]], seq: int, hidden_shape: list[int] | None = None
+    ) -> None:
+        """Followers run their shards of this prefill forward (`seq` from `next_seq`); a pipeline
+        stage after the first broadcasts its input hidden states of `hidden_shape` in the forward."""
         self.check()
-        request = pb.PrefillBatch(prompts=[pb.Prompt(request_id=r, token_ids=p) for r, p in batch])
+        request = pb.PrefillBatch(
+            prompts=[pb.Prompt(request_id=r, token_ids=p) for r, p in batch],
+            seq=seq,
+            hidden_shape=hidden_shape or [],
+        )
         await asyncio.gather(*(self._call(r, "Prefill", request, STEP_TIMEOUT) for r in self.stubs))
 
-    async def step(self, ops: list[pb.BatchOp], last_tokens: list[int], new_batch: bool) -> None:
+    async def step(
+        self,
+        ops: list[pb.BatchOp],
+        last_tokens: list[int],
+        new_batch: bool,
+        seq: int,
+        lane: int = 0,
+        hidden_shape: list[int] | None = None,
+    ) -> None:
         self.check()
-        request = pb.DecodeStep(ops=ops, last_tokens=last_tokens, new_batch=new_batch)
+        request = pb.DecodeStep(
+            ops=ops,
+            last_tokens=last_tokens,
+            new_batch=new_batch,
+            seq=seq,
+            lane=lane,
+            hidden_shape=hidden_shape or [],
+        )
         await asyncio.gather(*(self._call(r, "Step", request, STEP_TIMEOUT) for r in self.stubs))
 
     async def pull(
@@ -179,8 +212,7 @@ class RankGroup:
         rank: int,
         request_id: str,
         num_tokens: int,
-        pieces: list[Piece],
-        addresses: list[str],
+        pieces: list[KVPiece],
         timeout: float,
     ) -> pb.Pulled:
         self.check()
@@ -188,7 +220,14 @@ class RankGroup:
             request_id=request_id,
             num_tokens=num_tokens,
             sources=[
-                pb.KVSource(address=addresses[p.source], head_start=p.start, head_end=p.end) for p in pieces
+                pb.KVSource(
+                    address=p.address,
+                    head_start=p.heads[0],
+                    head_end=p.heads[1],
+                    layer_start=p.layers[0],
+                    layer_end=p.layers[1],
+                )
+                for p in pieces
             ],
         )
         result: pb.Pulled = await self._call(rank, "Pull", request, timeout)

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from distserve_worker.model_source import load_model
+from distserve_worker.pp.partial import load_stage
 from distserve_worker.settings import DecodeSettings, PrefillSettings
 from distserve_worker.tp.group import RankGroup
 from distserve_worker.tp.ranks import kv_heads_of, load_shard
@@ -18,7 +19,12 @@ async def start_ranks(
 
     `loaded` (model, tokenizer) skips loading (tests, the colocated baseline); tp must then be 1."""
     if settings.tp == 1:
-        model, tokenizer = loaded or await asyncio.to_thread(load_model, settings.model)
+        if loaded is not None:
+            model, tokenizer = loaded
+        elif settings.pp > 1 and settings.layers is not None:
+            model, tokenizer = await asyncio.to_thread(load_stage, settings.model, settings.layers)
+        else:
+            model, tokenizer = await asyncio.to_thread(load_model, settings.model)
         return None, model, tokenizer, kv_heads_of(model)
     if loaded is not None:
         raise ValueError(
@@ -28,7 +34,8 @@ async def start_ranks(
     place = group.spawn()
     try:
         await asyncio.to_thread(group.join, place)
-        model, tokenizer = await asyncio.to_thread(load_shard, settings.model, place)
+        layers = settings.layers if settings.pp > 1 else None
+        model, tokenizer = await asyncio.to_thread(load_shard, settings.model, place, layers)
     except BaseException:
         await group.close()
         raise

@@ -66,10 +66,15 @@ def join(place: RankPlace, store: dist.TCPStore | None = None) -> dist.TCPStore:
     return store
 
 
-def load_shard(spec: ModelSpec, place: RankPlace) -> tuple[Any, Any]:
-    """(model shard on this rank's device, tokenizer)."""
+def load_shard(spec: ModelSpec, place: RankPlace, layers: tuple[int, int] | None = None) -> tuple[Any, Any]:
+    """(model shard on this rank's device, tokenizer): this rank's heads of this pipeline stage's
+    `layers` (all of them by default)."""
+    from distserve_worker.pp.partial import keep_stage
+
     started = time.perf_counter()
     model, tokenizer = load_model(spec, device="cpu")
+    if layers is not None:
+        model = keep_stage(model, *layers)  # before sharding: only this stage's layers get sharded
     model = shard_model(model, place.world, place.rank).to(place.device).eval()
     print(
         f"[distserve] rank {place.rank}/{place.world}: shard on {place.device} in "
@@ -84,3 +89,18 @@ def kv_heads_of(model: Any) -> int:
     from distserve_worker.contract import model_shape
 
     return model_shape(model.config)[2]
+
+
+def broadcast_hidden(hidden: torch.Tensor) -> torch.Tensor:
+    """Rank 0 of a pipeline stage after the first: its input hidden states to the stage's other
+    ranks (NCCL on GPUs: device to device; gloo on the CPU). Call inside the forward, in order."""
+    hidden = hidden.contiguous()
+    dist.broadcast(hidden, src=0)
+    return hidden
+
+
+def receive_hidden(shape: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A follower's side of `broadcast_hidden`."""
+    hidden = torch.empty(shape, dtype=dtype, device=device)
+    dist.broadcast(hidden, src=0)
+    return hidden

@@ -179,16 +179,26 @@ def shard_model(model: nn.Module, tp: int, rank: int) -> nn.Module:
         mlp.gate_proj = _column(mlp.gate_proj, m0, m1)
         mlp.up_proj = _column(mlp.up_proj, m0, m1)
         mlp.down_proj = RowParallelLinear(mlp.down_proj, m0, m1)
-    embed: nn.Embedding = model.get_input_embeddings()
+    # A pipeline stage (pp/partial.py) may hold neither: the embeddings live on stage 0, the head
+    # on the last stage (which keeps a tied embedding only as the head's weight).
+    embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    vocab = embed.weight.shape[0]
+    if embed is None and head is None:
+        return model
+    vocab = (embed if embed is not None else head).weight.shape[0]
     v0, v1 = vocab_range(vocab, tp, rank)
-    tied = head is not None and head.weight is embed.weight
-    embed_shard = nn.Parameter(_rows(embed.weight, v0, v1), requires_grad=False)
-    model.set_input_embeddings(VocabParallelEmbedding(embed_shard, v0, v1))
+    tied = head is not None and embed is not None and head.weight is embed.weight
+    embed_shard = None
+    if embed is not None:
+        embed_shard = nn.Parameter(_rows(embed.weight, v0, v1), requires_grad=False)
+        model.set_input_embeddings(VocabParallelEmbedding(embed_shard, v0, v1))
     if head is not None:
         if getattr(head, "bias", None) is not None:
             raise ShardError("an LM head with a bias is not supported under tensor parallelism")
-        head_shard = embed_shard if tied else nn.Parameter(_rows(head.weight, v0, v1), requires_grad=False)
+        head_shard = (
+            embed_shard
+            if tied and embed_shard is not None
+            else nn.Parameter(_rows(head.weight, v0, v1), requires_grad=False)
+        )
         model.set_output_embeddings(VocabParallelLMHead(head_shard, head.weight.shape[0], tp))
     return model

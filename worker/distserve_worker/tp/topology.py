@@ -6,6 +6,7 @@ from typing import Any
 
 from distserve_protos.generation.v1 import generation_pb2 as gen
 from distserve_worker.engine.runner import KVLayout, ModelRunner
+from distserve_worker.pp.chain import StageChain
 from distserve_worker.settings import WorkerSettings
 from distserve_worker.tp.group import RankGroup
 from distserve_worker.tp.heads import rank_heads
@@ -55,17 +56,34 @@ def topology(
     group: RankGroup | None,
     kv_heads: int,
     kv_capacity_tokens: int,
+    chain: StageChain | None = None,
 ) -> dict[str, Any]:
-    """The `WorkerStatus` fields saying what the instance runs (the contract) and whether it can."""
+    """The `WorkerStatus` fields saying what the instance runs (the contract) and whether it can:
+    with pipeline stages, every stage and its layers, as stage 0 last saw them."""
     s = settings
     layers = s.layers or (0, layout.num_layers)
+    ranks = rank_infos(runner, group, kv_heads, kv_capacity_tokens, s.address)
+    broken = (group.broken if group is not None else None) or (chain.broken if chain is not None else None)
+    stages = []
+    if chain is not None:
+        own = gen.StageInfo(
+            stage=s.stage,
+            layer_start=layers[0],
+            layer_end=layers[1],
+            address=s.address,
+            ready=group is None or group.broken is None,
+            ranks=ranks,
+        )
+        stages = chain.stage_infos(own)
     return {
-        "ready": group is None or group.broken is None,
+        "ready": broken is None,
+        "broken": broken or "",
         "tp": s.tp,
         "pp": s.pp,
         "stage": s.stage,
         "layer_start": layers[0],
         "layer_end": layers[1],
         "address": s.address,
-        "ranks": rank_infos(runner, group, kv_heads, kv_capacity_tokens, s.address),
+        "ranks": ranks,
+        "stages": stages,
     }

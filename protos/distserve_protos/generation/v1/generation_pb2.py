@@ -24,33 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/distserve_protos/generation/v1/generation.proto\x12\x17\x64istserve.generation.v1\"P\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"y\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x39\n\x08sampling\x18\x03 \x01(\x0b\x32\'.distserve.generation.v1.SamplingParams\"\xc5\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\x12\x12\n\nkv_address\x18\x05 \x01(\t\x12\x17\n\x0fprefill_seconds\x18\x06 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x07 \x01(\x01\x12\x19\n\x11kv_rank_addresses\x18\x08 \x03(\t\"\xf2\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nkv_address\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x16\n\x0e\x66irst_token_id\x18\x04 \x01(\x05\x12\x39\n\x08sampling\x18\x05 \x01(\x0b\x32\'.distserve.generation.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x19\n\x11kv_rank_addresses\x18\t \x03(\t\"\xc5\x01\n\nTokenEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x05\x12<\n\rfinish_reason\x18\x05 \x01(\x0e\x32%.distserve.generation.v1.FinishReason\x12\x1b\n\x13kv_transfer_seconds\x18\x06 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x07 \x01(\x04\"\x0f\n\rStatusRequest\"\xdc\x02\n\x0cWorkerStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06queued\x18\x03 \x01(\x05\x12\x0f\n\x07running\x18\x04 \x01(\x05\x12\x12\n\nfree_slots\x18\x05 \x01(\x05\x12\x15\n\rkv_used_bytes\x18\x06 \x01(\x04\x12\x19\n\x11kv_capacity_bytes\x18\x07 \x01(\x04\x12\x12\n\nkv_entries\x18\x08 \x01(\x05\x12\x13\n\x0bmax_context\x18\t \x01(\x05\x12\r\n\x05ready\x18\n \x01(\x08\x12\n\n\x02tp\x18\x0b \x01(\x05\x12\n\n\x02pp\x18\x0c \x01(\x05\x12\r\n\x05stage\x18\r \x01(\x05\x12\x13\n\x0blayer_start\x18\x0e \x01(\x05\x12\x11\n\tlayer_end\x18\x0f \x01(\x05\x12\x30\n\x05ranks\x18\x10 \x03(\x0b\x32!.distserve.generation.v1.RankInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x11 \x01(\t\"\xa4\x01\n\x08RankInfo\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\x04\x12\x1a\n\x12kv_capacity_tokens\x18\x04 \x01(\x04\x12\r\n\x05ready\x18\x05 \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\x12\x15\n\rkv_head_start\x18\x07 \x01(\x05\x12\x13\n\x0bkv_head_end\x18\x08 \x01(\x05*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xc7\x01\n\x0ePrefillService\x12\\\n\x07Prefill\x12\'.distserve.generation.v1.PrefillRequest\x1a(.distserve.generation.v1.PrefillResponse\x12W\n\x06Status\x12&.distserve.generation.v1.StatusRequest\x1a%.distserve.generation.v1.WorkerStatus2\xc1\x01\n\rDecodeService\x12W\n\x06\x44\x65\x63ode\x12&.distserve.generation.v1.DecodeRequest\x1a#.distserve.generation.v1.TokenEvent0\x01\x12W\n\x06Status\x12&.distserve.generation.v1.StatusRequest\x1a%.distserve.generation.v1.WorkerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/distserve_protos/generation/v1/generation.proto\x12\x17\x64istserve.generation.v1\"P\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"y\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x39\n\x08sampling\x18\x03 \x01(\x0b\x32\'.distserve.generation.v1.SamplingParams\"\xfa\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\x12\x12\n\nkv_address\x18\x05 \x01(\t\x12\x17\n\x0fprefill_seconds\x18\x06 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x07 \x01(\x01\x12\x19\n\x11kv_rank_addresses\x18\x08 \x03(\t\x12\x33\n\tkv_stages\x18\t \x03(\x0b\x32 .distserve.generation.v1.KVStage\"@\n\x07KVStage\x12\x13\n\x0blayer_start\x18\x01 \x01(\x05\x12\x11\n\tlayer_end\x18\x02 \x01(\x05\x12\r\n\x05ranks\x18\x03 \x03(\t\"\xa7\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nkv_address\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x16\n\x0e\x66irst_token_id\x18\x04 \x01(\x05\x12\x39\n\x08sampling\x18\x05 \x01(\x0b\x32\'.distserve.generation.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x19\n\x11kv_rank_addresses\x18\t \x03(\t\x12\x33\n\tkv_stages\x18\n \x03(\x0b\x32 .distserve.generation.v1.KVStage\"\xc5\x01\n\nTokenEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x05\x12<\n\rfinish_reason\x18\x05 \x01(\x0e\x32%.distserve.generation.v1.FinishReason\x12\x1b\n\x13kv_transfer_seconds\x18\x06 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x07 \x01(\x04\"\x0f\n\rStatusRequest\"\xa0\x03\n\x0cWorkerStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06queued\x18\x03 \x01(\x05\x12\x0f\n\x07running\x18\x04 \x01(\x05\x12\x12\n\nfree_slots\x18\x05 \x01(\x05\x12\x15\n\rkv_used_bytes\x18\x06 \x01(\x04\x12\x19\n\x11kv_capacity_bytes\x18\x07 \x01(\x04\x12\x12\n\nkv_entries\x18\x08 \x01(\x05\x12\x13\n\x0bmax_context\x18\t \x01(\x05\x12\r\n\x05ready\x18\n \x01(\x08\x12\n\n\x02tp\x18\x0b \x01(\x05\x12\n\n\x02pp\x18\x0c \x01(\x05\x12\r\n\x05stage\x18\r \x01(\x05\x12\x13\n\x0blayer_start\x18\x0e \x01(\x05\x12\x11\n\tlayer_end\x18\x0f \x01(\x05\x12\x30\n\x05ranks\x18\x10 \x03(\x0b\x32!.distserve.generation.v1.RankInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x11 \x01(\t\x12\x32\n\x06stages\x18\x12 \x03(\x0b\x32\".distserve.generation.v1.StageInfo\x12\x0e\n\x06\x62roken\x18\x13 \x01(\t\"\x94\x01\n\tStageInfo\x12\r\n\x05stage\x18\x01 \x01(\x05\x12\x13\n\x0blayer_start\x18\x02 \x01(\x05\x12\x11\n\tlayer_end\x18\x03 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\r\n\x05ready\x18\x05 \x01(\x08\x12\x30\n\x05ranks\x18\x06 \x03(\x0b\x32!.distserve.generation.v1.RankInfo\"\xa4\x01\n\x08RankInfo\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\x04\x12\x1a\n\x12kv_capacity_tokens\x18\x04 \x01(\x04\x12\r\n\x05ready\x18\x05 \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\x12\x15\n\rkv_head_start\x18\x07 \x01(\x05\x12\x13\n\x0bkv_head_end\x18\x08 \x01(\x05*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xc7\x01\n\x0ePrefillService\x12\\\n\x07Prefill\x12\'.distserve.generation.v1.PrefillRequest\x1a(.distserve.generation.v1.PrefillResponse\x12W\n\x06Status\x12&.distserve.generation.v1.StatusRequest\x1a%.distserve.generation.v1.WorkerStatus2\xc1\x01\n\rDecodeService\x12W\n\x06\x44\x65\x63ode\x12&.distserve.generation.v1.DecodeRequest\x1a#.distserve.generation.v1.TokenEvent0\x01\x12W\n\x06Status\x12&.distserve.generation.v1.StatusRequest\x1a%.distserve.generation.v1.WorkerStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'distserve_protos.generation.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1461
-  _globals['_FINISHREASON']._serialized_end=1556
+  _globals['_FINISHREASON']._serialized_start=1852
+  _globals['_FINISHREASON']._serialized_end=1947
   _globals['_SAMPLINGPARAMS']._serialized_start=76
   _globals['_SAMPLINGPARAMS']._serialized_end=156
   _globals['_PREFILLREQUEST']._serialized_start=158
   _globals['_PREFILLREQUEST']._serialized_end=279
   _globals['_PREFILLRESPONSE']._serialized_start=282
-  _globals['_PREFILLRESPONSE']._serialized_end=479
-  _globals['_DECODEREQUEST']._serialized_start=482
-  _globals['_DECODEREQUEST']._serialized_end=724
-  _globals['_TOKENEVENT']._serialized_start=727
-  _globals['_TOKENEVENT']._serialized_end=924
-  _globals['_STATUSREQUEST']._serialized_start=926
-  _globals['_STATUSREQUEST']._serialized_end=941
-  _globals['_WORKERSTATUS']._serialized_start=944
-  _globals['_WORKERSTATUS']._serialized_end=1292
-  _globals['_RANKINFO']._serialized_start=1295
-  _globals['_RANKINFO']._serialized_end=1459
-  _globals['_PREFILLSERVICE']._serialized_start=1559
-  _globals['_PREFILLSERVICE']._serialized_end=1758
-  _globals['_DECODESERVICE']._serialized_start=1761
-  _globals['_DECODESERVICE']._serialized_end=1954
+  _globals['_PREFILLRESPONSE']._serialized_end=532
+  _globals['_KVSTAGE']._serialized_start=534
+  _globals['_KVSTAGE']._serialized_end=598
+  _globals['_DECODEREQUEST']._serialized_start=601
+  _globals['_DECODEREQUEST']._serialized_end=896
+  _globals['_TOKENEVENT']._serialized_start=899
+  _globals['_TOKENEVENT']._serialized_end=1096
+  _globals['_STATUSREQUEST']._serialized_start=1098
+  _globals['_STATUSREQUEST']._serialized_end=1113
+  _globals['_WORKERSTATUS']._serialized_start=1116
+  _globals['_WORKERSTATUS']._serialized_end=1532
+  _globals['_STAGEINFO']._serialized_start=1535
+  _globals['_STAGEINFO']._serialized_end=1683
+  _globals['_RANKINFO']._serialized_start=1686
+  _globals['_RANKINFO']._serialized_end=1850
+  _globals['_PREFILLSERVICE']._serialized_start=1950
+  _globals['_PREFILLSERVICE']._serialized_end=2149
+  _globals['_DECODESERVICE']._serialized_start=2152
+  _globals['_DECODESERVICE']._serialized_end=2345
 # @@protoc_insertion_point(module_scope)

@@ -37,7 +37,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("request_id", "first_token_id", "prompt_tokens", "kv_bytes", "kv_address", "prefill_seconds", "queue_seconds", "kv_rank_addresses")
+    __slots__ = ("request_id", "first_token_id", "prompt_tokens", "kv_bytes", "kv_address", "prefill_seconds", "queue_seconds", "kv_rank_addresses", "kv_stages")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class PrefillResponse(_message.Message):
     PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     KV_RANK_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    KV_STAGES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     first_token_id: int
     prompt_tokens: int
@@ -54,10 +55,21 @@ class PrefillResponse(_message.Message):
     prefill_seconds: float
     queue_seconds: float
     kv_rank_addresses: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_address: _Optional[str] = ..., prefill_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., kv_rank_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+    kv_stages: _containers.RepeatedCompositeFieldContainer[KVStage]
+    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_address: _Optional[str] = ..., prefill_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., kv_rank_addresses: _Optional[_Iterable[str]] = ..., kv_stages: _Optional[_Iterable[_Union[KVStage, _Mapping]]] = ...) -> None: ...
+
+class KVStage(_message.Message):
+    __slots__ = ("layer_start", "layer_end", "ranks")
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    layer_start: int
+    layer_end: int
+    ranks: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., ranks: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "kv_address", "prompt_tokens", "first_token_id", "sampling", "max_tokens", "stop", "ignore_eos", "kv_rank_addresses")
+    __slots__ = ("request_id", "kv_address", "prompt_tokens", "first_token_id", "sampling", "max_tokens", "stop", "ignore_eos", "kv_rank_addresses", "kv_stages")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KV_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +79,7 @@ class DecodeRequest(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     KV_RANK_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    KV_STAGES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     kv_address: str
     prompt_tokens: int
@@ -76,7 +89,8 @@ class DecodeRequest(_message.Message):
     stop: _containers.RepeatedScalarFieldContainer[str]
     ignore_eos: bool
     kv_rank_addresses: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., kv_address: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., first_token_id: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., kv_rank_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+    kv_stages: _containers.RepeatedCompositeFieldContainer[KVStage]
+    def __init__(self, request_id: _Optional[str] = ..., kv_address: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., first_token_id: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., kv_rank_addresses: _Optional[_Iterable[str]] = ..., kv_stages: _Optional[_Iterable[_Union[KVStage, _Mapping]]] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
     __slots__ = ("request_id", "token_id", "text", "index", "finish_reason", "kv_transfer_seconds", "kv_transfer_bytes")
@@ -101,7 +115,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("role", "model", "queued", "running", "free_slots", "kv_used_bytes", "kv_capacity_bytes", "kv_entries", "max_context", "ready", "tp", "pp", "stage", "layer_start", "layer_end", "ranks", "address")
+    __slots__ = ("role", "model", "queued", "running", "free_slots", "kv_used_bytes", "kv_capacity_bytes", "kv_entries", "max_context", "ready", "tp", "pp", "stage", "layer_start", "layer_end", "ranks", "address", "stages", "broken")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +133,8 @@ class WorkerStatus(_message.Message):
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    BROKEN_FIELD_NUMBER: _ClassVar[int]
     role: str
     model: str
     queued: int
@@ -136,7 +152,25 @@ class WorkerStatus(_message.Message):
     layer_end: int
     ranks: _containers.RepeatedCompositeFieldContainer[RankInfo]
     address: str
-    def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., free_slots: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ..., kv_entries: _Optional[int] = ..., max_context: _Optional[int] = ..., ready: _Optional[bool] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., stage: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ..., address: _Optional[str] = ...) -> None: ...
+    stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
+    broken: str
+    def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., free_slots: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ..., kv_entries: _Optional[int] = ..., max_context: _Optional[int] = ..., ready: _Optional[bool] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., stage: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ..., address: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., broken: _Optional[str] = ...) -> None: ...
+
+class StageInfo(_message.Message):
+    __slots__ = ("stage", "layer_start", "layer_end", "address", "ready", "ranks")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    layer_start: int
+    layer_end: int
+    address: str
+    ready: bool
+    ranks: _containers.RepeatedCompositeFieldContainer[RankInfo]
+    def __init__(self, stage: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., address: _Optional[str] = ..., ready: _Optional[bool] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ...) -> None: ...
 
 class RankInfo(_message.Message):
     __slots__ = ("rank", "device", "parameters", "kv_capacity_tokens", "ready", "address", "kv_head_start", "kv_head_end")

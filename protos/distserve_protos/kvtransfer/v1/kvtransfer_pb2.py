@@ -24,29 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/distserve_protos/kvtransfer/v1/kvtransfer.proto\x12\x17\x64istserve.kvtransfer.v1\"\xa8\x01\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\r\x12\x46\n\x12\x63hecksum_algorithm\x18\x03 \x01(\x0e\x32*.distserve.kvtransfer.v1.ChecksumAlgorithm\x12\x12\n\nhead_start\x18\x04 \x01(\x05\x12\x10\n\x08head_end\x18\x05 \x01(\x05\"\xb7\x01\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x12\n\nnum_chunks\x18\x05 \x01(\r\x12\x46\n\x12\x63hecksum_algorithm\x18\x06 \x01(\x0e\x32*.distserve.kvtransfer.v1.ChecksumAlgorithm\"\xa6\x01\n\x07KVChunk\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x31\n\x04kind\x18\x02 \x01(\x0e\x32#.distserve.kvtransfer.v1.TensorKind\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x08 \x01(\x06J\x04\x08\x07\x10\x08R\x05\x63rc32\"~\n\x0cPullResponse\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32!.distserve.kvtransfer.v1.KVHeaderH\x00\x12\x31\n\x05\x63hunk\x18\x02 \x01(\x0b\x32 .distserve.kvtransfer.v1.KVChunkH\x00\x42\x06\n\x04item\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08*U\n\nTensorKind\x12\x1b\n\x17TENSOR_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fTENSOR_KIND_KEY\x10\x01\x12\x15\n\x11TENSOR_KIND_VALUE\x10\x02*W\n\x11\x43hecksumAlgorithm\x12\"\n\x1e\x43HECKSUM_ALGORITHM_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x43HECKSUM_ALGORITHM_XXH3_64\x10\x01\x32\xc8\x01\n\x11KVTransferService\x12U\n\x04Pull\x12$.distserve.kvtransfer.v1.PullRequest\x1a%.distserve.kvtransfer.v1.PullResponse0\x01\x12\\\n\x07Release\x12\'.distserve.kvtransfer.v1.ReleaseRequest\x1a(.distserve.kvtransfer.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/distserve_protos/kvtransfer/v1/kvtransfer.proto\x12\x17\x64istserve.kvtransfer.v1\"\xd0\x01\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\r\x12\x46\n\x12\x63hecksum_algorithm\x18\x03 \x01(\x0e\x32*.distserve.kvtransfer.v1.ChecksumAlgorithm\x12\x12\n\nhead_start\x18\x04 \x01(\x05\x12\x10\n\x08head_end\x18\x05 \x01(\x05\x12\x13\n\x0blayer_start\x18\x06 \x01(\x05\x12\x11\n\tlayer_end\x18\x07 \x01(\x05\"\xb7\x01\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x12\n\nnum_chunks\x18\x05 \x01(\r\x12\x46\n\x12\x63hecksum_algorithm\x18\x06 \x01(\x0e\x32*.distserve.kvtransfer.v1.ChecksumAlgorithm\"\xa6\x01\n\x07KVChunk\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x31\n\x04kind\x18\x02 \x01(\x0e\x32#.distserve.kvtransfer.v1.TensorKind\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x08 \x01(\x06J\x04\x08\x07\x10\x08R\x05\x63rc32\"~\n\x0cPullResponse\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32!.distserve.kvtransfer.v1.KVHeaderH\x00\x12\x31\n\x05\x63hunk\x18\x02 \x01(\x0b\x32 .distserve.kvtransfer.v1.KVChunkH\x00\x42\x06\n\x04item\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08*U\n\nTensorKind\x12\x1b\n\x17TENSOR_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fTENSOR_KIND_KEY\x10\x01\x12\x15\n\x11TENSOR_KIND_VALUE\x10\x02*W\n\x11\x43hecksumAlgorithm\x12\"\n\x1e\x43HECKSUM_ALGORITHM_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x43HECKSUM_ALGORITHM_XXH3_64\x10\x01\x32\xc8\x01\n\x11KVTransferService\x12U\n\x04Pull\x12$.distserve.kvtransfer.v1.PullRequest\x1a%.distserve.kvtransfer.v1.PullResponse0\x01\x12\\\n\x07Release\x12\'.distserve.kvtransfer.v1.ReleaseRequest\x1a(.distserve.kvtransfer.v1.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'distserve_protos.kvtransfer.v1.kvtransfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TENSORKIND']._serialized_start=805
-  _globals['_TENSORKIND']._serialized_end=890
-  _globals['_CHECKSUMALGORITHM']._serialized_start=892
-  _globals['_CHECKSUMALGORITHM']._serialized_end=979
+  _globals['_TENSORKIND']._serialized_start=845
+  _globals['_TENSORKIND']._serialized_end=930
+  _globals['_CHECKSUMALGORITHM']._serialized_start=932
+  _globals['_CHECKSUMALGORITHM']._serialized_end=1019
   _globals['_PULLREQUEST']._serialized_start=77
-  _globals['_PULLREQUEST']._serialized_end=245
-  _globals['_KVHEADER']._serialized_start=248
-  _globals['_KVHEADER']._serialized_end=431
-  _globals['_KVCHUNK']._serialized_start=434
-  _globals['_KVCHUNK']._serialized_end=600
-  _globals['_PULLRESPONSE']._serialized_start=602
-  _globals['_PULLRESPONSE']._serialized_end=728
-  _globals['_RELEASEREQUEST']._serialized_start=730
-  _globals['_RELEASEREQUEST']._serialized_end=766
-  _globals['_RELEASERESPONSE']._serialized_start=768
-  _globals['_RELEASERESPONSE']._serialized_end=803
-  _globals['_KVTRANSFERSERVICE']._serialized_start=982
-  _globals['_KVTRANSFERSERVICE']._serialized_end=1182
+  _globals['_PULLREQUEST']._serialized_end=285
+  _globals['_KVHEADER']._serialized_start=288
+  _globals['_KVHEADER']._serialized_end=471
+  _globals['_KVCHUNK']._serialized_start=474
+  _globals['_KVCHUNK']._serialized_end=640
+  _globals['_PULLRESPONSE']._serialized_start=642
+  _globals['_PULLRESPONSE']._serialized_end=768
+  _globals['_RELEASEREQUEST']._serialized_start=770
+  _globals['_RELEASEREQUEST']._serialized_end=806
+  _globals['_RELEASERESPONSE']._serialized_start=808
+  _globals['_RELEASERESPONSE']._serialized_end=843
+  _globals['_KVTRANSFERSERVICE']._serialized_start=1022
+  _globals['_KVTRANSFERSERVICE']._serialized_end=1222
 # @@protoc_insertion_point(module_scope)

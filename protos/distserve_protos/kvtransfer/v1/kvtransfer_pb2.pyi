@@ -24,18 +24,22 @@ CHECKSUM_ALGORITHM_UNSPECIFIED: ChecksumAlgorithm
 CHECKSUM_ALGORITHM_XXH3_64: ChecksumAlgorithm
 
 class PullRequest(_message.Message):
-    __slots__ = ("request_id", "max_chunk_bytes", "checksum_algorithm", "head_start", "head_end")
+    __slots__ = ("request_id", "max_chunk_bytes", "checksum_algorithm", "head_start", "head_end", "layer_start", "layer_end")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     HEAD_START_FIELD_NUMBER: _ClassVar[int]
     HEAD_END_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     max_chunk_bytes: int
     checksum_algorithm: ChecksumAlgorithm
     head_start: int
     head_end: int
-    def __init__(self, request_id: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., checksum_algorithm: _Optional[_Union[ChecksumAlgorithm, str]] = ..., head_start: _Optional[int] = ..., head_end: _Optional[int] = ...) -> None: ...
+    layer_start: int
+    layer_end: int
+    def __init__(self, request_id: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., checksum_algorithm: _Optional[_Union[ChecksumAlgorithm, str]] = ..., head_start: _Optional[int] = ..., head_end: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
 
 class KVHeader(_message.Message):
     __slots__ = ("request_id", "num_layers", "num_tokens", "total_bytes", "num_chunks", "checksum_algorithm")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#distserve_protos/rank/v1/rank.proto\x12\x11\x64istserve.rank.v1\"/\n\x06Prompt\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\":\n\x0cPrefillBatch\x12*\n\x07prompts\x18\x01 \x03(\x0b\x32\x19.distserve.rank.v1.Prompt\"<\n\x07\x42\x61tchOp\x12\x14\n\nremove_row\x18\x01 \x01(\x05H\x00\x12\x15\n\x0b\x61\x64\x64_request\x18\x02 \x01(\tH\x00\x42\x04\n\x02op\"]\n\nDecodeStep\x12\'\n\x03ops\x18\x01 \x03(\x0b\x32\x1a.distserve.rank.v1.BatchOp\x12\x13\n\x0blast_tokens\x18\x02 \x03(\x05\x12\x11\n\tnew_batch\x18\x03 \x01(\x08\"A\n\x08KVSource\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x12\n\nhead_start\x18\x02 \x01(\x05\x12\x10\n\x08head_end\x18\x03 \x01(\x05\"^\n\x06PullKV\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12,\n\x07sources\x18\x03 \x03(\x0b\x32\x1b.distserve.rank.v1.KVSource\"(\n\x06Pulled\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\x05\n\x03\x41\x63k\"\x11\n\x0f\x44\x65scribeRequest\"\x9c\x01\n\x0fRankDescription\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\x04\x12\x1a\n\x12kv_capacity_tokens\x18\x04 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x15\n\rkv_head_start\x18\x06 \x01(\x05\x12\x13\n\x0bkv_head_end\x18\x07 \x01(\x05\x32\xa2\x02\n\x0bRankService\x12\x42\n\x07Prefill\x12\x1f.distserve.rank.v1.PrefillBatch\x1a\x16.distserve.rank.v1.Ack\x12=\n\x04Step\x12\x1d.distserve.rank.v1.DecodeStep\x1a\x16.distserve.rank.v1.Ack\x12<\n\x04Pull\x12\x19.distserve.rank.v1.PullKV\x1a\x19.distserve.rank.v1.Pulled\x12R\n\x08\x44\x65scribe\x12\".distserve.rank.v1.DescribeRequest\x1a\".distserve.rank.v1.RankDescriptionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#distserve_protos/rank/v1/rank.proto\x12\x11\x64istserve.rank.v1\"/\n\x06Prompt\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"]\n\x0cPrefillBatch\x12*\n\x07prompts\x18\x01 \x03(\x0b\x32\x19.distserve.rank.v1.Prompt\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x14\n\x0chidden_shape\x18\x03 \x03(\x03\"<\n\x07\x42\x61tchOp\x12\x14\n\nremove_row\x18\x01 \x01(\x05H\x00\x12\x15\n\x0b\x61\x64\x64_request\x18\x02 \x01(\tH\x00\x42\x04\n\x02op\"\x8e\x01\n\nDecodeStep\x12\'\n\x03ops\x18\x01 \x03(\x0b\x32\x1a.distserve.rank.v1.BatchOp\x12\x13\n\x0blast_tokens\x18\x02 \x03(\x05\x12\x11\n\tnew_batch\x18\x03 \x01(\x08\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x0c\n\x04lane\x18\x05 \x01(\r\x12\x14\n\x0chidden_shape\x18\x06 \x03(\x03\"i\n\x08KVSource\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x12\n\nhead_start\x18\x02 \x01(\x05\x12\x10\n\x08head_end\x18\x03 \x01(\x05\x12\x13\n\x0blayer_start\x18\x04 \x01(\x05\x12\x11\n\tlayer_end\x18\x05 \x01(\x05\"^\n\x06PullKV\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12,\n\x07sources\x18\x03 \x03(\x0b\x32\x1b.distserve.rank.v1.KVSource\"(\n\x06Pulled\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\x05\n\x03\x41\x63k\"\x11\n\x0f\x44\x65scribeRequest\"\x9c\x01\n\x0fRankDescription\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\x04\x12\x1a\n\x12kv_capacity_tokens\x18\x04 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x15\n\rkv_head_start\x18\x06 \x01(\x05\x12\x13\n\x0bkv_head_end\x18\x07 \x01(\x05\x32\xa2\x02\n\x0bRankService\x12\x42\n\x07Prefill\x12\x1f.distserve.rank.v1.PrefillBatch\x1a\x16.distserve.rank.v1.Ack\x12=\n\x04Step\x12\x1d.distserve.rank.v1.DecodeStep\x1a\x16.distserve.rank.v1.Ack\x12<\n\x04Pull\x12\x19.distserve.rank.v1.PullKV\x1a\x19.distserve.rank.v1.Pulled\x12R\n\x08\x44\x65scribe\x12\".distserve.rank.v1.DescribeRequest\x1a\".distserve.rank.v1.RankDescriptionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROMPT']._serialized_start=58
   _globals['_PROMPT']._serialized_end=105
   _globals['_PREFILLBATCH']._serialized_start=107
-  _globals['_PREFILLBATCH']._serialized_end=165
-  _globals['_BATCHOP']._serialized_start=167
-  _globals['_BATCHOP']._serialized_end=227
-  _globals['_DECODESTEP']._serialized_start=229
-  _globals['_DECODESTEP']._serialized_end=322
-  _globals['_KVSOURCE']._serialized_start=324
-  _globals['_KVSOURCE']._serialized_end=389
-  _globals['_PULLKV']._serialized_start=391
-  _globals['_PULLKV']._serialized_end=485
-  _globals['_PULLED']._serialized_start=487
-  _globals['_PULLED']._serialized_end=527
-  _globals['_ACK']._serialized_start=529
-  _globals['_ACK']._serialized_end=534
-  _globals['_DESCRIBEREQUEST']._serialized_start=536
-  _globals['_DESCRIBEREQUEST']._serialized_end=553
-  _globals['_RANKDESCRIPTION']._serialized_start=556
-  _globals['_RANKDESCRIPTION']._serialized_end=712
-  _globals['_RANKSERVICE']._serialized_start=715
-  _globals['_RANKSERVICE']._serialized_end=1005
+  _globals['_PREFILLBATCH']._serialized_end=200
+  _globals['_BATCHOP']._serialized_start=202
+  _globals['_BATCHOP']._serialized_end=262
+  _globals['_DECODESTEP']._serialized_start=265
+  _globals['_DECODESTEP']._serialized_end=407
+  _globals['_KVSOURCE']._serialized_start=409
+  _globals['_KVSOURCE']._serialized_end=514
+  _globals['_PULLKV']._serialized_start=516
+  _globals['_PULLKV']._serialized_end=610
+  _globals['_PULLED']._serialized_start=612
+  _globals['_PULLED']._serialized_end=652
+  _globals['_ACK']._serialized_start=654
+  _globals['_ACK']._serialized_end=659
+  _globals['_DESCRIBEREQUEST']._serialized_start=661
+  _globals['_DESCRIBEREQUEST']._serialized_end=678
+  _globals['_RANKDESCRIPTION']._serialized_start=681
+  _globals['_RANKDESCRIPTION']._serialized_end=837
+  _globals['_RANKSERVICE']._serialized_start=840
+  _globals['_RANKSERVICE']._serialized_end=1130
 # @@protoc_insertion_point(module_scope)

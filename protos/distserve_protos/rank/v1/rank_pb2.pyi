@@ -15,10 +15,14 @@ class Prompt(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PrefillBatch(_message.Message):
-    __slots__ = ("prompts",)
+    __slots__ = ("prompts", "seq", "hidden_shape")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SHAPE_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedCompositeFieldContainer[Prompt]
-    def __init__(self, prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ...) -> None: ...
+    seq: int
+    hidden_shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., seq: _Optional[int] = ..., hidden_shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class BatchOp(_message.Message):
     __slots__ = ("remove_row", "add_request")
@@ -29,24 +33,34 @@ class BatchOp(_message.Message):
     def __init__(self, remove_row: _Optional[int] = ..., add_request: _Optional[str] = ...) -> None: ...
 
 class DecodeStep(_message.Message):
-    __slots__ = ("ops", "last_tokens", "new_batch")
+    __slots__ = ("ops", "last_tokens", "new_batch", "seq", "lane", "hidden_shape")
     OPS_FIELD_NUMBER: _ClassVar[int]
     LAST_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NEW_BATCH_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    LANE_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SHAPE_FIELD_NUMBER: _ClassVar[int]
     ops: _containers.RepeatedCompositeFieldContainer[BatchOp]
     last_tokens: _containers.RepeatedScalarFieldContainer[int]
     new_batch: bool
-    def __init__(self, ops: _Optional[_Iterable[_Union[BatchOp, _Mapping]]] = ..., last_tokens: _Optional[_Iterable[int]] = ..., new_batch: _Optional[bool] = ...) -> None: ...
+    seq: int
+    lane: int
+    hidden_shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ops: _Optional[_Iterable[_Union[BatchOp, _Mapping]]] = ..., last_tokens: _Optional[_Iterable[int]] = ..., new_batch: _Optional[bool] = ..., seq: _Optional[int] = ..., lane: _Optional[int] = ..., hidden_shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KVSource(_message.Message):
-    __slots__ = ("address", "head_start", "head_end")
+    __slots__ = ("address", "head_start", "head_end", "layer_start", "layer_end")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HEAD_START_FIELD_NUMBER: _ClassVar[int]
     HEAD_END_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
     address: str
     head_start: int
     head_end: int
-    def __init__(self, address: _Optional[str] = ..., head_start: _Optional[int] = ..., head_end: _Optional[int] = ...) -> None: ...
+    layer_start: int
+    layer_end: int
+    def __init__(self, address: _Optional[str] = ..., head_start: _Optional[int] = ..., head_end: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
 
 class PullKV(_message.Message):
     __slots__ = ("request_id", "num_tokens", "sources")
