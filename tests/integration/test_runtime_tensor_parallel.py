@@ -157,96 +157,26 @@ async def test_a_killed_rank_fails_its_instances_requests_and_the_others_keep_se
         assert proc.alive()  # reporting not ready, not crashed: the kubelet restarts the pod (/healthz)
 
 
-SMOLLM2_PINNED = """apiVersion: distserve.io/v1alpha1
-kind: DistServeDeployment
-metadata: {name: smollm2-tp}
-spec:
-  model:
-    name: HuggingFaceTB/SmolLM2-135M-Instruct
-    source: {kind: Embedded}
-    dtype: float32
-  slo: {ttftMillis: 5000, tpotMillis: 1000, attainmentPercent: 90}
-  workload:
-    requestsPerSecond: "1"
-    inputTokens: {mean: 64, p90: 128}
-    outputTokens: {mean: 32}
-  cluster:
-    gpu: {type: CPU}
-    gpusPerNode: 4
-    nodes: 1
-  placement: {affinity: High}
-  autoscaling: {mode: "Off"}
-  planner:
-    pin: {prefill: {tp: 1, pp: 1, replicas: 1}, decode: {tp: 3, pp: 1, replicas: 1}}
-"""
-
-
 @pytest.mark.slow
 async def test_smollm2_at_decode_tp3_through_distserve_up_matches_the_reference(tmp_path):
     """The real model (9 heads, 3 KV heads) pinned to decode TP3: `distserve up` runs the pinned
     plan from its plan file and greedy output is token-identical to one process."""
-    import subprocess
-    import sys
-
     from distserve_worker.local.stack import free_port
-    from distserve_worker.model_source import eos_token_ids, load_model
+    from distserve_worker.testing.up import distserve_up, greedy_through, smollm2_manifest, smollm2_reference
 
-    model, tokenizer = load_model(ModelSpec())  # also converts the GGUF once, for the workers
-    questions = ["Hi", "What is the capital of France?", "Name three colors, separated by commas."]
-    ps = [
-        list(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=True
-            )["input_ids"]
-        )
-        for q in questions
-    ]
-    reference = [reference_greedy(model, p, 16, eos_token_ids(model, tokenizer)) for p in ps]
-    manifest, port = tmp_path / "smollm2.yaml", free_port()
-    manifest.write_text(SMOLLM2_PINNED)
-    argv = [sys.executable, "-m", "distserve_operator.cli", "up", "-f", str(manifest), "--port", str(port)]
-    argv += ["--log-dir", str(tmp_path / "logs"), "--threads", "1"]
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        for line in proc.stdout:  # its own progress, until the stack is up
-            if "is serving" in line:
-                break
-        assert proc.poll() is None
-        url = f"http://127.0.0.1:{port}/v1/completions"
-        name = "HuggingFaceTB/SmolLM2-135M-Instruct"
-        async with aiohttp.ClientSession() as session:
-            results = [
-                await complete(
-                    session,
-                    url,
-                    {
-                        "model": name,
-                        "prompt": p,
-                        "max_tokens": 16,
-                        "temperature": 0,
-                        "return_token_ids": True,
-                    },
-                    timeout=120,
-                )
-                for p in ps
-            ]
-            async with session.get(f"http://127.0.0.1:{port}/v1/distserve/instances") as r:
-                listed = (await r.json())["instances"]
-        assert [r.token_ids for r in results] == reference
-        decode = next(i for i in listed if i["role"] == "decode")
-        assert decode["tp"] == 3 and [
-            (k["kv_heads"]["start"], k["kv_heads"]["end"]) for k in decode["ranks"]
-        ] == [(0, 1), (1, 2), (2, 3)]
-        # Each rank holds a third of the weights (embeddings and LM head split by vocabulary too).
-        assert all(k["parameters"] < model.num_parameters() * 0.34 for k in decode["ranks"])
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    model, ps, reference = smollm2_reference(16)
+    manifest = tmp_path / "smollm2.yaml"
+    pin = "{prefill: {tp: 1, pp: 1, replicas: 1}, decode: {tp: 3, pp: 1, replicas: 1}}"
+    manifest.write_text(smollm2_manifest("smollm2-tp", pin))
+    with distserve_up(manifest, free_port(), tmp_path / "logs") as base:
+        tokens, listed = await greedy_through(base, ps, 16)
+    assert tokens == reference
+    decode = next(i for i in listed if i["role"] == "decode")
+    assert decode["tp"] == 3 and [
+        (k["kv_heads"]["start"], k["kv_heads"]["end"]) for k in decode["ranks"]
+    ] == [(0, 1), (1, 2), (2, 3)]
+    # Each rank holds a third of the weights (embeddings and LM head split by vocabulary too).
+    assert all(k["parameters"] < model.num_parameters() * 0.34 for k in decode["ranks"])
 
 
 async def test_a_killed_prefill_rank_takes_its_instance_out_and_requests_still_succeed(tiny_path):

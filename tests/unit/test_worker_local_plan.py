@@ -126,10 +126,22 @@ def test_limits_come_from_the_plan_or_default(tiny_llama):
     assert build_contract(planned, 1, 1).limits == mine
 
 
-def test_a_plan_with_pipeline_stages_is_refused_naming_the_pin(tiny_llama):
-    with pytest.raises(PlanNotRunnable, match=r"spec\.planner\.pin") as err:
-        build_contract(local_plan(tiny_llama, decode=(1, 2, 1)), 1, 1)
-    assert "decode as TP1xPP2" in str(err.value) and "pp: 1" in str(err.value)
+def test_a_plan_with_pipeline_stages_runs_one_process_per_stage(tmp_path, tiny_llama):
+    contract = build_contract(local_plan(tiny_llama, prefill=(1, 2, 1), decode=(1, 2, 1)), 1, 1)
+    assert [(s.layers.start, s.layers.end) for s in contract.decode.stages] == [(0, 1), (1, 2)]
+    stack = LocalStack(StackConfig(ModelSpec(), plan_file=write_plan(contract, tmp_path), log_dir=tmp_path))
+    names = [p.name for p in stack.procs]
+    assert names == ["prefill-0", "prefill-0-s1", "decode-0", "decode-0-s1", "router"]
+    for role in ("prefill", "decode"):
+        first, second = stack.proc(f"{role}-0"), stack.proc(f"{role}-0-s1")
+        chain = first.args[first.args.index("--stage-addresses") + 1].split(",")
+        assert second.args[second.args.index("--stage-addresses") + 1].split(",") == chain
+        assert (
+            first.args[first.args.index("--stage") + 1],
+            second.args[second.args.index("--stage") + 1],
+        ) == ("0", "1")
+        # The router calls stage 0 only.
+        assert (stack.prefill_addresses if role == "prefill" else stack.decode_addresses) == [chain[0]]
 
 
 def test_a_tp_that_does_not_divide_the_heads_is_refused(tiny_llama):
@@ -142,7 +154,10 @@ def test_up_stops_with_the_reason_when_the_plan_cannot_run(tmp_path, tiny_llama,
     args = argparse.Namespace(file="x.yaml", port=0, max_replicas=1, threads=1, log_dir=str(tmp_path))
     assert cli_up.run(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("distserve up: the plan runs prefill as TP1xPP4") and "spec.planner.pin" in err
+    assert err.startswith(
+        "distserve up: the plan cannot run on tiny-llama: pp 4 is more than the model's 2 layers"
+    )
+    assert "spec.planner.pin" in err
 
 
 def test_stack_config_from_a_plan_file(tmp_path, tiny_llama):

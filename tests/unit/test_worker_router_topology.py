@@ -90,7 +90,48 @@ def test_a_tensor_parallel_instance_lists_its_ranks():
             }
             for r in (0, 1)
         ],
+        "stages": [],
     }
+
+
+def pp2_status(ready: bool = True, broken: str = "") -> gen.WorkerStatus:
+    def stage(s: int, start: int, end: int) -> gen.StageInfo:
+        rank = gen.RankInfo(rank=0, device="cpu", ready=ready, address=f"10.0.0.{s + 1}:50051")
+        return gen.StageInfo(
+            stage=s, layer_start=start, layer_end=end, address=rank.address, ready=ready, ranks=[rank]
+        )
+
+    return gen.WorkerStatus(
+        role="decode",
+        ready=ready,
+        broken=broken,
+        tp=1,
+        pp=2,
+        stage=0,
+        layer_start=0,
+        layer_end=19,
+        address="10.0.0.1:50051",
+        ranks=[gen.RankInfo(rank=0, device="cpu", ready=True, address="10.0.0.1:50051")],
+        stages=[stage(1, 19, 30), stage(0, 0, 19)],  # out of order on purpose: listed by stage
+    )
+
+
+def test_a_pipelined_instance_lists_its_stages_covering_the_model_once():
+    inst = Instance("10.0.0.1:50051")
+    apply_status(inst, pp2_status())
+    doc = instance_json("decode", inst)
+    assert doc["ready"] and doc["pp"] == 2 and doc["layers"] == {"start": 0, "end": 30}
+    assert [(s["stage"], s["layers"]["start"], s["layers"]["end"]) for s in doc["stages"]] == [
+        (0, 0, 19),
+        (1, 19, 30),
+    ]
+    assert [s["ranks"][0]["address"] for s in doc["stages"]] == ["10.0.0.1:50051", "10.0.0.2:50051"]
+
+
+def test_a_broken_stage_chain_takes_its_instance_out_with_the_reason():
+    inst = Instance("10.0.0.1:50051")
+    apply_status(inst, pp2_status(ready=False, broken="pipeline stage 1 at 10.0.0.2:50051 is unreachable"))
+    assert not inst.routable and inst.error == "not ready: pipeline stage 1 at 10.0.0.2:50051 is unreachable"
 
 
 def test_a_dead_rank_takes_its_instance_out_of_rotation_and_back_when_it_recovers():

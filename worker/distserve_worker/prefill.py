@@ -138,7 +138,12 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
             self.batcher.add(rid, len(prompt))
             self._update_queue()
             self.wake.set()
-            out, first = await pending.done
+            try:
+                out, first = await pending.done
+            except (RankGroupBroken, StageChainBroken) as exc:
+                # The instance broke under it: UNAVAILABLE, so the router retries it elsewhere.
+                self.metrics.request("error")
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             started_forward = pending.started or arrived
             if first is None:
                 assert out.last_logits is not None

@@ -116,6 +116,10 @@ def build_contract(plan: LocalPlan, prefill: int, decode: int) -> Any:
             f"the plan cannot run on {plan.model.name}: {first_error(exc)}; "
             "pin a parallelism that fits with spec.planner.pin"
         ) from exc
+    except ValueError as exc:  # e.g. more stages than the model has layers
+        raise PlanNotRunnable(
+            f"the plan cannot run on {plan.model.name}: {exc}; pin a parallelism that fits with spec.planner.pin"
+        ) from exc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
