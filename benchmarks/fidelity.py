@@ -30,6 +30,7 @@ from fidelity_model import ModelSide, Predicted, goodput, interpolated_goodput
 from fidelity_stack import measure_rates
 
 from distserve_operator import api
+from distserve_operator.planner import architecture
 from distserve_operator.planner import simulator as sim
 from distserve_operator.planner.workload import Lengths, generate
 from distserve_worker.local.stack import StackConfig
@@ -89,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rates", help="comma-separated req/s (default: 0.5x, 1x, 1.5x predicted goodput)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
+        "--decode-pp",
+        type=int,
+        default=1,
+        help="decode pipeline stages (one process each, the planner's split) against the planner's PP pricing",
+    )
+    parser.add_argument(
         "--bisections", type=int, default=3, help="extra rates measured to narrow down the goodput"
     )
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/fidelity.json"))
@@ -108,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         args.requests, args.seed, Lengths.from_spec(w.input_tokens), Lengths.from_spec(w.output_tokens)
     )
     inputs, outputs = list(reqs.inputs), list(reqs.outputs)
-    model = ModelSide.load(args.profile, spec)
+    model = ModelSide.load(args.profile, spec, decode_pp=args.decode_pp, requests=reqs)
 
     def predict(rate: float) -> Predicted:
         return model.disaggregated(1, 1, reqs.arrivals(rate), inputs, outputs)
@@ -137,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         decode_args=model.engine.decode_args(),
         slo_millis=(spec.slo.ttft_millis, spec.slo.tpot_millis),
     )
+    if args.decode_pp > 1:  # stages run through a runtime contract, as `distserve up` runs them
+        config = pipeline_config(spec, model, args.decode_pp)
     started = time.perf_counter()
     rows = []
     lone_shape = (round(reqs.mean_input), round(reqs.mean_output))
@@ -204,7 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         "slo": {"ttftMillis": ttft_slo, "tpotMillis": tpot_slo, "attainmentPercent": 100 * target},
         "requestsPerRate": args.requests,
         "seed": args.seed,
-        "configuration": "1 prefill + 1 decode process, 1 torch thread each, router on loopback",
+        "configuration": (
+            "1 prefill + 1 decode process, 1 torch thread each, router on loopback"
+            if args.decode_pp == 1
+            else f"1 prefill process + 1 decode instance of {args.decode_pp} stage processes (layers "
+            f"{'+'.join(map(str, model.decode_split))}), 1 torch thread each, router on loopback"
+        ),
         "engine": model.engine.describe(),
         # One request alone on the idle stack: what the environment (CPU share, router, client)
         # costs before any queueing, against the profile's prediction for the same request.
@@ -228,6 +242,34 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
     return 0
+
+
+def pipeline_config(spec: api.DistServeDeploymentSpec, model: ModelSide, pp: int) -> StackConfig:
+    """One prefill process and one decode instance of `pp` stage processes, from a contract with
+    the engine limits the simulation uses and the split it priced."""
+    import tempfile
+
+    from distserve_worker.testing.plans import write_contract
+
+    arch = architecture.resolve(spec.model)
+    limits = api.EngineLimits(
+        prefill_token_budget=model.engine.token_budget,
+        decode_max_batch=model.engine.max_batch,
+        decode_kv_tokens=model.engine.kv_tokens,
+    )
+    plan = write_contract(
+        Path(tempfile.mkdtemp(prefix="fidelity-pp-")),
+        ModelSpec.from_api(spec.model),
+        arch.layers,
+        arch.heads,
+        arch.kv_heads,
+        decode=(1, pp),
+        decode_split=list(model.decode_split),
+        limits=limits,
+    )
+    return StackConfig.from_plan_file(
+        plan, threads=1, slo_millis=(spec.slo.ttft_millis, spec.slo.tpot_millis)
+    )
 
 
 def table(result: dict[str, object]) -> str:

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distserve_operator import api
-from distserve_operator.planner import architecture, hardware, profiles
+from distserve_operator.planner import architecture, hardware, profiles, search
 from distserve_operator.planner import simulator as sim
-from distserve_operator.planner.latency import InstanceTiming, kv_transfer_ms
+from distserve_operator.planner.latency import InstanceTiming, kv_transfer_ms, stage_hop
+from distserve_operator.planner.workload import Requests
 
 
 @dataclass(frozen=True)
@@ -55,25 +56,50 @@ class ModelSide:
     timing: InstanceTiming
     transfer_ms: Callable[[int], float]
     engine: Engine = Engine()
+    # Decode with pipeline stages: the planner's timing for them (`timing` otherwise), and its split.
+    decode_timing: InstanceTiming | None = None
+    decode_split: tuple[int, ...] = ()
 
     @staticmethod
     def load(
-        profile_path: str | Path, spec: api.DistServeDeploymentSpec, engine: Engine = Engine()
+        profile_path: str | Path,
+        spec: api.DistServeDeploymentSpec,
+        engine: Engine = Engine(),
+        decode_pp: int = 1,
+        requests: Requests | None = None,
     ) -> ModelSide:
+        """With `decode_pp` > 1, decode as the planner prices PP stages on one node: its hop (the
+        intra-node link, `stage_hop`) and its cost-balanced split for these `requests` at the
+        engine's batch limit (`search.decode_stages`), the split the stack then runs."""
         profile = profiles.load(profile_path, spec.model.name)
-        timing = profiles.latency_model(profile).instance(1, 1, 0.0)
+        latency = profiles.latency_model(profile)
+        timing = latency.instance(1, 1)
         if timing is None:
             raise ValueError(f"{profile_path} has no TP1xPP1 entry")
         arch = architecture.resolve(spec.model)
         links = hardware.Links.from_spec(spec.cluster.interconnect)
-        return ModelSide(timing, lambda tokens: kv_transfer_ms(arch, tokens, links.intra_node, 1), engine)
+        decode_timing, split = None, ()
+        if decode_pp > 1:
+            assert requests is not None, "the split is balanced for the workload's requests"
+            stages = search.decode_stages(arch, requests, decode_pp, engine.max_batch)
+            assert stages is not None
+            piped = latency.instance(1, decode_pp, *stage_hop(arch, links.intra_node))
+            assert piped is not None
+            decode_timing, split = search.with_stages(piped, decode=stages), stages.layers
+        return ModelSide(
+            timing,
+            lambda tokens: kv_transfer_ms(arch, tokens, links.intra_node, 1),
+            engine,
+            decode_timing,
+            split,
+        )
 
     def disaggregated(
         self, prefill: int, decode: int, arrivals_s: list[float], inputs: list[int], outputs: list[int]
     ) -> Predicted:
         out = sim.simulate_disaggregated(
             [self.timing] * prefill,
-            [self.timing] * decode,
+            [self.decode_timing or self.timing] * decode,
             self.engine.kv_tokens,
             self.transfer_ms,
             [a * 1e3 for a in arrivals_s],

@@ -204,13 +204,13 @@ async def test_up_runs_a_pinned_tensor_parallel_plan_through_its_plan_file(tmp_p
     assert any("stopped." in line for line in output), "".join(output[-20:])
 
 
-def test_up_refuses_a_plan_with_pipeline_stages_and_names_the_pin(tmp_path):
+def test_up_refuses_more_pipeline_stages_than_the_model_has_layers_and_names_the_pin(tmp_path):
     from distserve_worker.testing.tiny import save_tiny_model
 
-    model_dir = save_tiny_model("llama", tmp_path / "model")
-    pin = "{prefill: {tp: 1, pp: 1, replicas: 1}, decode: {tp: 1, pp: 2, replicas: 1}}"
+    model_dir = save_tiny_model("llama", tmp_path / "model")  # 2 layers
+    pin = "{prefill: {tp: 1, pp: 1, replicas: 1}, decode: {tp: 1, pp: 4, replicas: 1}}"
     proc = up(tiny_manifest(tmp_path, model_dir, pin), free_port(), tmp_path / "logs")
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2, out
-    assert "decode as TP1xPP2" in out and "spec.planner.pin" in out
+    assert "PP4" in out and "2 layers" in out and "spec.planner.pin" in out, out
     assert not list((tmp_path / "logs").glob("*.log"))  # nothing was started

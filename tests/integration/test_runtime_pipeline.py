@@ -32,6 +32,7 @@ LAYERS = 4  # a 4-layer tiny Llama: stages of 1 to 3 layers
 MAX_TOKENS = 12
 
 # name: (prefill (tp, pp), decode (tp, pp), prefill split, decode split)
+# Equal even splits run in the fault tests below, prefill PP2 + decode PP1 there and on SmolLM2.
 SHAPES = {
     "pp2-pp2": ((1, 2), (1, 2), None, None),
     # Different splits: decode stage 0 pulls layer 0 from prefill stage 0 and layers 1-2 from stage 1.
@@ -39,6 +40,8 @@ SHAPES = {
     "pp2-pp1": ((1, 2), (1, 1), None, None),
     "pp1-pp2": ((1, 1), (1, 2), None, None),
     "pp2xtp2-both": ((2, 2), (2, 2), None, None),
+    # Both reshardings at once: heads (prefill TP2 -> decode TP1) and layers (different splits).
+    "pp2xtp2-to-pp2xtp1-uneven": ((2, 2), (1, 2), [1, 3], [3, 1]),
 }
 
 
@@ -95,7 +98,7 @@ def stack_config(tiny_path, tmp_path, shape: str, replicas=(1, 1)) -> StackConfi
     return StackConfig.from_plan_file(plan, threads=1, log_dir=tmp_path)
 
 
-@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("shape", sorted(set(SHAPES) - {"pp2-pp2", "pp2-pp1"}))
 async def test_greedy_output_matches_the_reference_across_stage_shapes(tiny_path, tmp_path, shape):
     ps = prompts()
     model = tiny_model("llama", layers=LAYERS)

@@ -76,3 +76,13 @@ def test_instances_that_are_not_ready_are_never_picked():
     assert pick_decode([loading, serving]) is serving
     assert pick_prefill([loading]) is None and pick_decode([loading]) is None
     assert not Instance("c", healthy=False, ready=True).routable
+
+
+def test_decode_in_the_prefills_own_pod_comes_first_while_it_has_room():
+    """SharedPod: prefill and decode of instance k share pod k's IP; the pull then stays inside it."""
+    beside = Instance("10.0.0.7:50052", healthy=True, free_slots=4, running=3)
+    elsewhere = Instance("10.0.0.8:50052", healthy=True, free_slots=4, running=0)
+    assert pick_decode([elsewhere, beside], near="10.0.0.7:50051") is beside
+    assert pick_decode([elsewhere, beside]) is elsewhere  # no hint: the least loaded
+    beside.free_slots = 0  # full: the pod's own decode is not worth a queue
+    assert pick_decode([elsewhere, beside], near="10.0.0.7:50051") is elsewhere

@@ -99,7 +99,10 @@ def stage_span(model: Any) -> StageSpan:
     span = getattr(model, "distserve_stage", None)
     if span is not None:
         return span
-    total = len(model.model.layers) if hasattr(getattr(model, "model", None), "layers") else 0
+    from distserve_worker.contract import model_shape
+
+    config = getattr(model, "config", None)  # any family (OPT and GPT-2 keep their layers elsewhere)
+    total = model_shape(config)[0] if config is not None else 0  # 0: a wrapper that says nothing
     return StageSpan(0, total, total)
 
 

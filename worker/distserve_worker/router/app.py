@@ -230,7 +230,9 @@ class Router:
         )
         tried: set[str] = set()
         while True:
-            inst = pick_decode([i for i in self.decode.instances.values() if i.address not in tried])
+            inst = pick_decode(
+                [i for i in self.decode.instances.values() if i.address not in tried], near=first.kv_address
+            )
             if inst is None:
                 raise WorkerError("no decode instance is available")
             tried.add(inst.address)

@@ -8,8 +8,9 @@ keep serving). An older worker that reports no topology (`tp == 0`) counts as re
 Load is what this router has in flight on an instance or what the instance last reported
 (queued + running), whichever is larger: the first is exact for this router, the second also
 counts other routers' requests. Prefill: the least-loaded routable instance. Decode: among routable
-instances with a free slot, the least loaded; when none has room, the least loaded anyway (it
-queues the request and pulls its KV cache later, so the prefill buffer stays the queue).
+instances with a free slot, the least loaded, one in the prefill's own pod first (SharedPod); when
+none has room, the least loaded anyway (it queues the request and pulls its KV cache later, so the
+prefill buffer stays the queue).
 """
 
 from __future__ import annotations
@@ -74,8 +75,18 @@ def pick_prefill(instances: list[Instance]) -> Instance | None:
     return min(routable, key=lambda i: (i.load, i.address)) if routable else None
 
 
-def pick_decode(instances: list[Instance]) -> Instance | None:
+def host(address: str) -> str:
+    return address.rsplit(":", 1)[0]
+
+
+def pick_decode(instances: list[Instance], near: str = "") -> Instance | None:
+    """`near`: the address the request's KV cache is pulled from (its prefill instance). A decode
+    instance with room on that same host comes first: with `stageLayout: SharedPod` prefill and
+    decode stage s of an instance share a pod (one IP), and the pull then never leaves it."""
     routable = [i for i in instances if i.routable]
     with_room = [i for i in routable if i.free_slots - i.inflight > 0 or i.load < i.free_slots]
+    if near:
+        beside = [i for i in with_room if host(i.address) == host(near)]
+        with_room = beside or with_room
     pool = with_room or routable
     return min(pool, key=lambda i: (i.load, i.address)) if pool else None

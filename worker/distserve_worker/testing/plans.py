@@ -20,9 +20,11 @@ def write_contract(
     decode_split: list[int] | None = None,
     replicas: tuple[int, int] = (1, 1),
     decode_max_batch: int = 32,
+    limits: object | None = None,
 ) -> Path:
     """A contract running prefill as TP x PP `prefill` and decode as `decode` (splits: layers per
-    stage, even without); returns the plan file's path."""
+    stage, even without; `limits`: an `api.EngineLimits`, else the defaults with
+    `decode_max_batch`); returns the plan file's path."""
     from distserve_operator import api
     from distserve_worker.local.stack import write_plan
 
@@ -37,6 +39,6 @@ def write_contract(
         shape=api.ModelShape(layers=layers, heads=heads, kv_heads=kv_heads),
         prefill=phase("prefill", *prefill, replicas[0], prefill_split),
         decode=phase("decode", *decode, replicas[1], decode_split),
-        limits=api.EngineLimits(decode_max_batch=decode_max_batch),
+        limits=limits or api.EngineLimits(decode_max_batch=decode_max_batch),
     )
     return write_plan(contract, directory)
