@@ -83,7 +83,9 @@ class ModelSide:
             assert requests is not None, "the split is balanced for the workload's requests"
             stages = search.decode_stages(arch, requests, decode_pp, engine.max_batch)
             assert stages is not None
-            piped = latency.instance(1, decode_pp, *stage_hop(arch, links.intra_node))
+            piped = latency.instance(
+                1, decode_pp, *stage_hop(arch, links.intra_node, hardware.from_gpu_spec(spec.cluster.gpu))
+            )
             assert piped is not None
             decode_timing, split = search.with_stages(piped, decode=stages), stages.layers
         return ModelSide(

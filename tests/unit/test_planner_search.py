@@ -108,20 +108,22 @@ def test_low_affinity_keeps_stage_segments_on_a_node() -> None:
     doc = yaml.safe_load((EXAMPLES / "opt-66b-a100-4x8-low.yaml").read_text())
     # At the example's 3 GB/s a stage hop of a 2,048-token prefill batch (38 MB) costs ~13 ms, and
     # the pipelines' gain over one-node TP4 falls within the 5% the search calls a tie (the smaller
-    # plan wins); at 10 GB/s the pipelines still pay for crossing nodes.
-    doc["spec"]["cluster"]["interconnect"]["interNodeGBps"] = 10
+    # plan wins). On nodes of 4 GPUs linked at 25 GB/s (200 Gb/s InfiniBand), pipelines across
+    # nodes pay: the layout under test.
+    doc["spec"]["cluster"]["interconnect"]["interNodeGBps"] = 25
+    doc["spec"]["cluster"]["gpusPerNode"], doc["spec"]["cluster"]["nodes"] = 4, 8
     report = plan_deployment(api.parse_resource(doc))
     p = report.plan
     assert p.affinity is api.PlacementAffinity.LOW and p.feasible
     assert p.prefill.pp == p.decode.pp == p.node_span and p.node_span > 1
     # Some number of node groups, each `nodeSpan` nodes, where every node holds the same stage of
-    # n_p prefill and n_d decode pipelines, and that fits in 8 GPUs.
+    # n_p prefill and n_d decode pipelines, and that fits in 4 GPUs.
     per_stage = p.prefill.tp * p.prefill.replicas + p.decode.tp * p.decode.replicas
     assert p.gpus == per_stage * p.node_span <= 32
     layouts = [
         u
-        for u in range(1, 4 // p.node_span + 1)
-        if p.prefill.replicas % u == 0 and p.decode.replicas % u == 0 and per_stage // u <= 8
+        for u in range(1, 8 // p.node_span + 1)
+        if p.prefill.replicas % u == 0 and p.decode.replicas % u == 0 and per_stage // u <= 4
     ]
     assert layouts, p.summary
 

@@ -179,7 +179,9 @@ def _pin(prefill_pp: int, decode_pp: int) -> dict[str, Any]:
 
 def test_searched_pipelines_carry_their_split() -> None:
     doc = yaml.safe_load((EXAMPLES / "opt-66b-a100-4x8-low.yaml").read_text())
-    doc["spec"]["cluster"]["interconnect"]["interNodeGBps"] = 10  # pipelines across nodes pay here
+    # Nodes of 4 GPUs at 25 GB/s: pipelines across nodes pay here.
+    doc["spec"]["cluster"]["interconnect"]["interNodeGBps"] = 25
+    doc["spec"]["cluster"]["gpusPerNode"], doc["spec"]["cluster"]["nodes"] = 4, 8
     p = plan_deployment(api.parse_resource(doc)).plan
     assert p.prefill.pp > 1 and p.decode.pp > 1
     for phase in (p.prefill, p.decode):

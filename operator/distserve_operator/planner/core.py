@@ -221,8 +221,8 @@ def simulate_plan(
     else:
         p_bw = stage_link(links, inp.cluster, p.prefill.gpus)
         d_bw = stage_link(links, inp.cluster, p.decode.gpus)
-    pt = inp.latency.instance(p.prefill.tp, p.prefill.pp, *stage_hop(inp.architecture, p_bw))
-    dt = inp.latency.instance(p.decode.tp, p.decode.pp, *stage_hop(inp.architecture, d_bw))
+    pt = inp.latency.instance(p.prefill.tp, p.prefill.pp, *stage_hop(inp.architecture, p_bw, inp.device))
+    dt = inp.latency.instance(p.decode.tp, p.decode.pp, *stage_hop(inp.architecture, d_bw, inp.device))
     assert pt is not None and dt is not None  # the search only keeps configurations the model has
     # Paced by the splits the plan deploys (the search found them for these instances).
     pt, dt = with_stages(pt, prefill=p.prefill.split), with_stages(dt, decode=p.decode.split)
@@ -291,7 +291,7 @@ def simulate_configuration(
 
     def instance(c: PhaseChoice, model: LatencyModel) -> tuple[InstanceTiming, Fit]:
         fit = check_fit(arch, inp.device, c.tp, c.pp, longest)
-        timing = model.instance(c.tp, c.pp, *stage_hop(arch, links.intra_node))
+        timing = model.instance(c.tp, c.pp, *stage_hop(arch, links.intra_node, inp.device))
         if not fit.ok or timing is None:
             raise ValueError(f"TP{c.tp}xPP{c.pp} cannot run: {fit.reason or model.missing_reason}")
         return timing, fit

@@ -28,6 +28,11 @@ class DeviceSpec:
     memory_utilization: float = 0.92
     # Sequences per decode step unless spec.engine.decodeMaxBatch says otherwise (api.limits: why).
     decode_max_batch: int = api.GPU_DECODE_MAX_BATCH
+    # Fixed cost of one pipeline-stage boundary in our runtime, seconds: the gRPC hand-off of the
+    # hidden states (device to host and back) and the next stage's own per-forward fixed cost. CPU:
+    # measured (BENCHMARKS.md "Pipeline stages": (PP2 - PP1) / 2 at batch 1 on loopback). GPUs: not
+    # measured yet (no GPU run); the gRPC hop's share of the CPU figure.
+    stage_hop_s: float = 0.001
 
 
 BUILTIN: dict[api.GpuType, DeviceSpec] = {
@@ -48,6 +53,7 @@ BUILTIN: dict[api.GpuType, DeviceSpec] = {
         allreduce_latency_s=50e-6,
         memory_utilization=0.8,
         decode_max_batch=api.DEFAULT_DECODE_MAX_BATCH,
+        stage_hop_s=0.007,
     ),
 }
 

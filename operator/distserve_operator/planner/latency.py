@@ -221,10 +221,14 @@ def analytical(arch: ModelArchitecture, device: DeviceSpec, link_bytes_per_s: fl
     return LatencyModel(source, f"analytical ({device.name} roofline)")
 
 
-def stage_hop(arch: ModelArchitecture, link_bytes_per_s: float) -> tuple[float, float]:
-    """(fixed ms, ms per token) of one hand-off between stages: the send/receive cost, and one
-    token's hidden state (hidden x dtype bytes) over the link the stages sit on."""
-    return STAGE_HOP_MS, arch.hidden_size * arch.dtype_bytes / link_bytes_per_s * 1e3
+def stage_hop(
+    arch: ModelArchitecture, link_bytes_per_s: float, device: DeviceSpec | None = None
+) -> tuple[float, float]:
+    """(fixed ms, ms per token) of one hand-off between stages: the send/receive cost (the device's
+    `stage_hop_s`, which also carries the next stage's own per-forward cost; STAGE_HOP_MS without
+    one), and one token's hidden state (hidden x dtype bytes) over the link the stages sit on."""
+    fixed = device.stage_hop_s * 1e3 if device is not None else STAGE_HOP_MS
+    return fixed, arch.hidden_size * arch.dtype_bytes / link_bytes_per_s * 1e3
 
 
 def kv_transfer_ms(arch: ModelArchitecture, tokens: float, link_bytes_per_s: float, gpus: int) -> float:

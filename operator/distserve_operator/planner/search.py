@@ -158,7 +158,7 @@ def parallel_configs(
 
 def _timing(ctx: Context, tp: int, pp: int, stage_bw: float) -> InstanceTiming | None:
     """The instance's timing with its stages on links of `stage_bw` (an even split's shares)."""
-    return ctx.latency.instance(tp, pp, *stage_hop(ctx.arch, stage_bw))
+    return ctx.latency.instance(tp, pp, *stage_hop(ctx.arch, stage_bw, ctx.device))
 
 
 def prefill_stages(arch: ModelArchitecture, reqs: Requests, pp: int) -> stages.StageSplit | None:

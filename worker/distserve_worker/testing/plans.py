@@ -33,7 +33,11 @@ def write_contract(
 
     contract = api.RuntimeContract(
         model=api.ModelSpec.model_validate(
-            {"name": model.name, "source": {"kind": model.kind, "path": model.path}, "dtype": model.dtype}
+            {
+                "name": model.name,
+                "source": {"kind": model.kind} | ({"path": model.path} if model.path else {}),
+                "dtype": model.dtype,
+            }
         ),
         slo=api.Slo.model_validate({"ttftMillis": 10000, "tpotMillis": 10000}),
         shape=api.ModelShape(layers=layers, heads=heads, kv_heads=kv_heads),
