@@ -32,7 +32,7 @@ from distserve_worker.pp.chain import StageChain
 from distserve_worker.pp.pieces import SourceStage
 from distserve_worker.settings import DecodeSettings
 from distserve_worker.tp.group import RankGroup
-from distserve_worker.tp.topology import topology
+from distserve_worker.tp.topology import broken_reason, topology
 
 
 class DecodeWorker(gen_grpc.DecodeServiceServicer):
@@ -79,11 +79,7 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
     @property
     def broken(self) -> str | None:
         """Why the instance cannot serve (a dead rank, a broken stage chain), or None."""
-        if self.group is not None and self.group.broken:
-            return self.group.broken
-        if self.chain is not None and self.chain.broken:
-            return self.chain.broken
-        return None
+        return broken_reason(self.group, self.chain)
 
     def _broken(self, reason: str) -> None:
         """A rank died: every request here fails now, with the reason; new ones are refused."""

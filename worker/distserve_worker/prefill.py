@@ -37,7 +37,7 @@ from distserve_worker.pp.pieces import pieces_prepared
 from distserve_worker.settings import DecodeSettings, PrefillSettings
 from distserve_worker.tp.group import RankGroup, RankGroupBroken
 from distserve_worker.tp.heads import prepared_by, rank_heads
-from distserve_worker.tp.topology import topology
+from distserve_worker.tp.topology import broken_reason, topology
 
 
 @dataclass
@@ -189,11 +189,7 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
     @property
     def broken(self) -> str | None:
         """Why the instance cannot serve (a dead rank, a broken stage chain), or None."""
-        if self.group is not None and self.group.broken:
-            return self.group.broken
-        if self.chain is not None and self.chain.broken:
-            return self.chain.broken
-        return None
+        return broken_reason(self.group, self.chain)
 
     def kv_stages(self) -> list[gen.KVStage]:
         if self.chain is None:

@@ -43,25 +43,10 @@ async def pull_pieces(
     max_chunk_bytes: int,
     timeout: float,
 ) -> SequenceKV:
-    """Pull `pieces` (of the prefill ranks at `addresses`) concurrently; KVPullError if one fails."""
-
-    def expected(piece: Piece) -> Expected:
-        return Expected(
-            num_layers=layout.num_layers,
-            num_tokens=num_tokens,
-            kv_heads=piece.heads,
-            head_dim=layout.head_dim,
-            dtype=layout.dtype,
-            max_chunk_bytes=max_chunk_bytes,
-        )
-
-    parts = await asyncio.gather(
-        *(
-            puller.pull(addresses[p.source], request_id, expected(p), timeout, heads=(p.start, p.end))
-            for p in pieces
-        )
-    )
-    return join_heads(list(parts))
+    """Pull head `pieces` of every layer (of the prefill ranks at `addresses`) concurrently."""
+    whole = (0, layout.num_layers)
+    kv_pieces = [KVPiece(addresses[p.source], (p.start, p.end), whole) for p in pieces]
+    return await pull_kv_pieces(puller, request_id, num_tokens, kv_pieces, layout, max_chunk_bytes, timeout)
 
 
 async def pull_kv_pieces(

@@ -49,6 +49,15 @@ def rank_infos(
     return out
 
 
+def broken_reason(group: RankGroup | None, chain: StageChain | None) -> str | None:
+    """Why an instance cannot serve now: a dead rank, a broken stage chain; None when it can."""
+    if group is not None and group.broken:
+        return group.broken
+    if chain is not None and chain.broken:
+        return chain.broken
+    return None
+
+
 def topology(
     settings: WorkerSettings,
     layout: KVLayout,
@@ -63,7 +72,7 @@ def topology(
     s = settings
     layers = s.layers or (0, layout.num_layers)
     ranks = rank_infos(runner, group, kv_heads, kv_capacity_tokens, s.address)
-    broken = (group.broken if group is not None else None) or (chain.broken if chain is not None else None)
+    broken = broken_reason(group, chain)
     stages = []
     if chain is not None:
         own = gen.StageInfo(
