@@ -33,7 +33,7 @@ from distserve_worker.kvtransfer.buffer import BufferTooSmall, KVBuffer
 from distserve_worker.kvtransfer.prepared import prepare
 from distserve_worker.metrics import RuntimeMetrics
 from distserve_worker.pp.chain import StageChain, StageChainBroken
-from distserve_worker.pp.pieces import pieces_prepared
+from distserve_worker.pp.pieces import layer_spans
 from distserve_worker.settings import DecodeSettings, PrefillSettings
 from distserve_worker.tp.group import RankGroup, RankGroupBroken
 from distserve_worker.tp.heads import prepared_by, rank_heads
@@ -80,15 +80,7 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
         self.pieces = prepared_by(self.kv_heads, settings.tp, settings.decode_tp, 0)
         # Pipeline stages: this stage's layers, and the ranges of them decode stages will pull.
         self.layers = (runner.span.start, runner.span.end)
-        decode_layers = list(settings.decode_layers) or [(0, runner.span.total)]
-        self.spans = list(
-            dict.fromkeys(
-                span
-                for _, span in pieces_prepared(
-                    self.layers, decode_layers, self.kv_heads, settings.tp, settings.decode_tp, 0
-                )
-            )
-        )
+        self.spans = layer_spans(self.layers, settings.decode_layers, runner.span.total)
         self.group = group
         if group is not None:
             group.on_broken.append(self._broken)
@@ -287,10 +279,11 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
         )
         try:
             tokens = await self.chain.forward(stage_pb.ForwardHeader(prefill=work), hidden)
-        except StageChainBroken as exc:
+        except Exception as exc:  # whatever it is, every prompt of the batch hears it: none hangs
+            error = StageChainBroken(f"prefill instance {self.settings.address}: {exc}")
             for _, p in batch:
                 if not p.done.done():
-                    p.done.set_exception(RankGroupBroken(f"prefill instance {self.settings.address}: {exc}"))
+                    p.done.set_exception(error)
             return
         for (_, p), out, token in zip(batch, outs, tokens, strict=True):
             if not p.done.done():

@@ -7,14 +7,15 @@ both stages hold times the heads both ranks hold. Same splits on both sides (the
 exactly one piece per decode rank. Different pp (the paper's Algorithm 2 allows prefill and decode
 segments of different depth) or different tp: several pieces, each pulled straight from the rank
 that holds it and joined on arrival; the prefill side encodes exactly these pieces once
-(`pieces_prepared`), so a pull only streams bytes.
+(`layer_spans`), so a pull only streams bytes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from distserve_worker.tp.heads import pieces_for, prepared_by
+from distserve_worker.tp.heads import pieces_for
 
 LayerRange = tuple[int, int]  # [start, end) of the model's decoder layers
 
@@ -70,16 +71,8 @@ def pieces_to_pull(
     return out
 
 
-def pieces_prepared(
-    own_layers: LayerRange,
-    decode_layers: list[LayerRange],
-    kv_heads: int,
-    prefill_tp: int,
-    decode_tp: int,
-    rank: int,
-) -> list[tuple[tuple[int, int], LayerRange]]:
-    """(heads, layers) of every piece prefill rank `rank` of a stage holding `own_layers` will be
-    asked for: each decode stage's share of its layers times each decode rank's share of its heads."""
-    heads = [(p.start, p.end) for p in prepared_by(kv_heads, prefill_tp, decode_tp, rank)]
-    spans = [s for d in decode_layers if (s := overlap(own_layers, d)) is not None]
-    return [(h, s) for s in spans for h in heads]
+def layer_spans(own_layers: LayerRange, decode_layers: Sequence[LayerRange], total: int) -> list[LayerRange]:
+    """The layer ranges of a prefill stage's cache that decode stages will ask for, in order: its
+    own layers cut at the decode stages' boundaries (no decode ranges: one decode stage holding all
+    `total` layers). A prefill rank encodes each of them once for each decode head piece."""
+    return [s for d in (list(decode_layers) or [(0, total)]) if (s := overlap(own_layers, d)) is not None]

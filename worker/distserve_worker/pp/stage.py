@@ -40,7 +40,7 @@ from distserve_worker.kvtransfer.prepared import prepare
 from distserve_worker.kvtransfer.reshard import pull_kv_pieces
 from distserve_worker.kvtransfer.transport import GrpcKVPuller, KVPullError
 from distserve_worker.pp.chain import MAX_FORWARD_BYTES, NextStage
-from distserve_worker.pp.pieces import SourceStage, pieces_prepared, pieces_to_pull
+from distserve_worker.pp.pieces import SourceStage, layer_spans, pieces_to_pull
 from distserve_worker.pp.wire import StageWireError, read_forward
 from distserve_worker.settings import DecodeSettings, PrefillSettings
 from distserve_worker.tp.group import RankGroup
@@ -96,15 +96,7 @@ class StageServer(pb_grpc.StageServiceServicer):
         self.ready = False
         if isinstance(settings, PrefillSettings):
             self.pieces = prepared_by(kv_heads, settings.tp, settings.decode_tp, 0)
-            decode_layers = list(settings.decode_layers) or [(0, runner.span.total)]
-            self.spans = list(
-                dict.fromkeys(
-                    s
-                    for _, s in pieces_prepared(
-                        self.layers, decode_layers, kv_heads, settings.tp, settings.decode_tp, 0
-                    )
-                )
-            )
+            self.spans = layer_spans(self.layers, settings.decode_layers, runner.span.total)
 
     # --- forward ------------------------------------------------------------------------------------
 

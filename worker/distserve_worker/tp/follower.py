@@ -47,7 +47,7 @@ from distserve_worker.kvtransfer.transport import (
 )
 from distserve_worker.kvtransfer.transport import add_to_server as add_kv_transfer
 from distserve_worker.model_source import ModelSpec
-from distserve_worker.pp.pieces import KVPiece, pieces_prepared
+from distserve_worker.pp.pieces import KVPiece, layer_spans
 from distserve_worker.settings import DecodeSettings, PrefillSettings
 from distserve_worker.tp.heads import prepared_by, rank_heads
 from distserve_worker.tp.ranks import RankPlace, join, kv_heads_of, load_shard, receive_hidden
@@ -148,18 +148,7 @@ class Follower(pb_grpc.RankServiceServicer):
             self.die("prefill forward failed")
         assert isinstance(self.settings, PrefillSettings)
         pieces = prepared_by(self.kv_heads, self.place.world, self.settings.decode_tp, self.place.rank)
-        spans = [
-            (lo, hi)
-            for _, (lo, hi) in pieces_prepared(
-                self.layers,
-                list(self.settings.decode_layers) or [(0, self.runner.span.total)],
-                self.kv_heads,
-                self.place.world,
-                self.settings.decode_tp,
-                self.place.rank,
-            )
-        ]
-        spans = list(dict.fromkeys(spans))
+        spans = layer_spans(self.layers, self.settings.decode_layers, self.runner.span.total)
         for prompt, out in zip(request.prompts, outs, strict=True):
             encoded = await loop.run_in_executor(
                 self.encoder,
