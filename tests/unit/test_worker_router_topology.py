@@ -248,3 +248,15 @@ async def test_rank_addresses_reach_decode_and_a_not_ready_instance_gets_no_requ
     with pytest.raises(WorkerError, match="no prefill instance"):
         [e async for e in router.generate(req, [1, 2, 3], 2)]
     assert len(decode.requests) == 1
+
+
+def test_the_table_lists_each_stage_with_its_layers_and_ranks():
+    inst = Instance("10.0.0.1:50051")
+    apply_status(inst, pp2_status())
+    rows = topology_rows({"instances": [instance_json("decode", inst)]})
+    # instance role state stage layers tp | rank device params KV-tokens KV-heads ready
+    assert [row[:6] for row in rows] == [
+        ("10.0.0.1:50051", "decode", "ready", "0", "[0, 19)", "1"),
+        ("", "", "", "1", "[19, 30)", "1"),
+    ]
+    assert [row[-1] for row in rows] == ["yes", "yes"]
