@@ -2,7 +2,6 @@
 greedy output is token-identical to a single-process reference loop, alone or inside a batch."""
 
 import asyncio
-import random
 import re
 import urllib.request
 
@@ -13,14 +12,10 @@ from distserve_worker.engine.runner import reference_greedy
 from distserve_worker.local.stack import LocalStack, StackConfig
 from distserve_worker.model_source import ModelSpec, eos_token_ids, load_model
 from distserve_worker.testing.client import complete
-from distserve_worker.testing.tiny import ARCHITECTURES, save_tiny_model, tiny_model
+from distserve_worker.testing.tiny import ARCHITECTURES, greedy_body, save_tiny_model, tiny_model
+from distserve_worker.testing.tiny import tiny_prompts as prompts
 
 MAX_TOKENS = 12
-
-
-def prompts(seed=1):
-    rng = random.Random(seed)
-    return [[rng.randrange(1, 257) for _ in range(n)] for n in (3, 5, 8, 13, 21, 34, 55, 89)]
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
@@ -33,14 +28,8 @@ def tiny_stack(request, tmp_path_factory):
         yield arch, stack
 
 
-def body(model, prompt, **extra):
-    return {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0,
-        "return_token_ids": True,
-    } | extra
+def body(model, prompt, max_tokens=MAX_TOKENS, **extra):
+    return greedy_body(model, prompt, max_tokens, **extra)
 
 
 def decode_batch_sizes(stack):

@@ -16,6 +16,7 @@ import pytest
 from distserve_worker.local.stack import free_port
 from distserve_worker.model_source import ModelSpec, load_model
 from distserve_worker.testing.client import complete
+from distserve_worker.testing.up import tiny_manifest as tiny_manifest_text
 
 MANIFEST = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "local-smollm2.yaml"
 
@@ -85,29 +86,7 @@ async def test_up_serves_the_manifest_and_stops_on_ctrl_c(tmp_path):
 
 def tiny_manifest(tmp_path, model_dir, pin):
     path = tmp_path / "tiny.yaml"
-    path.write_text(
-        f"""apiVersion: distserve.io/v1alpha1
-kind: DistServeDeployment
-metadata: {{name: tiny}}
-spec:
-  model:
-    name: tiny-llama
-    source: {{kind: Path, path: {model_dir}}}
-    dtype: float32
-  slo: {{ttftMillis: 1000, tpotMillis: 200, attainmentPercent: 90}}
-  workload:
-    requestsPerSecond: "1"
-    inputTokens: {{mean: 16}}
-    outputTokens: {{mean: 8}}
-  cluster:
-    gpu: {{type: CPU}}
-    gpusPerNode: 4
-    nodes: 1
-  placement: {{affinity: High}}
-  autoscaling: {{mode: "Off"}}
-  planner: {{pin: {pin}}}
-"""
-    )
+    path.write_text(tiny_manifest_text("tiny", model_dir, pin))
     return path
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import random
 import time
 import urllib.request
 
@@ -26,7 +25,8 @@ from distserve_worker.local.stack import LocalStack, StackConfig
 from distserve_worker.model_source import ModelSpec
 from distserve_worker.testing.client import complete
 from distserve_worker.testing.plans import write_contract
-from distserve_worker.testing.tiny import save_tiny_model, tiny_model
+from distserve_worker.testing.tiny import greedy_body, save_tiny_model, tiny_model
+from distserve_worker.testing.tiny import tiny_prompts as prompts
 
 LAYERS = 4  # a 4-layer tiny Llama: stages of 1 to 3 layers
 MAX_TOKENS = 12
@@ -45,19 +45,8 @@ SHAPES = {
 }
 
 
-def prompts(seed: int = 1) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(1, 257) for _ in range(n)] for n in (3, 5, 8, 13, 21, 34, 55, 89)]
-
-
-def body(prompt: list[int], **extra: object) -> dict[str, object]:
-    return {
-        "model": "tiny",
-        "prompt": prompt,
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0,
-        "return_token_ids": True,
-    } | extra
+def body(prompt: list[int], max_tokens: int = MAX_TOKENS, **extra: object) -> dict[str, object]:
+    return greedy_body("tiny", prompt, max_tokens, **extra)
 
 
 def instances(stack: LocalStack) -> list[dict]:

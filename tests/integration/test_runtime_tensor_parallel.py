@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import signal
 import time
 import urllib.error
@@ -22,25 +21,15 @@ from distserve_worker.engine.runner import reference_greedy
 from distserve_worker.local.stack import LocalStack, StackConfig
 from distserve_worker.model_source import ModelSpec
 from distserve_worker.testing.client import complete
-from distserve_worker.testing.tiny import save_tiny_model, tiny_model
+from distserve_worker.testing.tiny import greedy_body, save_tiny_model, tiny_model
+from distserve_worker.testing.tiny import tiny_prompts as prompts
 
 MAX_TOKENS = 12
 PAIRS = [(1, 2), (2, 1), (2, 2)]  # (1, 1) is the plain stack (test_runtime_disaggregated.py)
 
 
-def prompts(seed=1):
-    rng = random.Random(seed)
-    return [[rng.randrange(1, 257) for _ in range(n)] for n in (3, 5, 8, 13, 21, 34, 55, 89)]
-
-
-def body(prompt, **extra):
-    return {
-        "model": "tiny",
-        "prompt": prompt,
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0,
-        "return_token_ids": True,
-    } | extra
+def body(prompt, max_tokens=MAX_TOKENS, **extra):
+    return greedy_body("tiny", prompt, max_tokens, **extra)
 
 
 def tp_config(path, prefill_tp, decode_tp, **kw) -> StackConfig:

@@ -21,6 +21,7 @@ from distserve_worker.local.cli_up import (
 from distserve_worker.local.stack import LocalStack, StackConfig, write_plan
 from distserve_worker.model_source import ModelSpec
 from distserve_worker.testing.tiny import save_tiny_model
+from distserve_worker.testing.up import tiny_manifest
 
 
 @pytest.fixture(scope="module")
@@ -30,28 +31,7 @@ def tiny_llama(tmp_path_factory):
 
 def manifest(directory, model_dir, name="tiny"):
     path = directory / "tiny.yaml"
-    path.write_text(
-        f"""apiVersion: distserve.io/v1alpha1
-kind: DistServeDeployment
-metadata: {{name: {name}}}
-spec:
-  model:
-    name: tiny-llama
-    source: {{kind: Path, path: {model_dir}}}
-    dtype: float32
-  slo: {{ttftMillis: 1000, tpotMillis: 200, attainmentPercent: 90}}
-  workload:
-    requestsPerSecond: "1"
-    inputTokens: {{mean: 16}}
-    outputTokens: {{mean: 8}}
-  cluster:
-    gpu: {{type: CPU}}
-    gpusPerNode: 2
-    nodes: 1
-  placement: {{affinity: High}}
-  autoscaling: {{mode: "Off"}}
-"""
-    )
+    path.write_text(tiny_manifest(name, model_dir, gpus_per_node=2))
     return path
 
 

@@ -63,9 +63,14 @@ def check_role_stage(contract: RuntimeContract, role: str, stage: int, where: st
         )
 
 
+def text_config(config: Any) -> Any:
+    """The language model's part of a transformers config (the config itself for text-only models)."""
+    return getattr(config, "get_text_config", lambda: config)()
+
+
 def model_shape(config: Any) -> tuple[int, int, int]:
     """(layers, attention heads, key/value heads) from a transformers config of any family."""
-    text = getattr(config, "get_text_config", lambda: config)()
+    text = text_config(config)
     layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
     kv_heads = getattr(text, "num_key_value_heads", None) or heads

@@ -161,12 +161,11 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
 
 async def serve_decode(settings: DecodeSettings, loaded: Any = None) -> None:
     from distserve_worker.engine.runner import probe_kv_layout
-    from distserve_worker.health import start_http
     from distserve_worker.kvtransfer.source import PullSource
     from distserve_worker.kvtransfer.transport import GrpcKVPuller
     from distserve_worker.model_source import eos_token_ids, max_context
     from distserve_worker.prefill import instance_label
-    from distserve_worker.serving import serve_until_stopped
+    from distserve_worker.serving import WorkerProcess, serve_until_stopped
     from distserve_worker.tp.launch import start_ranks
 
     if settings.stage > 0:  # a later pipeline stage: driven by stage 0, not by routers
@@ -174,69 +173,43 @@ async def serve_decode(settings: DecodeSettings, loaded: Any = None) -> None:
 
         await serve_stage("decode", settings)
         return
-    metrics = RuntimeMetrics("decode", settings.model.name, settings.instance or settings.address)
-    state = {"ready": False}
-    group: RankGroup | None = None
-    chain = (
-        StageChain("decode", settings.stage_addresses, settings.max_chunk_bytes) if settings.pp > 1 else None
-    )
-    http = await start_http(
-        settings.host,
-        settings.http_port,
-        metrics,
-        lambda: (
-            state["ready"] and (group is None or not group.broken) and (chain is None or not chain.broken)
-        ),
-        lambda: None if group is None else group.broken,
-    )
     server = grpc.aio.server()
     puller = GrpcKVPuller(settings.max_chunk_bytes)
-    try:
-        group, model, tokenizer, kv_heads = await start_ranks("decode", settings, loaded)
-        runner = ModelRunner(model, settings.threads or None)
-        layout = await asyncio.to_thread(probe_kv_layout, runner)
-        worker = DecodeWorker(
-            settings,
-            runner,
-            tokenizer,
-            layout,
-            max_context(model),
-            eos_token_ids(model, tokenizer),
-            PullSource(
-                puller,
+    async with WorkerProcess("decode", settings) as process:
+        try:
+            process.group, model, tokenizer, kv_heads = await start_ranks("decode", settings, loaded)
+            runner = ModelRunner(model, settings.threads or None)
+            layout = await asyncio.to_thread(probe_kv_layout, runner)
+            worker = DecodeWorker(
+                settings,
+                runner,
+                tokenizer,
                 layout,
+                max_context(model),
+                eos_token_ids(model, tokenizer),
+                PullSource(
+                    puller,
+                    layout,
+                    kv_heads,
+                    settings.tp,
+                    process.group,
+                    settings.max_chunk_bytes,
+                    settings.pull_timeout_seconds,
+                    span=runner.span,
+                    chain=process.chain,
+                ),
+                process.metrics,
                 kv_heads,
-                settings.tp,
-                group,
-                settings.max_chunk_bytes,
-                settings.pull_timeout_seconds,
-                layers=(runner.span.start, runner.span.end),
-                total_layers=runner.span.total,
-                chain=chain,
-            ),
-            metrics,
-            kv_heads,
-            group,
-            chain=chain,
-        )
-        gen_grpc.add_DecodeServiceServicer_to_server(worker, server)
-        loops = [worker.engine.run]
-        if group is not None:
-            await group.connect(settings.address)
-            loops.append(group.watch_loop)
-        if chain is not None:
-            loops.append(chain.watch_loop)
-        await serve_until_stopped(
-            server,
-            f"{settings.host}:{settings.port}",
-            loops,
-            state=state,
-            label=instance_label("decode", settings, runner),
-        )
-    finally:
-        if group is not None:
-            await group.close()
-        if chain is not None:
-            await chain.close()
-        await puller.close()
-        await http.cleanup()
+                process.group,
+                chain=process.chain,
+            )
+            gen_grpc.add_DecodeServiceServicer_to_server(worker, server)
+            await serve_until_stopped(
+                server,
+                f"{settings.host}:{settings.port}",
+                [worker.engine.run, *await process.loops()],
+                state=process.state,
+                label=instance_label("decode", settings, runner),
+            )
+        finally:
+            await puller.close()

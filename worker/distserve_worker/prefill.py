@@ -27,7 +27,7 @@ from distserve_protos.generation.v1 import generation_pb2 as gen
 from distserve_protos.generation.v1 import generation_pb2_grpc as gen_grpc
 from distserve_protos.stage.v1 import stage_pb2 as stage_pb
 from distserve_worker.engine.runner import KVLayout, ModelRunner, PrefillOutput
-from distserve_worker.engine.sampling import SamplingParams, sample, sampling_from_proto
+from distserve_worker.engine.sampling import sample, sampling_from_proto
 from distserve_worker.engine.scheduler import PrefillBatcher
 from distserve_worker.kvtransfer.buffer import BufferTooSmall, KVBuffer
 from distserve_worker.kvtransfer.prepared import prepare
@@ -43,8 +43,7 @@ from distserve_worker.tp.topology import broken_reason, topology
 @dataclass
 class Pending:
     prompt: list[int]
-    sampling: SamplingParams
-    proto: gen.SamplingParams
+    sampling: gen.SamplingParams  # as the request gave it: sampled here, or by the last stage
     started: float = 0.0  # when its batch's forward began
     # Its cache (this stage's layers) and, with pipeline stages, the first token the last one sampled.
     done: asyncio.Future[tuple[PrefillOutput, int | None]] = field(
@@ -125,7 +124,7 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         stored = False
         try:
-            pending = Pending(prompt, sampling_from_proto(request.sampling), request.sampling)
+            pending = Pending(prompt, request.sampling)
             self.pending[rid] = pending
             self.batcher.add(rid, len(prompt))
             self._update_queue()
@@ -139,7 +138,7 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
             started_forward = pending.started or arrived
             if first is None:
                 assert out.last_logits is not None
-                first = sample(out.last_logits, pending.sampling, index=0)
+                first = sample(out.last_logits, sampling_from_proto(pending.sampling), index=0)
             # Encoded once here, so a pull only streams bytes (see kvtransfer/codec.py).
             encoded: Any = out.kv
             if self.encode:
@@ -274,7 +273,7 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
         assert self.chain is not None
         work = stage_pb.PrefillWork(
             prompts=[
-                stage_pb.Prompt(request_id=rid, token_ids=p.prompt, sampling=p.proto) for rid, p in batch
+                stage_pb.Prompt(request_id=rid, token_ids=p.prompt, sampling=p.sampling) for rid, p in batch
             ]
         )
         try:
@@ -302,11 +301,10 @@ async def serve_prefill(settings: PrefillSettings, loaded: Any = None) -> None:
     """Load the model (this rank's shard of it under tensor parallelism, the followers started
     beside it), serve gRPC (generation + KV transfer) and HTTP until cancelled."""
     from distserve_worker.engine.runner import probe_kv_layout
-    from distserve_worker.health import start_http
     from distserve_worker.kvtransfer.transport import KVTransferServicer, channel_options
     from distserve_worker.kvtransfer.transport import add_to_server as add_kv_transfer
     from distserve_worker.model_source import max_context
-    from distserve_worker.serving import serve_until_stopped
+    from distserve_worker.serving import WorkerProcess, serve_until_stopped
     from distserve_worker.tp.launch import start_ranks
 
     if settings.stage > 0:  # a later pipeline stage: driven by stage 0, not by routers
@@ -314,28 +312,20 @@ async def serve_prefill(settings: PrefillSettings, loaded: Any = None) -> None:
 
         await serve_stage("prefill", settings)
         return
-    metrics = RuntimeMetrics("prefill", settings.model.name, settings.instance or settings.address)
-    state = {"ready": False}
-    group: RankGroup | None = None
-    chain = (
-        StageChain("prefill", settings.stage_addresses, settings.max_chunk_bytes) if settings.pp > 1 else None
-    )
-    http = await start_http(
-        settings.host,
-        settings.http_port,
-        metrics,
-        lambda: (
-            state["ready"] and (group is None or not group.broken) and (chain is None or not chain.broken)
-        ),
-        lambda: None if group is None else group.broken,
-    )
     server = grpc.aio.server(options=channel_options(settings.max_chunk_bytes))
-    try:
-        group, model, _, kv_heads = await start_ranks("prefill", settings, loaded)
+    async with WorkerProcess("prefill", settings) as process:
+        process.group, model, _, kv_heads = await start_ranks("prefill", settings, loaded)
         runner = ModelRunner(model, settings.threads or None)
         layout = await asyncio.to_thread(probe_kv_layout, runner)
         worker = PrefillWorker(
-            settings, runner, layout, max_context(model), metrics, kv_heads, group, chain=chain
+            settings,
+            runner,
+            layout,
+            max_context(model),
+            process.metrics,
+            kv_heads,
+            process.group,
+            chain=process.chain,
         )
         gen_grpc.add_PrefillServiceServicer_to_server(worker, server)
         add_kv_transfer(
@@ -348,25 +338,13 @@ async def serve_prefill(settings: PrefillSettings, loaded: Any = None) -> None:
             ),
             server,
         )
-        loops = [worker.batch_loop, worker.reap_loop]
-        if group is not None:
-            await group.connect(settings.address)
-            loops.append(group.watch_loop)
-        if chain is not None:
-            loops.append(chain.watch_loop)
         await serve_until_stopped(
             server,
             f"{settings.host}:{settings.port}",
-            loops,
-            state=state,
+            [worker.batch_loop, worker.reap_loop, *await process.loops()],
+            state=process.state,
             label=instance_label("prefill", settings, runner),
         )
-    finally:
-        if group is not None:
-            await group.close()
-        if chain is not None:
-            await chain.close()
-        await http.cleanup()
 
 
 def instance_label(role: str, settings: PrefillSettings | DecodeSettings, runner: ModelRunner) -> str:

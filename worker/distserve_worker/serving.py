@@ -14,6 +14,13 @@ from typing import Any
 
 import grpc
 
+from distserve_worker.health import start_http
+from distserve_worker.metrics import RuntimeMetrics
+from distserve_worker.pp.chain import StageChain
+from distserve_worker.settings import WorkerSettings
+from distserve_worker.tp.group import RankGroup
+from distserve_worker.tp.topology import broken_reason
+
 
 async def serve_until_stopped(
     server: grpc.aio.Server,
@@ -37,3 +44,52 @@ async def serve_until_stopped(
             task.cancel()
         with contextlib.suppress(Exception):
             await server.stop(grace=1.0)
+
+
+class WorkerProcess:
+    """What every worker process (prefill, decode, a later pipeline stage) has around its model:
+    its metrics; its HTTP side (/readyz: serving, its ranks alive and its stage chain whole;
+    /healthz: fails on a dead rank, so the kubelet restarts the pod with all its ranks); its
+    tensor-parallel rank group (`group`, set once the ranks start) and, at stage 0 of a pipelined
+    instance, its chain of later stages. `async with` starts the HTTP side and closes it all."""
+
+    def __init__(self, role: str, settings: WorkerSettings, *, chain: bool = True) -> None:
+        self.settings = settings
+        self.metrics = RuntimeMetrics(role, settings.model.name, settings.instance or settings.address)
+        self.state = {"ready": False}  # serve_until_stopped sets it once gRPC serves
+        self.group: RankGroup | None = None
+        self.chain = (
+            StageChain(role, settings.stage_addresses, settings.max_chunk_bytes)
+            if chain and settings.pp > 1
+            else None
+        )
+        self.http: Any = None
+
+    def ready(self) -> bool:
+        return self.state["ready"] and broken_reason(self.group, self.chain) is None
+
+    def broken(self) -> str | None:
+        """What /healthz fails on: a dead rank (a broken chain is another pod's to restart)."""
+        return None if self.group is None else self.group.broken
+
+    async def loops(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
+        """Once the ranks serve: the loops that watch the ranks and the stages."""
+        out: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        if self.group is not None:
+            await self.group.connect(self.settings.address)
+            out.append(self.group.watch_loop)
+        if self.chain is not None:
+            out.append(self.chain.watch_loop)
+        return out
+
+    async def __aenter__(self) -> WorkerProcess:
+        s = self.settings
+        self.http = await start_http(s.host, s.http_port, self.metrics, self.ready, self.broken)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.group is not None:
+            await self.group.close()
+        if self.chain is not None:
+            await self.chain.close()
+        await self.http.cleanup()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distserve_worker.contract import text_config
 from distserve_worker.engine.kvcache import BatchedKV, SequenceKV, build_batch, cache_to_layers
 
 
@@ -50,7 +51,7 @@ class ModelRunner:
 
     @property
     def hidden_size(self) -> int:
-        return int(_text_config(self.model.config).hidden_size)
+        return int(text_config(self.model.config).hidden_size)
 
     def _inputs(self, ids: torch.Tensor, hidden: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Token ids on the first stage, the previous stage's hidden states on any other."""
@@ -173,10 +174,6 @@ class KVLayout:
             * self.head_dim
             * torch.empty(0, dtype=self.dtype).element_size()
         )
-
-
-def _text_config(config: object) -> object:
-    return getattr(config, "get_text_config", lambda: config)()
 
 
 def probe_kv_layout(runner: ModelRunner) -> KVLayout:

@@ -22,7 +22,8 @@ from distserve_worker.kvtransfer.buffer import KVBuffer
 from distserve_worker.kvtransfer.reshard import pull_kv_pieces
 from distserve_worker.kvtransfer.transport import KVPuller, KVPullError
 from distserve_worker.pp.chain import StageChain
-from distserve_worker.pp.pieces import LayerRange, SourceStage, pieces_to_pull
+from distserve_worker.pp.partial import StageSpan
+from distserve_worker.pp.pieces import SourceStage, pieces_to_pull
 from distserve_worker.tp.group import RankGroup
 
 
@@ -55,10 +56,10 @@ class PullSource:
         group: RankGroup | None,
         max_chunk_bytes: int,
         timeout: float,
-        layers: LayerRange | None = None,
-        total_layers: int = 0,
+        span: StageSpan | None = None,
         chain: StageChain | None = None,
     ) -> None:
+        """`span`: this stage's layers of the model (all of them when None)."""
         self.puller = puller
         self.layout = layout
         self.kv_heads = kv_heads
@@ -66,8 +67,8 @@ class PullSource:
         self.group = group
         self.max_chunk_bytes = max_chunk_bytes
         self.timeout = timeout
-        self.total_layers = total_layers or layout.num_layers
-        self.layers = layers or (0, self.total_layers)  # this stage's, model-wide
+        self.total_layers = span.total if span is not None else layout.num_layers
+        self.layers = (span.start, span.end) if span is not None else (0, self.total_layers)
         self.chain = chain
 
     @staticmethod

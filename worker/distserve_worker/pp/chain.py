@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable
 
 import grpc
@@ -119,27 +118,29 @@ class StageChain:
             return f"pipeline stage {stage} at {address} is unreachable ({exc.code().name})"
         if not d.ready:
             return f"pipeline stage {stage} at {address} is not ready: {d.broken or 'starting'}"
-        previous = self.described.get(stage)
-        if previous is not None and previous.boot_id != d.boot_id:
-            return f"pipeline stage {stage} at {address} restarted (its requests' state is gone)"
         return d
 
     async def poll(self) -> None:
-        """One round of health: break the chain, or make it whole again."""
+        """One round of health: break the chain, or make it whole again. A stage that answers with
+        a new boot id restarted (its per-request state is gone): that breaks the chain too, for this
+        round; its new boot id is kept, so it is whole again on the next."""
         answers = await asyncio.gather(*(self._describe(s) for s in self.stubs))
         problems = [a for a in answers if isinstance(a, str)]
+        for stage, answer in zip(self.stubs, answers, strict=True):
+            if isinstance(answer, str):
+                continue
+            previous = self.described.get(stage)
+            if previous is not None and previous.boot_id != answer.boot_id:
+                problems.append(
+                    f"pipeline stage {stage} at {self.addresses[stage]} restarted (its requests' state is gone)"
+                )
+            self.described[stage] = answer
         if problems:
             if self.connected:
                 self.fail(problems[0])
             else:
                 self.broken = f"waiting for its pipeline stages: {problems[0]}"
-            for stage, answer in zip(self.stubs, answers, strict=True):
-                if isinstance(answer, str) and "restarted" in answer:
-                    self.described.pop(stage, None)  # take its new boot id on the next round
             return
-        for stage, answer in zip(self.stubs, answers, strict=True):
-            assert not isinstance(answer, str)
-            self.described[stage] = answer
         if self.broken is not None:
             if self.connected:
                 print(f"[distserve] {self.role} instance whole again: all {self.pp} stages serve", flush=True)
@@ -147,18 +148,9 @@ class StageChain:
             self.broken = None
             self.connected = True
 
-    async def connect(self, timeout: float = 600.0) -> None:
-        """Until every later stage answers ready (they load their layers while stage 0 loads its own)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            await self.poll()
-            if self.broken is None:
-                return
-            if time.monotonic() > deadline:
-                raise StageChainBroken(f"{self.role} instance: {self.broken} (after {timeout:.0f} s)")
-            await asyncio.sleep(WATCH_SECONDS)
-
     async def watch_loop(self) -> None:
+        """Poll from the start: the instance is ready once every later stage answers ready (they
+        load their layers while stage 0 loads its own), and not ready while one does not."""
         while True:
             await asyncio.sleep(WATCH_SECONDS)
             await self.poll()

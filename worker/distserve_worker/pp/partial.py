@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from distserve_worker.contract import model_shape, text_config
 from distserve_worker.tp.shard import SHARDABLE_MODEL_TYPES
 
 PIPELINE_MODEL_TYPES = SHARDABLE_MODEL_TYPES
@@ -52,10 +53,6 @@ class StageSpan:
         return self.first and self.last
 
 
-def _text_config(config: Any) -> Any:
-    return getattr(config, "get_text_config", lambda: config)()
-
-
 def keep_stage(model: Any, start: int, end: int) -> Any:
     """Cut `model` (a loaded causal LM, on any device) down to layers [start, end), in place."""
     base = getattr(model, "model", None)
@@ -79,7 +76,7 @@ def keep_stage(model: Any, start: int, end: int) -> Any:
         if hasattr(layer, "layer_idx"):
             layer.layer_idx = index
     base.layers = kept
-    config = _text_config(model.config)
+    config = text_config(model.config)
     config.num_hidden_layers = end - start
     if getattr(config, "layer_types", None):
         config.layer_types = list(config.layer_types)[start:end]
@@ -99,8 +96,6 @@ def stage_span(model: Any) -> StageSpan:
     span = getattr(model, "distserve_stage", None)
     if span is not None:
         return span
-    from distserve_worker.contract import model_shape
-
     config = getattr(model, "config", None)  # any family (OPT and GPT-2 keep their layers elsewhere)
     total = model_shape(config)[0] if config is not None else 0  # 0: a wrapper that says nothing
     return StageSpan(0, total, total)

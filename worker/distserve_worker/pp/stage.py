@@ -280,6 +280,11 @@ class StageServer(pb_grpc.StageServiceServicer):
     ) -> pb.StageDescription:
         return self.describe()
 
+    async def close(self) -> None:
+        if self.next is not None:
+            await self.next.close()
+        await self.puller.close()
+
     async def reap_loop(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.ttl / 4))
@@ -292,60 +297,39 @@ class StageServer(pb_grpc.StageServiceServicer):
 async def serve_stage(role: str, settings: PrefillSettings | DecodeSettings) -> None:
     """Load this stage's layers (its ranks' shards of them), serve the stage and KV gRPC and HTTP."""
     from distserve_worker.engine.runner import probe_kv_layout
-    from distserve_worker.health import start_http
     from distserve_worker.kvtransfer.transport import KVTransferServicer, channel_options
     from distserve_worker.kvtransfer.transport import add_to_server as add_kv_transfer
-    from distserve_worker.metrics import RuntimeMetrics
-    from distserve_worker.serving import serve_until_stopped
+    from distserve_worker.serving import WorkerProcess, serve_until_stopped
     from distserve_worker.tp.launch import start_ranks
 
-    metrics = RuntimeMetrics(role, settings.model.name, settings.instance or settings.address)
-    state = {"ready": False}
-    group: RankGroup | None = None
-    http = await start_http(
-        settings.host,
-        settings.http_port,
-        metrics,
-        lambda: state["ready"] and (group is None or not group.broken),
-        lambda: None if group is None else group.broken,
-    )
     server = grpc.aio.server(options=channel_options(settings.max_chunk_bytes))
-    try:
-        group, model, _, kv_heads = await start_ranks(role, settings)
-        runner = ModelRunner(model, settings.threads or None)
-        layout = await asyncio.to_thread(probe_kv_layout, runner)
-        stage = StageServer(role, settings, runner, layout, kv_heads, group)
-        pb_grpc.add_StageServiceServicer_to_server(stage, server)
-        if role == "prefill":
-            add_kv_transfer(
-                KVTransferServicer(
-                    stage.buffer, settings.max_chunk_bytes, heads=stage.own, layers=stage.layers
-                ),
+    stage: StageServer | None = None
+    # Stage 0 drives this stage; it has no chain of its own.
+    async with WorkerProcess(role, settings, chain=False) as process:
+        try:
+            process.group, model, _, kv_heads = await start_ranks(role, settings)
+            runner = ModelRunner(model, settings.threads or None)
+            layout = await asyncio.to_thread(probe_kv_layout, runner)
+            stage = StageServer(role, settings, runner, layout, kv_heads, process.group)
+            pb_grpc.add_StageServiceServicer_to_server(stage, server)
+            if role == "prefill":
+                add_kv_transfer(
+                    KVTransferServicer(
+                        stage.buffer, settings.max_chunk_bytes, heads=stage.own, layers=stage.layers
+                    ),
+                    server,
+                )
+            loops = [stage.reap_loop, *await process.loops()]
+            stage.ready = True
+            where = f"layers [{stage.layers[0]}, {stage.layers[1]})"
+            tp = f", TP{settings.tp}" if settings.tp > 1 else ""
+            await serve_until_stopped(
                 server,
+                f"{settings.host}:{settings.port}",
+                loops,
+                state=process.state,
+                label=f"{role} stage {settings.stage}/{settings.pp} ({where}{tp})",
             )
-        loops = [stage.reap_loop]
-        if group is not None:
-            await group.connect(settings.address)
-            loops.append(group.watch_loop)
-        stage.ready = True
-        where = f"layers [{stage.layers[0]}, {stage.layers[1]})"
-        await serve_until_stopped(
-            server,
-            f"{settings.host}:{settings.port}",
-            loops,
-            state=state,
-            label=f"{role} stage {settings.stage}/{settings.pp} ({where}{f', TP{settings.tp}' if settings.tp > 1 else ''})",
-        )
-    finally:
-        if group is not None:
-            await group.close()
-        await stage_close(locals().get("stage"))
-        await http.cleanup()
-
-
-async def stage_close(stage: StageServer | None) -> None:
-    if stage is None:
-        return
-    if stage.next is not None:
-        await stage.next.close()
-    await stage.puller.close()
+        finally:
+            if stage is not None:
+                await stage.close()

@@ -95,3 +95,23 @@ def save_tiny_model(
     tiny_model(arch, seed=seed, max_positions=max_positions, layers=layers).save_pretrained(directory)
     byte_tokenizer().save_pretrained(directory)
     return directory
+
+
+def tiny_prompts(seed: int = 1) -> list[list[int]]:
+    """Eight prompts of 3 to 89 random byte tokens (ids 1-256): short, long and between, within
+    the tiny models' context, in one padded batch or alone."""
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(1, 257) for _ in range(n)] for n in (3, 5, 8, 13, 21, 34, 55, 89)]
+
+
+def greedy_body(model: str, prompt: list[int], max_tokens: int, **extra: Any) -> dict[str, Any]:
+    """A /v1/completions request for the greedy token ids of `prompt`."""
+    return {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "return_token_ids": True,
+    } | extra

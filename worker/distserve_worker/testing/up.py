@@ -42,30 +42,59 @@ SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 QUESTIONS = ("Hi", "What is the capital of France?", "Name three colors, separated by commas.")
 
 
-def smollm2_manifest(name: str, pin: str) -> str:
-    """The embedded SmolLM2 on this machine, with `spec.planner.pin` set to `pin` (flow YAML)."""
+def local_manifest(
+    name: str,
+    model: str,
+    source: str,
+    *,
+    slo_millis: tuple[int, int] = (1000, 200),
+    inputs: str = "{mean: 16}",
+    outputs: int = 8,
+    gpus_per_node: int = 4,
+    pin: str = "",
+) -> str:
+    """A DistServeDeployment for this machine (CPU, one node, autoscaling off): `source` and
+    `inputs` in flow YAML, `pin` the flow YAML of `spec.planner.pin` (none when empty)."""
+    planner = f"\n  planner:\n    pin: {pin}" if pin else ""
     return f"""apiVersion: distserve.io/v1alpha1
 kind: DistServeDeployment
 metadata: {{name: {name}}}
 spec:
   model:
-    name: {SMOLLM2}
-    source: {{kind: Embedded}}
+    name: {model}
+    source: {source}
     dtype: float32
-  slo: {{ttftMillis: 5000, tpotMillis: 1000, attainmentPercent: 90}}
+  slo: {{ttftMillis: {slo_millis[0]}, tpotMillis: {slo_millis[1]}, attainmentPercent: 90}}
   workload:
     requestsPerSecond: "1"
-    inputTokens: {{mean: 64, p90: 128}}
-    outputTokens: {{mean: 32}}
+    inputTokens: {inputs}
+    outputTokens: {{mean: {outputs}}}
   cluster:
     gpu: {{type: CPU}}
-    gpusPerNode: 4
+    gpusPerNode: {gpus_per_node}
     nodes: 1
   placement: {{affinity: High}}
-  autoscaling: {{mode: "Off"}}
-  planner:
-    pin: {pin}
+  autoscaling: {{mode: "Off"}}{planner}
 """
+
+
+def tiny_manifest(name: str, model_dir: Path | str, pin: str = "", gpus_per_node: int = 4) -> str:
+    """A tiny Llama saved at `model_dir` (`testing/tiny.py`) as a manifest."""
+    source = f"{{kind: Path, path: {model_dir}}}"
+    return local_manifest(name, "tiny-llama", source, gpus_per_node=gpus_per_node, pin=pin)
+
+
+def smollm2_manifest(name: str, pin: str) -> str:
+    """The embedded SmolLM2 on this machine, with `spec.planner.pin` set to `pin` (flow YAML)."""
+    return local_manifest(
+        name,
+        SMOLLM2,
+        "{kind: Embedded}",
+        slo_millis=(5000, 1000),
+        inputs="{mean: 64, p90: 128}",
+        outputs=32,
+        pin=pin,
+    )
 
 
 def smollm2_reference(max_tokens: int) -> tuple[Any, list[list[int]], list[list[int]]]:

@@ -23,13 +23,12 @@ SmolLM2, Mistral, Qwen2 and their relatives). Anything else is refused with the 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from distserve_worker.contract import text_config
 from distserve_worker.tp.heads import rank_heads
 
 # transformers `model_type`s whose decoder layers shard here (tested: tests/unit/test_worker_tp_shard.py).
@@ -40,10 +39,6 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 
 class ShardError(ValueError):
     """The model cannot be split over these ranks; the message says why."""
-
-
-def _text_config(config: Any) -> Any:
-    return getattr(config, "get_text_config", lambda: config)()
 
 
 def _rows(weight: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -132,7 +127,7 @@ def check_shardable(model: nn.Module, tp: int) -> None:
                 f"tensor parallelism supports Llama-style decoder layers (Llama, Mistral, Qwen2); "
                 f"layer {i} of {type(model).__name__} has no {', '.join(missing)}"
             )
-    config = _text_config(model.config)
+    config = text_config(model.config)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     for what, count in (
@@ -162,7 +157,7 @@ def shard_model(model: nn.Module, tp: int, rank: int) -> nn.Module:
     if tp == 1:
         return model
     check_shardable(model, tp)
-    config = _text_config(model.config)
+    config = text_config(model.config)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
