@@ -3,11 +3,16 @@
 Topology (DESIGN.md, "Children"):
 
 - `ConfigMap <name>-plan`, key `plan.json`: the runtime contract (`api.RuntimeContract`) read by
-  the router and the workers: model and shape, each role's tp/pp/stages/ports, the engine limits.
-- Per role and pipeline stage a StatefulSet `<name>-<role>-s<i>`; ordinal k of every stage of a
-  role is instance k. Each pod requests `<gpu resource>: <tp>`.
+  the router: model and shape, each role's tp/pp/stages/ports, the engine limits. The workers of
+  a revision mount their own copy, `<name>-plan-<revision>`, so a pod of an old revision that
+  restarts during a rollout still reads the shape it runs.
+- Per role and pipeline stage a StatefulSet `<name>-<role>-<revision>-s<i>`; ordinal k of every
+  stage of a role is instance k. Each pod requests `<gpu resource>: <tp>`. The revision is the hash
+  of the pods' shape (tp, pp, stage split, placement): a re-plan that changes it brings up new
+  groups beside the old ones and drains the old ones once the new serve (rollout.py); one that
+  changes only replica counts scales the groups in place.
 - Low node affinity, layout SeparatePods: decode stage i requires the node of a prefill stage i pod.
-  Layout SharedPod: one StatefulSet `<name>-pd-s<i>` whose pods run both stage segments, so the
+  Layout SharedPod: one StatefulSet `<name>-pd-<revision>-s<i>` whose pods run both stage segments, so the
   KV cache moves over NVLink / CUDA IPC inside the pod.
 - A headless Service per stage StatefulSet, named like it and governing it (`serviceName`), so
   every stage pod has a stable DNS name `<sts>-<k>.<sts>.<namespace>.svc`; it publishes pods before
@@ -26,6 +31,7 @@ Everything the worker runtime reads (command line, ports, mounts, probe) is in t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -39,11 +45,13 @@ from .api import (
     GpuType,
     PhasePlan,
     PlacementAffinity,
+    PlanMode,
     PlanStatus,
     SourceKind,
     StageLayout,
     rank_port_base,
 )
+from .api.spec import MAX_TP
 from .contract import runtime_contract
 
 PLAN_DIR = "/etc/distserve"
@@ -52,6 +60,9 @@ PLAN_KEY = "plan.json"
 MODEL_DIR = "/models"
 RUN_AS_USER = 10001
 POD_GROUP_API = "scheduling.x-k8s.io/v1alpha1"
+# A draining worker exits this long before its grace period ends: time to close connections and
+# flush metrics before the kubelet's SIGKILL.
+DRAIN_MARGIN_SECONDS = 10
 ROUTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}}
 
 Obj = dict[str, Any]
@@ -65,18 +76,20 @@ class WorkerGroup:
     stage: int
     replicas: int
     segments: tuple[tuple[str, PhasePlan], ...]  # (role, phase plan) per container
+    revision: str = ""  # the plan's shape (revision()); worker_groups fills it in
 
     def name(self, instance: str) -> str:
         short = "pd" if self.role == L.ROLE_PAIRED else self.role
-        return f"{instance}-{short}-s{self.stage}"
+        return f"{instance}-{short}-{self.revision}-s{self.stage}"
 
     @property
     def status_name(self) -> str:
         return f"{self.role}-s{self.stage}"
 
 
-def plan_configmap_name(name: str) -> str:
-    return f"{name}-plan"
+def plan_configmap_name(name: str, revision: str = "") -> str:
+    """The router's plan (`<name>-plan`), or the copy the workers of one revision mount."""
+    return f"{name}-plan-{revision}" if revision else f"{name}-plan"
 
 
 def role_service_name(name: str, role: str) -> str:
@@ -98,7 +111,9 @@ def stage_groups(spec: DistServeDeploymentSpec, plan: PlanStatus) -> dict[str, l
     out: dict[str, list[WorkerGroup]] = {L.ROLE_PREFILL: [], L.ROLE_DECODE: []}
     for group in worker_groups(spec, plan):
         for role, _ in group.segments:
-            out[role].append(group)
+            # A colocated instance is its own prefill and decode instance.
+            for as_role in (L.ROLE_PREFILL, L.ROLE_DECODE) if role == L.ROLE_COLOCATED else (role,):
+                out[as_role].append(group)
     for groups in out.values():
         groups.sort(key=lambda g: g.stage)
     return out
@@ -107,7 +122,8 @@ def stage_groups(spec: DistServeDeploymentSpec, plan: PlanStatus) -> dict[str, l
 def shared_pod_layout(spec: DistServeDeploymentSpec, plan: PlanStatus) -> bool:
     """SharedPod pairs stage i of prefill with stage i of decode: it needs matching shapes."""
     return (
-        plan.affinity is PlacementAffinity.LOW
+        plan.mode is not PlanMode.COLOCATED
+        and plan.affinity is PlacementAffinity.LOW
         and spec.placement.stage_layout is StageLayout.SHARED_POD
         and plan.prefill.pp == plan.decode.pp
         and plan.prefill.replicas == plan.decode.replicas
@@ -115,6 +131,19 @@ def shared_pod_layout(spec: DistServeDeploymentSpec, plan: PlanStatus) -> bool:
 
 
 def worker_groups(spec: DistServeDeploymentSpec, plan: PlanStatus) -> list[WorkerGroup]:
+    """Every worker StatefulSet of the plan, each with the plan's revision."""
+    rev = revision(plan)
+    return [dataclasses.replace(g, revision=rev) for g in _shape_groups(spec, plan)]
+
+
+def _shape_groups(spec: DistServeDeploymentSpec, plan: PlanStatus) -> list[WorkerGroup]:
+    if plan.mode is PlanMode.COLOCATED and plan.colocated is not None:
+        # serving.mode Colocated: one StatefulSet per stage of colocated instances, no prefill or decode.
+        c = plan.colocated
+        phase = PhasePlan(tp=c.tp, pp=c.pp, replicas=c.replicas, stage_layers=c.stage_layers)
+        return [
+            WorkerGroup(L.ROLE_COLOCATED, i, c.replicas, ((L.ROLE_COLOCATED, phase),)) for i in range(c.pp)
+        ]
     if shared_pod_layout(spec, plan):
         segments = ((L.ROLE_PREFILL, plan.prefill), (L.ROLE_DECODE, plan.decode))
         return [
@@ -139,13 +168,21 @@ def rank_ports(spec: DistServeDeploymentSpec, role: str, shared: bool, tp: int) 
 
 
 def parallelism_hash(plan: PlanStatus) -> str:
-    """Changes when a pod's shape changes (tp, pp), not when only replica counts do."""
+    """Changes when a pod's shape changes (tp, pp, stage split, placement), not when only replica
+    counts do."""
     shape = {
-        "prefill": [plan.prefill.tp, plan.prefill.pp],
-        "decode": [plan.decode.tp, plan.decode.pp],
+        "prefill": [plan.prefill.tp, plan.prefill.pp, plan.prefill.stage_layers],
+        "decode": [plan.decode.tp, plan.decode.pp, plan.decode.stage_layers],
         "affinity": plan.affinity.value,
     }
+    if plan.mode is PlanMode.COLOCATED and plan.colocated is not None:  # absent: old hashes unchanged
+        shape["colocated"] = [plan.colocated.tp, plan.colocated.pp, plan.colocated.stage_layers]
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def revision(plan: PlanStatus) -> str:
+    """The short shape hash in worker object names and the REVISION label."""
+    return parallelism_hash(plan)[:6]
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -188,13 +225,18 @@ def plan_document(
 
 
 def render_plan_configmap(
-    name: str, spec: DistServeDeploymentSpec, plan: PlanStatus, *, namespace: str
+    name: str, spec: DistServeDeploymentSpec, plan: PlanStatus, *, namespace: str, for_workers: bool = False
 ) -> Obj:
+    """The router's plan, or (`for_workers`) the revision's copy its worker pods mount."""
     document = plan_document(name, spec, plan, namespace=namespace)
+    labels = L.base(name, L.COMPONENT_PLAN)
+    rev = revision(plan) if for_workers else ""
+    if rev:
+        labels[L.REVISION] = rev
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {"name": plan_configmap_name(name), "labels": L.base(name, L.COMPONENT_PLAN)},
+        "metadata": {"name": plan_configmap_name(name, rev), "labels": labels},
         "data": {PLAN_KEY: json.dumps(document, indent=2, sort_keys=True)},
     }
 
@@ -255,6 +297,11 @@ def _resources(spec: DistServeDeploymentSpec, gpus: int) -> Obj:
     return out
 
 
+def drain_seconds(spec: DistServeDeploymentSpec) -> int:
+    """How long a worker drains on SIGTERM: its pod's grace period less a margin."""
+    return max(1, spec.worker.termination_grace_period_seconds - DRAIN_MARGIN_SECONDS)
+
+
 def _worker_container(
     spec: DistServeDeploymentSpec, role: str, phase: PhasePlan, stage: int, shared: bool
 ) -> Obj:
@@ -287,6 +334,9 @@ def _worker_container(
             # The address peers reach this instance at; Kubernetes expands $(POD_IP) from env.
             "--advertise",
             f"$(POD_IP):{grpc_port}",
+            # On SIGTERM: stop taking work, finish what it holds, exit before the kubelet kills it.
+            "--drain-seconds",
+            str(drain_seconds(spec)),
         ],
         "ports": [
             {"name": f"grpc-{role}", "containerPort": grpc_port, "protocol": "TCP"},
@@ -342,6 +392,7 @@ def _affinity(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus, group:
                                 L.APP_INSTANCE: name,
                                 L.ROLE: L.ROLE_PREFILL,
                                 L.STAGE: str(group.stage),
+                                L.REVISION: group.revision,
                             }
                         },
                         "topologyKey": L.HOSTNAME_TOPOLOGY,
@@ -362,6 +413,7 @@ def _affinity(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus, group:
                                     L.APP_INSTANCE: name,
                                     L.ROLE: group.role,
                                     L.STAGE: str(group.stage),
+                                    L.REVISION: group.revision,
                                 }
                             },
                             "topologyKey": L.HOSTNAME_TOPOLOGY,
@@ -374,9 +426,20 @@ def _affinity(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus, group:
 
 
 def _group_labels(name: str, group: WorkerGroup) -> dict[str, str]:
-    out = {**L.base(name, L.COMPONENT_WORKER), L.ROLE: group.role, L.STAGE: str(group.stage)}
+    out = {
+        **L.base(name, L.COMPONENT_WORKER),
+        L.ROLE: group.role,
+        L.STAGE: str(group.stage),
+        L.REVISION: group.revision,
+    }
     for role, _ in group.segments:
-        out[L.SERVES_PREFILL if role == L.ROLE_PREFILL else L.SERVES_DECODE] = "true"
+        # A colocated pod serves both: the router's role Services select it as either.
+        for key in (
+            (L.SERVES_PREFILL, L.SERVES_DECODE)
+            if role == L.ROLE_COLOCATED
+            else (L.SERVES_PREFILL if role == L.ROLE_PREFILL else L.SERVES_DECODE,)
+        ):
+            out[key] = "true"
     return out
 
 
@@ -387,6 +450,7 @@ def _group_selector(name: str, group: WorkerGroup) -> dict[str, str]:
         L.APP_COMPONENT: L.COMPONENT_WORKER,
         L.ROLE: group.role,
         L.STAGE: str(group.stage),
+        L.REVISION: group.revision,
     }
 
 
@@ -401,12 +465,14 @@ def render_statefulset(name: str, spec: DistServeDeploymentSpec, plan: PlanStatu
             _worker_container(spec, role, phase, group.stage, shared) for role, phase in group.segments
         ],
         "volumes": [
-            {"name": "plan", "configMap": {"name": plan_configmap_name(name)}},
+            {"name": "plan", "configMap": {"name": plan_configmap_name(name, group.revision)}},
             {"name": "tmp", "emptyDir": {}},
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
             *volumes,
         ],
-        "terminationGracePeriodSeconds": 60,
+        # The worker drains on SIGTERM (stops taking work, finishes what it holds) for this long
+        # less DRAIN_MARGIN_SECONDS, so it exits on its own before the kubelet's SIGKILL.
+        "terminationGracePeriodSeconds": spec.worker.termination_grace_period_seconds,
         "enableServiceLinks": False,
     }
     if spec.cluster.node_selector:
@@ -448,15 +514,16 @@ GANG_GATE = "distserve.io/gang"
 GANG_SCHEDULER = "scheduler-plugins-scheduler"
 
 
-def pod_group_name(name: str, role: str, instance: int) -> str:
+def pod_group_name(name: str, role: str, instance: int, revision: str = "") -> str:
     short = "pd" if role == L.ROLE_PAIRED else role
-    return f"{name}-{short}-i{instance}"
+    return f"{name}-{short}-{revision}-i{instance}" if revision else f"{name}-{short}-i{instance}"
 
 
 def render_pod_groups(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus) -> list[Obj]:
     if spec.placement.gang_scheduling is not GangScheduling.POD_GROUP:
         return []
     groups = worker_groups(spec, plan)
+    rev = revision(plan)
     out = []
     for role in dict.fromkeys(g.role for g in groups):
         stages = [g for g in groups if g.role == role]
@@ -466,8 +533,8 @@ def render_pod_groups(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus
                     "apiVersion": POD_GROUP_API,
                     "kind": "PodGroup",
                     "metadata": {
-                        "name": pod_group_name(name, role, k),
-                        "labels": {**L.base(name, L.COMPONENT_WORKER), L.ROLE: role},
+                        "name": pod_group_name(name, role, k, rev),
+                        "labels": {**L.base(name, L.COMPONENT_WORKER), L.ROLE: role, L.REVISION: rev},
                     },
                     "spec": {"minMember": len(stages), "scheduleTimeoutSeconds": 600},
                 }
@@ -487,8 +554,9 @@ def ungate_patch(pod: Obj) -> Obj | None:
     ordinal = labels.get("apps.kubernetes.io/pod-index") or meta.get("name", "").rsplit("-", 1)[-1]
     if not instance or not role or not str(ordinal).isdigit():
         return None
+    rev = labels.get(L.REVISION, "")
     return {
-        "metadata": {"labels": {L.POD_GROUP: pod_group_name(instance, role, int(ordinal))}},
+        "metadata": {"labels": {L.POD_GROUP: pod_group_name(instance, role, int(ordinal), rev)}},
         "spec": {"schedulingGates": [g for g in gates if g.get("name") != GANG_GATE]},
     }
 
@@ -524,6 +592,7 @@ def render_stage_services(name: str, spec: DistServeDeploymentSpec, plan: PlanSt
                         **L.base(name, L.COMPONENT_WORKER),
                         L.ROLE: group.role,
                         L.STAGE: str(group.stage),
+                        L.REVISION: group.revision,
                     },
                 },
                 "spec": {
@@ -542,6 +611,8 @@ def render_role_services(name: str, spec: DistServeDeploymentSpec, plan: PlanSta
     instance is the one it calls (stage 0 reaches the instance's other stages itself)."""
     out = []
     for role, serves in ((L.ROLE_PREFILL, L.SERVES_PREFILL), (L.ROLE_DECODE, L.SERVES_DECODE)):
+        # Colocated pods name their one container's ports after it.
+        port_role = L.ROLE_COLOCATED if plan.mode is PlanMode.COLOCATED else role
         out.append(
             {
                 "apiVersion": "v1",
@@ -562,13 +633,13 @@ def render_role_services(name: str, spec: DistServeDeploymentSpec, plan: PlanSta
                         {
                             "name": "grpc",
                             "port": spec.worker.grpc_port,
-                            "targetPort": f"grpc-{role}",
+                            "targetPort": f"grpc-{port_role}",
                             "protocol": "TCP",
                         },
                         {
                             "name": "metrics",
                             "port": spec.worker.metrics_port,
-                            "targetPort": f"metrics-{role}",
+                            "targetPort": f"metrics-{port_role}",
                             "protocol": "TCP",
                         },
                     ],
@@ -606,6 +677,11 @@ def render_router(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus) ->
             str(ports(spec, L.ROLE_PREFILL, shared)[0]),
             "--decode-port",
             str(ports(spec, L.ROLE_DECODE, shared)[0]),
+            # Overload: how many requests wait for a saturated role, and for how long.
+            "--max-queue",
+            str(spec.router.max_queue),
+            "--queue-timeout-seconds",
+            str(spec.router.queue_timeout_seconds),
         ],
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
         "env": [
@@ -661,13 +737,11 @@ def render_network_policy(name: str, spec: DistServeDeploymentSpec, plan: PlanSt
     grpc_ports: list[Obj] = [
         {"protocol": "TCP", "port": p} for p in sorted({ports(spec, role, shared)[0] for role in roles})
     ]
-    for role, phase in roles.items():
-        followers = rank_ports(spec, role, shared, phase.tp)
-        if followers:  # one contiguous range per role
-            rule: Obj = {"protocol": "TCP", "port": followers[0]}
-            if len(followers) > 1:
-                rule["endPort"] = followers[-1]
-            grpc_ports.append(rule)
+    for role in roles:
+        # Every follower port a role may use, whatever this plan's tp: during a staged rollout the
+        # old revision's ranks (another tp) still serve KV pulls until they have drained.
+        followers = rank_ports(spec, role, shared, MAX_TP)
+        grpc_ports.append({"protocol": "TCP", "port": followers[0], "endPort": followers[-1]})
     metrics_ports = sorted({ports(spec, role, shared)[1] for role in roles})
     return {
         "apiVersion": "networking.k8s.io/v1",
@@ -700,7 +774,10 @@ def render_all(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus, *, na
     """Every child, in the order to apply them (config before the pods that mount it, Services
     before the StatefulSets they govern). `namespace`: where they go (the plan names stage pods
     by their DNS names there)."""
-    objs: list[Obj] = [render_plan_configmap(name, spec, plan, namespace=namespace)]
+    objs: list[Obj] = [
+        render_plan_configmap(name, spec, plan, namespace=namespace),
+        render_plan_configmap(name, spec, plan, namespace=namespace, for_workers=True),
+    ]
     objs += render_role_services(name, spec, plan)
     objs += render_stage_services(name, spec, plan)
     objs.append(render_network_policy(name, spec, plan))

@@ -15,6 +15,7 @@ from .api import (
     RoleStatus,
     WorkloadSnapshot,
 )
+from .capacity import Waiting
 
 T, F, U = ConditionStatus.TRUE, ConditionStatus.FALSE, ConditionStatus.UNKNOWN
 ORDER = [
@@ -23,6 +24,7 @@ ORDER = [
     ConditionType.PROGRESSING,
     ConditionType.DEGRADED,
     ConditionType.PLAN_DRIFT,
+    ConditionType.SCHEDULABLE,
 ]
 
 
@@ -181,6 +183,52 @@ def rollout_conditions(
             generation=generation,
         )
     return conditions
+
+
+def schedulable_condition(
+    conditions: list[Condition],
+    waiting: Waiting,
+    plan: PlanStatus,
+    *,
+    allocatable: int | None,
+    where: str,
+    now: str,
+    generation: int | None,
+) -> list[Condition]:
+    """Schedulable: False while worker pods wait for resources the cluster does not have, with the
+    counts (GPUs the plan wants, GPUs allocatable to it) and the scheduler's word."""
+    if not waiting.pods:
+        return set_condition(
+            conditions,
+            ConditionType.SCHEDULABLE,
+            T,
+            "Scheduled",
+            f"no worker pod waits for resources (the plan wants {plan.gpus} GPUs)",
+            now=now,
+            generation=generation,
+        )
+    short = "GPUs" if "gpu" in waiting.message.lower() or waiting.gpus else "resources"
+    counts = (
+        f"the plan wants {plan.gpus} GPUs, {allocatable} are allocatable to it"
+        if allocatable is not None
+        else (f"the plan wants {plan.gpus} GPUs; allocatable GPUs unknown (the operator cannot read nodes)")
+    )
+    fix = (
+        "re-planning within what is allocatable once they have waited past the grace period"
+        if not plan.pinned
+        else "the plan is pinned (spec.planner.pin): free GPUs or change the pin"
+    )
+    return set_condition(
+        conditions,
+        ConditionType.SCHEDULABLE,
+        F,
+        "InsufficientGPUs" if short == "GPUs" else "Unschedulable",
+        f"{waiting.pods} worker pod(s) Pending for want of {short} ({waiting.gpus} GPUs): {counts}"
+        + (f" ({where})" if where else "")
+        + f"; scheduler: {waiting.message}; {fix}",
+        now=now,
+        generation=generation,
+    )
 
 
 def drift_summary(plan: PlanStatus) -> str:

@@ -16,6 +16,8 @@ from .api import (
     EngineLimits,
     ModelShape,
     ModelSpec,
+    PhaseContract,
+    PlanMode,
     PlanStatus,
     Role,
     RuntimeContract,
@@ -86,9 +88,13 @@ def assemble(
 ) -> RuntimeContract:
     """The contract from its parts (what `runtime_contract` and `distserve up` share). `phases`:
     role -> (tp, pp, replicas), by default the plan's; `ports`: role -> (gRPC, metrics). The
-    stages' layer ranges are the plan's split (`PhasePlan.stageLayers`) when it has one for that pp."""
+    stages' layer ranges are the plan's split (`PhasePlan.stageLayers`) when it has one for that pp.
+    A plan in mode Colocated gives a colocated entry (`phases["colocated"]` or the plan's), and
+    prefill and decode entries that are those same instances, on the colocated ports."""
+    if plan is not None and plan.mode is PlanMode.COLOCATED:
+        return _colocated(model, slo, plan, shape, limits, ports, services, phases, addresses)
     built = {}
-    for role in Role:
+    for role in (Role.PREFILL, Role.DECODE):
         planned = None
         if plan is not None:
             planned = plan.prefill if role is Role.PREFILL else plan.decode
@@ -117,6 +123,55 @@ def assemble(
         shape=shape,
         prefill=built[Role.PREFILL],
         decode=built[Role.DECODE],
+        limits=limits,
+        plan=plan,
+    )
+
+
+def _colocated(
+    model: ModelSpec,
+    slo: Slo,
+    plan: PlanStatus,
+    shape: ModelShape,
+    limits: EngineLimits,
+    ports: Mapping[str, tuple[int, int]],
+    services: Mapping[str, Sequence[str]] | None,
+    phases: Mapping[str, tuple[int, int, int]] | None,
+    addresses: Mapping[str, Sequence[str]] | None,
+) -> RuntimeContract:
+    planned = plan.colocated
+    if planned is None:
+        raise ValueError("a plan in mode Colocated needs plan.colocated (re-plan it)")
+    role = Role.COLOCATED.value
+    tp, pp, replicas = (phases or {}).get(role) or (planned.tp, planned.pp, planned.replicas)
+    stage_layers = planned.stage_layers if planned.pp == pp else None
+    # One process serves both phases on one port: the router reaches it as either.
+    grpc_port, metrics_port = ports.get(role) or ports[Role.PREFILL.value]
+    stage_services = (services or {}).get(role) or (services or {}).get(Role.PREFILL.value)
+    stage_addresses = (addresses or {}).get(role) or (addresses or {}).get(Role.PREFILL.value)
+
+    def entry(as_role: Role) -> PhaseContract:
+        return phase_contract(
+            as_role,
+            tp,
+            pp,
+            replicas,
+            shape.layers,
+            grpc_port,
+            metrics_port,
+            list(stage_services) if stage_services else None,
+            stage_layers,
+            list(stage_addresses) if stage_addresses else None,
+        )
+
+    return RuntimeContract(
+        model=model,
+        slo=slo,
+        shape=shape,
+        mode=PlanMode.COLOCATED,
+        prefill=entry(Role.PREFILL),
+        decode=entry(Role.DECODE),
+        colocated=entry(Role.COLOCATED),
         limits=limits,
         plan=plan,
     )

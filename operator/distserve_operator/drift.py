@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from .api import AutoscalingMode, PhasePlan, PlanStatus, WorkloadSnapshot
+from .api.status import PlanMode
 
 NOISE_PERCENT = 10.0
 # Attainment must fall this many points below the target: a 90% target measured as 89.5% on a
@@ -133,6 +134,15 @@ def keep_parallelism(current: PlanStatus, proposed: PlanStatus, target_rate: flo
 
     Uses the proposed plan when its shapes already match; otherwise a candidate with the same
     shapes; otherwise scales each phase by its per-instance rate (or by the rate ratio)."""
+    if current.mode is PlanMode.COLOCATED and current.colocated is not None:
+        c, p = current.colocated, proposed.colocated
+        if proposed.mode is PlanMode.COLOCATED and p is not None and (p.tp, p.pp) == (c.tp, c.pp):
+            return proposed
+        per = c.max_rate_per_instance
+        replicas = max(1, math.ceil(target_rate / per)) if per else c.replicas
+        return current.model_copy(
+            update={"colocated": c.model_copy(update={"replicas": replicas}), "gpus": c.tp * c.pp * replicas}
+        )
     if _same_shape(current.prefill, proposed.prefill) and _same_shape(current.decode, proposed.decode):
         return proposed
     for cand in proposed.candidates:
@@ -166,6 +176,14 @@ def _resize(phase: PhasePlan, rate: float) -> PhasePlan:
 def cap_replicas(plan: PlanStatus, *, max_gpus: int | None, min_replicas: int) -> PlanStatus:
     """Keep each role at or above `min_replicas` and the total under `max_gpus` (scaling down the
     larger role first)."""
+    if plan.mode is PlanMode.COLOCATED and plan.colocated is not None:
+        c = plan.colocated
+        n = max(c.replicas, min_replicas, 1)
+        if max_gpus is not None:
+            n = max(1, min(n, max_gpus // c.gpus_per_instance))
+        return plan.model_copy(
+            update={"colocated": c.model_copy(update={"replicas": n}), "gpus": n * c.gpus_per_instance}
+        )
     prefill = max(plan.prefill.replicas, min_replicas)
     decode = max(plan.decode.replicas, min_replicas)
 
@@ -195,13 +213,21 @@ def cap_replicas(plan: PlanStatus, *, max_gpus: int | None, min_replicas: int) -
 
 
 def replicas_changed(current: PlanStatus, proposed: PlanStatus) -> bool:
-    return (current.prefill.replicas, current.decode.replicas) != (
-        proposed.prefill.replicas,
-        proposed.decode.replicas,
-    )
+    return instances(current) != instances(proposed)
+
+
+def instances(plan: PlanStatus) -> dict[str, int]:
+    """role -> instances that serve it (a colocated instance serves both)."""
+    if plan.mode is PlanMode.COLOCATED and plan.colocated is not None:
+        return {"prefill": plan.colocated.replicas, "decode": plan.colocated.replicas}
+    return {"prefill": plan.prefill.replicas, "decode": plan.decode.replicas}
 
 
 def summary(plan: PlanStatus) -> str:
+    if plan.mode is PlanMode.COLOCATED and plan.colocated is not None:
+        c = plan.colocated
+        return f"colocated TP{c.tp}xPP{c.pp} ×{c.replicas}"
+
     def phase(name: str, p: PhasePlan) -> str:
         return f"{name} TP{p.tp}xPP{p.pp} ×{p.replicas}"
 

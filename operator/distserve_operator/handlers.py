@@ -143,6 +143,13 @@ def register(
             except SpecError:
                 interval, active = 60.0, False
             now = time.monotonic()
+            if (body.get("status") or {}).get("rollout") and now >= state.next_rollout_step:
+                # A staged rollout moves on readiness, which no event of ours announces: look often.
+                state.next_rollout_step = now + op_settings.rollout_poll_seconds
+                try:
+                    await R.reconcile(runtime, body, memo, logger)
+                except kopf.TemporaryError as exc:
+                    logger.warning(f"rollout step deferred: {exc}")
             if active and now >= state.next_due:
                 state.next_due = now + interval
                 try:
@@ -157,7 +164,10 @@ def register(
             # A plain sleep, not `stopped.wait(timeout)`: on Python 3.11 a cancellation racing that
             # timeout surfaces as TimeoutError and kopf reports the daemon as failed.
             await asyncio.sleep(
-                min(op_settings.observe_tick_seconds, max(0.05, state.next_due - time.monotonic()))
+                min(
+                    op_settings.observe_tick_seconds,
+                    max(0.05, min(state.next_due, state.next_rollout_step) - time.monotonic()),
+                )
             )
 
     return registry

@@ -15,7 +15,7 @@ import os
 import ssl
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -34,6 +34,8 @@ PLURALS: dict[tuple[str, str], str] = {
     ("v1", "ConfigMap"): "configmaps",
     ("v1", "Service"): "services",
     ("v1", "Pod"): "pods",
+    ("v1", "Node"): "nodes",
+    ("v1", "ResourceQuota"): "resourcequotas",
     ("v1", "Event"): "events",
     ("apps/v1", "StatefulSet"): "statefulsets",
     ("apps/v1", "Deployment"): "deployments",
@@ -314,10 +316,28 @@ class Kube:
             return Applied("patched", await self.patch(api_version, kind, namespace, name, desired))
         raise kopf.TemporaryError(f"{kind} {name} keeps changing under the operator; retrying", delay=2)
 
+    async def try_list(
+        self, api_version: str, kind: str, namespace: str | None, selector: Mapping[str, str]
+    ) -> list[dict[str, Any]] | None:
+        """Like list_objects, but None where RBAC forbids it (optional knowledge, such as nodes)."""
+        try:
+            return await self.list_objects(api_version, kind, namespace, selector)
+        except kopf.TemporaryError as exc:
+            if isinstance(exc.__cause__, ApiError) and exc.__cause__.status in (401, 403):
+                return None
+            raise
+
     async def prune(
-        self, namespace: str, instance: str, owner_uid: str, keep: Iterable[tuple[str, str, str]]
+        self,
+        namespace: str,
+        instance: str,
+        owner_uid: str,
+        keep: Iterable[tuple[str, str, str]],
+        *,
+        keep_if: Callable[[dict[str, Any]], bool] | None = None,
     ) -> list[str]:
-        """Delete children of this owner that are no longer rendered; returns 'Kind/name' deleted."""
+        """Delete children of this owner that are no longer rendered (and `keep_if` does not keep:
+        the groups of a rollout's old revision); returns 'Kind/name' deleted."""
         keep_set = set(keep)
         deleted = []
         for api_version, kind in PRUNABLE:
@@ -325,6 +345,8 @@ class Kube:
                 meta = item.get("metadata", {})
                 owners = [o.get("uid") for o in meta.get("ownerReferences") or []]
                 if owner_uid not in owners or (api_version, kind, meta.get("name")) in keep_set:
+                    continue
+                if keep_if is not None and keep_if(item):
                     continue
                 await self.delete(api_version, kind, namespace, meta["name"])
                 deleted.append(f"{kind}/{meta['name']}")

@@ -13,6 +13,9 @@ STAGE = "distserve.io/stage"
 SERVES_PREFILL = "distserve.io/serves-prefill"
 SERVES_DECODE = "distserve.io/serves-decode"
 POD_GROUP = "scheduling.x-k8s.io/pod-group"
+# The shape (parallelism hash) of a plan's worker objects: a re-plan that changes it brings up new
+# groups beside the old ones (rollout.py), told apart by this label and a name suffix.
+REVISION = "distserve.io/revision"
 
 PLAN_HASH_ANNOTATION = "distserve.io/parallelism-hash"
 KOPF_PREFIX = "distserve.io"
@@ -27,6 +30,8 @@ COMPONENT_PLAN = "plan"
 ROLE_PREFILL = "prefill"
 ROLE_DECODE = "decode"
 ROLE_PAIRED = "prefill-decode"
+# serving.mode Colocated: one process per pod doing both phases (`distserve worker colocated`).
+ROLE_COLOCATED = "colocated"
 ROLE_ROUTER = "router"
 
 HOSTNAME_TOPOLOGY = "kubernetes.io/hostname"

@@ -24,19 +24,22 @@ from typing import Any, Protocol
 import kopf
 from pydantic import ValidationError
 
-from . import children, conditions, drift, observe
+from . import capacity, children, conditions, drift, observe, rollout, scaling
+from . import labels as L
 from .api import (
     AutoscalingMode,
+    Condition,
     ConditionStatus,
     ConditionType,
     DistServeDeploymentSpec,
     DistServeDeploymentStatus,
     GangScheduling,
+    GpuBudget,
+    GpuType,
     MetricsSource,
     PlanStatus,
     Replan,
-    ReplanScope,
-    RoleStatus,
+    Rollout,
     SpecError,
     WorkloadSnapshot,
     parse_spec,
@@ -192,16 +195,34 @@ async def _reconcile_locked(
 
     spec, notices = effective_spec(rt.settings, spec)
     plan = status.plan
+    previous = plan
     first_plan = plan is None  # nothing of ours can exist yet: no need to look for stale children
     planned = conditions.get_condition(status.conditions, ConditionType.PLANNED)
     same_generation = status.observed_generation == generation
     if same_generation and planned is not None and planned.reason == "PlanFailed":
         return  # the planner refused this generation; it will not change its mind until the spec does
+    pods = None if first_plan else await rt.kube.try_list("v1", "Pod", namespace, _worker_pods(name))
+    waiting = _waiting(spec, name, pods)
+    found: capacity.Allocatable | None = None
+    if waiting.pods:
+        found = await _allocatable(rt, spec, name, namespace)
+    reason = ""
     if plan is None or not same_generation or planned is None or planned.status != T:
         reason = "Created" if plan is None else "SpecChanged"
+    elif _stuck_for_gpus(rt, plan, waiting, found):
+        reason = "InsufficientGPUs"
+    if reason:
+        if found is None:
+            found = await _allocatable(rt, spec, name, namespace)
+        budget = capacity.budget(_nominal_gpus(spec), found, spec.cluster.gpu.resource_name)
         try:
-            plan = await _run_planner(rt, spec, reason, namespace=namespace)
+            plan = await _run_planner(rt, _within(spec, budget), reason, namespace=namespace)
         except (SpecError, ValueError) as exc:
+            if budget.planned_within < budget.nominal:
+                # Not the spec's fault: the cluster is full now. Not sticky: the resync retries.
+                message = f"no plan fits the GPUs the cluster can allocate now ({budget.message}): {exc}"
+                await _not_planned(rt, live, status, "InsufficientGPUs", message, now, logger)
+                return
             message = f"the planner could not plan this spec: {exc}"
             await _not_planned(rt, live, status, "PlanFailed", message, now, logger)
             return
@@ -213,28 +234,31 @@ async def _reconcile_locked(
             plan = drift.cap_replicas(
                 plan, max_gpus=spec.autoscaling.max_gpus, min_replicas=spec.autoscaling.min_replicas
             )
+        plan = plan.model_copy(update={"gpu_budget": budget})
         status = status.model_copy(
             update={
                 "plan": plan,
+                "rollout": _rollout_record(status, previous, plan, now),
                 "assumptions": conditions.assumptions_from_spec(spec),
                 "conditions": conditions.set_condition(
                     status.conditions,
                     ConditionType.PLANNED,
                     T,
                     "Planned" if reason == "Created" else "Replanned",
-                    plan.verdict or plan.summary,
+                    _planned_message(plan),
                     now=now,
                     generation=generation,
                 ),
             }
         )
         verb = "Planned" if reason == "Created" else "Replanned"
+        within = f"; {plan.gpu_budget.message}" if plan.gpu_budget and plan.gpu_budget.allocatable else ""
         await _event(
             rt,
             live,
             "Normal",
             verb,
-            f"{plan.summary} ({plan.gpus} GPUs, {plan.estimated.goodput_per_gpu:.3g} req/s per GPU)",
+            f"{plan.summary} ({plan.gpus} GPUs, {plan.estimated.goodput_per_gpu:.3g} req/s per GPU){within}",
         )
         logger.info(f"{verb}: {plan.summary}")
         # Record the plan before touching children: a failure below is repaired from status.
@@ -242,16 +266,11 @@ async def _reconcile_locked(
         await _write_status(rt, namespace, name, old_raw, planned_status)
         old_raw = planned_status.to_wire()
 
-    roles = await _apply_children(rt, live, spec, plan, prune=not first_plan)
-    conds = conditions.rollout_conditions(
-        status.conditions,
-        roles,
-        plan,
-        attainment_target=spec.slo.attainment_percent,
-        observed=status.observed,
-        now=now,
-        generation=generation,
-        notices=notices,
+    assert plan is not None
+    converged = await _converge(rt, live, spec, plan, status, prune=not first_plan, now=now, logger=logger)
+    status = converged.status
+    conds = _conditions(
+        status, spec, plan, converged, now=now, generation=generation, notices=notices, found=found
     )
     if conditions.get_condition(conds, ConditionType.PLAN_DRIFT) is None:
         conds = conditions.set_condition(
@@ -263,8 +282,9 @@ async def _reconcile_locked(
             now=now,
             generation=generation,
         )
-    new = status.model_copy(update={"observed_generation": generation, "roles": roles, "conditions": conds})
+    new = status.model_copy(update={"observed_generation": generation, "conditions": conds})
     await _write_status(rt, namespace, name, old_raw, new)
+    await _finish(rt, live, converged, logger)
 
 
 async def _not_planned(
@@ -310,28 +330,119 @@ def effective_spec(
     return spec, []
 
 
-async def _replace_if_rebound(rt: Runtime, obj: dict[str, Any]) -> None:
-    """A StatefulSet's `serviceName` cannot be changed in place (the API server refuses the
-    patch): delete one governed by another Service (one from before per-stage Services) so it is
-    created anew, its pods with it, and they get their stage DNS names."""
-    meta = obj["metadata"]
-    live = await rt.kube.get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
-    live_service = ((live or {}).get("spec") or {}).get("serviceName")
-    if live_service and live_service != obj["spec"]["serviceName"]:
-        log.info(
-            "StatefulSet %s: serviceName %s -> %s cannot change in place; recreating it",
-            meta["name"],
-            live_service,
-            obj["spec"]["serviceName"],
-        )
-        await rt.kube.delete(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+# ---------------------------------------------------------------------------- children and rollout
 
 
-async def _apply_children(
-    rt: Runtime, owner: dict[str, Any], spec: DistServeDeploymentSpec, plan: PlanStatus, *, prune: bool = True
-) -> list[RoleStatus]:
-    """Apply every rendered child (and delete stale ones when `prune`); returns replicas and ready
-    replicas per role."""
+def _worker_pods(name: str) -> dict[str, str]:
+    return {**L.owned_selector(name), L.APP_COMPONENT: L.COMPONENT_WORKER}
+
+
+def _waiting(spec: DistServeDeploymentSpec, name: str, pods: list[dict[str, Any]] | None) -> capacity.Waiting:
+    return capacity.unschedulable(pods or [], instance=name, resource=spec.cluster.gpu.resource_name)
+
+
+def _nominal_gpus(spec: DistServeDeploymentSpec) -> int:
+    cap = spec.autoscaling.max_gpus
+    return min(spec.cluster.gpu_budget, cap) if cap is not None else spec.cluster.gpu_budget
+
+
+def _within(spec: DistServeDeploymentSpec, budget: GpuBudget) -> DistServeDeploymentSpec:
+    """The spec the planner searches: the cluster capped at what is allocatable (pins excepted:
+    a pin is the user's choice; Schedulable says when it does not fit)."""
+    if budget.planned_within >= budget.nominal or spec.planner.pin is not None or budget.planned_within < 1:
+        return spec
+    cluster = spec.cluster.model_copy(update={"max_gpus": budget.planned_within})
+    return spec.model_copy(update={"cluster": cluster})
+
+
+async def _allocatable(
+    rt: Runtime, spec: DistServeDeploymentSpec, name: str, namespace: str
+) -> capacity.Allocatable | None:
+    """What the cluster can give this deployment now; None on CPU clusters (nothing to count)."""
+    if spec.cluster.gpu.type is GpuType.CPU:
+        return None
+    nodes = await rt.kube.try_list("v1", "Node", None, {})
+    # Every pod on those nodes counts; a namespaced operator sees only its namespace's.
+    pods = await rt.kube.try_list("v1", "Pod", None, {})
+    if pods is None:
+        pods = await rt.kube.try_list("v1", "Pod", namespace, {})
+    quotas = await rt.kube.try_list("v1", "ResourceQuota", namespace, {})
+    return capacity.allocatable(
+        instance=name,
+        resource=spec.cluster.gpu.resource_name,
+        nodes=nodes or None,  # no node visible: unknown, not zero
+        pods=pods,
+        quotas=quotas,
+        node_selector=spec.cluster.node_selector,
+        tolerations=spec.cluster.tolerations,
+    )
+
+
+def _stuck_for_gpus(
+    rt: Runtime, plan: PlanStatus, waiting: capacity.Waiting, found: capacity.Allocatable | None
+) -> bool:
+    """Pods have waited past the grace for GPUs the cluster does not have for this plan."""
+    if not waiting.pods or plan.pinned or found is None or found.gpus is None or found.gpus >= plan.gpus:
+        return False
+    since = conditions.parse_time(waiting.oldest)
+    return since is None or (_now() - since).total_seconds() >= rt.settings.unschedulable_grace_seconds
+
+
+def _planned_message(plan: PlanStatus) -> str:
+    text = plan.verdict or plan.summary
+    if plan.gpu_budget is not None and plan.gpu_budget.planned_within < plan.gpu_budget.nominal:
+        text = f"{text} ({plan.gpu_budget.message})"
+    return text
+
+
+def _rollout_record(
+    status: DistServeDeploymentStatus, previous: PlanStatus | None, plan: PlanStatus, now: str
+) -> Rollout | None:
+    """Start a rollout record when the new plan's shape differs from the running one's."""
+    if previous is None or children.revision(previous) == children.revision(plan):
+        return status.rollout
+    old = status.rollout
+    if old is not None and old.new_revision != children.revision(plan):
+        # Re-planned mid-rollout: every older revision goes the same way; keep the first start.
+        return old.model_copy(update={"new_revision": children.revision(plan), "new_plan": plan.summary})
+    return Rollout(
+        old_revision=children.revision(previous),
+        new_revision=children.revision(plan),
+        old_plan=previous.summary,
+        new_plan=plan.summary,
+        started=now,
+        step=rollout.StepName.STARTING_NEW,
+    )
+
+
+def _desired_instances(spec: DistServeDeploymentSpec, plan: PlanStatus) -> dict[str, int]:
+    """role -> instances of the plan (what a rollout waits for before it drains the old groups)."""
+    return drift.instances(plan)
+
+
+@dataclass
+class Converged:
+    """What one pass over the children found: status with roles and rollout, the rollout step."""
+
+    status: DistServeDeploymentStatus
+    step: rollout.Step
+    waiting: capacity.Waiting
+    finished_rollout: Rollout | None = None
+
+
+async def _converge(
+    rt: Runtime,
+    owner: dict[str, Any],
+    spec: DistServeDeploymentSpec,
+    plan: PlanStatus,
+    status: DistServeDeploymentStatus,
+    *,
+    prune: bool,
+    now: str,
+    logger: logging.Logger | logging.LoggerAdapter[Any],
+) -> Converged:
+    """Apply every rendered child, take the next step of a staged rollout, prune what no revision
+    needs any more; returns status with roles (the plan's revision) and the rollout."""
     meta = owner["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     objs = children.render_all(name, spec, plan, namespace=namespace)
@@ -339,22 +450,139 @@ async def _apply_children(
     live_replicas: dict[str, int] = {}
     for obj in objs:
         kopf.adopt(obj, owner=owner)  # type: ignore[arg-type]  # a raw body works as the owner
-        if obj["kind"] == "StatefulSet":
-            await _replace_if_rebound(rt, obj)
         applied = await rt.kube.apply(
             obj, preserve_replicas=not children.scaled_by_operator(obj, spec.autoscaling.mode)
         )
         if obj["kind"] in ("StatefulSet", "Deployment"):
             ready[obj["metadata"]["name"]] = int((applied.obj.get("status") or {}).get("readyReplicas") or 0)
             live_replicas[obj["metadata"]["name"]] = int((applied.obj.get("spec") or {}).get("replicas") or 0)
-    keep = [(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in objs]
+    revision = children.revision(plan)
+    sets = (
+        []
+        if not prune
+        else await rt.kube.list_objects("apps/v1", "StatefulSet", namespace, L.owned_selector(name))
+    )
+    groups = [rollout.group_of(s) for s in sets if (s.get("metadata", {}).get("labels") or {}).get(L.ROLE)]
+    pods = await rt.kube.try_list("v1", "Pod", namespace, _worker_pods(name)) if prune else None
+    new_pods = [p for p in pods or [] if (p["metadata"].get("labels") or {}).get(L.REVISION) == revision]
+    waiting_new = _waiting(spec, name, new_pods)
+    step = rollout.step(groups, revision, _desired_instances(spec, plan), make_room=waiting_new.pods > 0)
+    for sts, replicas in step.scale.items():
+        logger.info(f"rollout: scaling {sts} of an old revision to {replicas}")
+        await rt.kube.patch("apps/v1", "StatefulSet", namespace, sts, {"spec": {"replicas": replicas}})
     if prune:
-        await rt.kube.prune(namespace, name, meta["uid"], keep)
+        keep = [(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in objs]
+        kept = set(step.old_revisions) - set(step.remove)
+        legacy_sets = {g.name for g in groups if g.revision == rollout.LEGACY}
+        deleted = await rt.kube.prune(
+            namespace,
+            name,
+            meta["uid"],
+            keep,
+            keep_if=lambda item: _kept_by_rollout(item, kept, legacy_sets),
+        )
+        if deleted:
+            logger.info(f"pruned {', '.join(deleted)}")
     desired = children.role_replicas(name, spec, plan)
     if spec.autoscaling.mode is AutoscalingMode.EXTERNAL:
         # HPA/KEDA own the counts: report theirs, not the plan's.
         desired = {role: (obj, live_replicas.get(obj, n)) for role, (obj, n) in desired.items()}
-    return conditions.roles_status(desired, ready)
+    roles = conditions.roles_status(desired, ready)
+    record = status.rollout
+    finished = None
+    if step.in_progress:
+        base = record if record is not None and record.new_revision == revision else None
+        record = Rollout(
+            old_revision=",".join(r or "legacy" for r in step.old_revisions),
+            new_revision=revision,
+            old_plan=base.old_plan if base and base.old_plan else _describe_old(groups, revision),
+            new_plan=plan.summary,
+            started=base.started if base else now,
+            step=step.step or "",
+            roles=step.roles,
+        )
+    elif record is not None:
+        finished, record = record, None
+    return Converged(
+        status.model_copy(update={"roles": roles, "rollout": record}),
+        step,
+        _waiting(spec, name, pods),
+        finished,
+    )
+
+
+def _kept_by_rollout(item: dict[str, Any], revisions: set[str], legacy_sets: set[str]) -> bool:
+    """Objects of an old revision still draining: its StatefulSets, their Services (DNS for the
+    stages), its plan copy and PodGroups. Objects from before revisions have no label: their
+    StatefulSets and the Services named like them."""
+    meta = item.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if L.REVISION in labels:
+        return labels[L.REVISION] in revisions
+    if rollout.LEGACY not in revisions:
+        return False
+    return item.get("kind") in ("StatefulSet", "Service") and meta.get("name") in legacy_sets
+
+
+def _describe_old(groups: list[rollout.Group], new_revision: str) -> str:
+    old = [g for g in groups if g.revision != new_revision]
+    return ", ".join(f"{g.name} ×{g.desired}" for g in sorted(old, key=lambda g: g.name))
+
+
+def _conditions(
+    status: DistServeDeploymentStatus,
+    spec: DistServeDeploymentSpec,
+    plan: PlanStatus,
+    converged: Converged,
+    *,
+    now: str,
+    generation: int | None,
+    notices: list[tuple[str, str]],
+    found: capacity.Allocatable | None,
+) -> list[Condition]:
+    conds = conditions.rollout_conditions(
+        status.conditions,
+        status.roles,
+        plan,
+        attainment_target=spec.slo.attainment_percent,
+        observed=status.observed,
+        now=now,
+        generation=generation,
+        notices=notices,
+    )
+    record = status.rollout
+    if record is not None:
+        conds = conditions.set_condition(
+            conds,
+            ConditionType.PROGRESSING,
+            T,
+            "StagedReplan",
+            f"{record.old_plan} -> {record.new_plan}: {converged.step.message}",
+            now=now,
+            generation=generation,
+        )
+    return conditions.schedulable_condition(
+        conds,
+        converged.waiting,
+        plan,
+        allocatable=found.gpus if found is not None else None,
+        where=found.describe(spec.cluster.gpu.resource_name) if found is not None else "",
+        now=now,
+        generation=generation,
+    )
+
+
+async def _finish(
+    rt: Runtime,
+    live: dict[str, Any],
+    converged: Converged,
+    logger: logging.Logger | logging.LoggerAdapter[Any],
+) -> None:
+    if converged.finished_rollout is not None:
+        r = converged.finished_rollout
+        message = f"staged re-plan complete: {r.old_plan} -> {r.new_plan} (started {r.started})"
+        logger.info(message)
+        await _event(rt, live, "Normal", "RolloutComplete", message)
 
 
 # ---------------------------------------------------------------------------- traffic
@@ -366,6 +594,7 @@ class Observer:
 
     last_scrape: observe.RouterScrape | None = None
     next_due: float = 0.0
+    next_rollout_step: float = 0.0
 
 
 def observer_state(memo: Any) -> Observer:
@@ -447,74 +676,107 @@ async def _on_observation(
     now_dt = _now()
     now = conditions.rfc3339(now_dt)
     auto = spec.autoscaling
-    assessment = drift.assess(
-        status.assumptions,
-        observed,
-        drift_percent=auto.drift_percent,
-        attainment_target=spec.slo.attainment_percent,
+    plan = status.plan
+    sets = await rt.kube.list_objects("apps/v1", "StatefulSet", namespace, L.owned_selector(name))
+    groups = [rollout.group_of(s) for s in sets if (s.get("metadata", {}).get("labels") or {}).get(L.ROLE)]
+    revision = children.revision(plan)
+    pending = scaling.not_ready(
+        _desired_instances(spec, plan),
+        {r: rollout.ready_instances(groups, revision, r) for r in rollout.ROLES},
     )
+    last_change = conditions.parse_time(status.last_replan.time) if status.last_replan else None
+    decision = scaling.consider(
+        assumed=status.assumptions,
+        observed=observed,
+        auto=auto,
+        attainment_target=spec.slo.attainment_percent,
+        last_change=last_change,
+        now=now_dt,
+        rollout_in_progress=status.rollout is not None or rollout.step(groups, revision, {}).in_progress,
+        pending=pending,
+    )
+    assessment = decision.assessment
+    message = assessment.message + (f"; re-plan held: {decision.held}" if decision.held else "")
     conds = conditions.set_condition(
         status.conditions,
         ConditionType.PLAN_DRIFT,
         T if assessment.drifted else F,
         assessment.reason,
-        assessment.message,
+        message,
         now=now,
         generation=generation,
     )
     update: dict[str, Any] = {"observed": observed, "conditions": conds}
-    plan = status.plan
-    last_change = conditions.parse_time(status.last_replan.time) if status.last_replan else None
-    if (
-        assessment.drifted
-        and status.assumptions is not None
-        and drift.may_scale(auto.mode)
-        and not drift.in_cooldown(last_change, now_dt, auto.cooldown_seconds)
-    ):
-        workload = drift.replan_workload(status.assumptions, observed, assessment)
+    if decision.workload is not None:
+        workload = decision.workload
+        found = await _allocatable(rt, spec, name, namespace)
+        budget = capacity.budget(_nominal_gpus(spec), found, spec.cluster.gpu.resource_name)
         proposed = await _run_planner(
-            rt, spec, assessment.reason, namespace=namespace, workload_override=workload
+            rt, _within(spec, budget), assessment.reason, namespace=namespace, workload_override=workload
         )
-        if auto.scope is ReplanScope.REPLICAS:
-            proposed = drift.keep_parallelism(plan, proposed, workload.requests_per_second)
-        if not proposed.pinned:
-            proposed = drift.cap_replicas(proposed, max_gpus=auto.max_gpus, min_replicas=auto.min_replicas)
-        proposed = proposed.model_copy(update={"summary": drift.summary(proposed)})
-        update["assumptions"] = workload  # re-centre the tolerance band on what we now plan for
-        changed = drift.replicas_changed(plan, proposed) or children.parallelism_hash(
-            plan
-        ) != children.parallelism_hash(proposed)
-        if changed:
-            message = f"{assessment.message}: {drift.summary(plan)} -> {drift.summary(proposed)}"
-            update["plan"] = proposed
+        adoption = scaling.adopt(
+            plan,
+            proposed.model_copy(update={"gpu_budget": budget}),
+            auto=auto,
+            workload=workload,
+            pending=pending,
+            parallelism_hash=children.parallelism_hash,
+        )
+        if adoption.plan is not None:
+            update["assumptions"] = workload  # re-centre the tolerance band on what we now plan for
+            message = f"{assessment.message}: {adoption.message}"
+            update["plan"] = adoption.plan
+            update["rollout"] = _rollout_record(status, plan, adoption.plan, now)
             update["last_replan"] = Replan(time=now, reason=f"{assessment.reason}: {assessment.message}")
             update["conditions"] = conditions.set_condition(
                 conds, ConditionType.PLAN_DRIFT, F, "Replanned", message, now=now, generation=generation
             )
             logger.info(f"Re-planned: {message}")
             await _event(rt, live, "Normal", "Replanned", message)
-            plan = proposed
+            plan = adoption.plan
+        elif not adoption.message.startswith("scale-down"):
+            # The plan for what is observed is the running one: re-centre the band on it.
+            update["assumptions"] = workload
+            update["conditions"] = conditions.set_condition(
+                conds,
+                ConditionType.PLAN_DRIFT,
+                F,
+                "WithinPlan",
+                f"{assessment.message}: {adoption.message}",
+                now=now,
+                generation=generation,
+            )
+        else:
+            update["conditions"] = conditions.set_condition(
+                conds,
+                ConditionType.PLAN_DRIFT,
+                T,
+                assessment.reason,
+                f"{assessment.message}; re-plan held: {adoption.message}",
+                now=now,
+                generation=generation,
+            )
     new = status.model_copy(update=update)
     await _write_status(rt, namespace, name, old_raw, new)
     if "plan" in update:
         # The plan is recorded first: if applying fails now, the resync applies it from status.
-        roles = await _apply_children(rt, live, spec, plan)
-        final = new.model_copy(
+        converged = await _converge(rt, live, spec, plan, new, prune=True, now=now, logger=logger)
+        final = converged.status.model_copy(
             update={
-                "roles": roles,
-                "conditions": conditions.rollout_conditions(
-                    new.conditions,
-                    roles,
+                "conditions": _conditions(
+                    converged.status,
+                    spec,
                     plan,
-                    attainment_target=spec.slo.attainment_percent,
-                    observed=observed,
+                    converged,
                     now=now,
                     generation=generation,
                     notices=notices,
-                ),
+                    found=None,
+                )
             }
         )
         await _write_status(rt, namespace, name, new.to_wire(), final)
+        await _finish(rt, live, converged, logger)
 
 
 # ---------------------------------------------------------------------------- gang scheduling

@@ -34,6 +34,14 @@ class OperatorSettings(BaseModel):
         gt=0,
         description="How often every deployment is reconciled again to repair drift of its children.",
     )
+    rollout_poll_seconds: float = Field(
+        5.0,
+        gt=0,
+        description=(
+            "While a staged rollout is in progress, how often its deployment is reconciled (each reconcile "
+            "takes the next step once the new groups are Ready or the old ones drained)."
+        ),
+    )
     observe_tick_seconds: float = Field(
         1.0,
         gt=0,
@@ -62,6 +70,14 @@ class OperatorSettings(BaseModel):
         ),
     )
     events: bool = Field(True, description="Post Kubernetes Events on plan and re-plan.")
+    unschedulable_grace_seconds: float = Field(
+        120.0,
+        ge=0,
+        description=(
+            "How long worker pods may stay Pending for want of GPUs before the operator re-plans within "
+            "the GPUs the cluster can allocate (a cluster autoscaler may add nodes meanwhile)."
+        ),
+    )
     gang_scheduling: bool = Field(
         False,
         description=(

@@ -91,7 +91,11 @@ EXPECTED_RULES = {
     ("apps", "deployments"): CHILD_VERBS,
     ("networking.k8s.io", "networkpolicies"): CHILD_VERBS,
     ("", "events"): {"create"},
+    # Pods waiting for GPUs, and what other pods and quotas leave: read-only.
+    ("", "pods"): {"get", "list"},
+    ("", "resourcequotas"): {"get", "list"},
 }
+NODES = {("", "nodes"): {"get", "list"}}
 
 
 def test_default_watches_all_namespaces_with_a_least_privilege_cluster_role() -> None:
@@ -99,7 +103,8 @@ def test_default_watches_all_namespaces_with_a_least_privilege_cluster_role() ->
     (role,) = kinds(docs, "ClusterRole")
     (binding,) = kinds(docs, "ClusterRoleBinding")
     assert not kinds(docs, "Role") and not kinds(docs, "RoleBinding")
-    assert _rules(role) == EXPECTED_RULES  # no pods, no podgroups, no secrets, nothing watched but the CR
+    # No podgroups, no secrets, no writes to pods, nothing watched but the CR.
+    assert _rules(role) == {**EXPECTED_RULES, **NODES}
     assert {"name": "DISTSERVE_OPERATOR_GANG_SCHEDULING", "value": "false"} in container(docs)["env"]
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"]
@@ -111,7 +116,10 @@ def test_default_watches_all_namespaces_with_a_least_privilege_cluster_role() ->
 
 def test_release_namespace_scope_uses_a_namespaced_role() -> None:
     docs = template("watch.scope=ReleaseNamespace")
-    assert not kinds(docs, "ClusterRole") and not kinds(docs, "ClusterRoleBinding")
+    # Nodes are cluster-scoped: a read-only ClusterRole for them alone.
+    (nodes,) = kinds(docs, "ClusterRole")
+    assert _rules(nodes) == NODES and len(kinds(docs, "ClusterRoleBinding")) == 1
+    assert not kinds(template("watch.scope=ReleaseNamespace", "capacity.readNodes=false"), "ClusterRole")
     (role,) = kinds(docs, "Role")
     assert role["metadata"]["namespace"] == "ml-serving"
     assert _rules(role) == EXPECTED_RULES

@@ -5,11 +5,15 @@ a batch, and both phases really ran in that one process."""
 import asyncio
 import random
 import re
+import urllib.error
 import urllib.request
 
 import aiohttp
+import grpc
 import pytest
 
+from distserve_protos.generation.v1 import generation_pb2 as gen
+from distserve_protos.generation.v1 import generation_pb2_grpc as gen_grpc
 from distserve_worker.engine.runner import reference_greedy
 from distserve_worker.local.stack import LocalStack, StackConfig
 from distserve_worker.model_source import ModelSpec
@@ -64,3 +68,47 @@ async def test_colocated_serves_reference_tokens(colocated_stack):
     # Both phases counted by the one process: 7 requests each.
     assert _metric(text, "distserve_requests_total", "prefill") == 7
     assert _metric(text, "distserve_requests_total", "decode") == 7
+
+
+async def test_a_colocated_instance_drains_on_sigterm(colocated_stack):
+    """Serving mode Colocated in a pod going away: SIGTERM mid-stream, and the streams it holds
+    finish in full while it reports not ready; then it exits by itself. (Last in this module: it
+    leaves the process gone.)"""
+    stack = colocated_stack
+    rng = random.Random(5)
+    prompts = [[rng.randrange(1, 257) for _ in range(8)] for _ in range(3)]
+    tokens = 120
+    url = f"{stack.url}/v1/completions"
+    port = stack.proc("colocated-0").http_port
+
+    def body(p):
+        return {
+            "model": "tiny-llama",
+            "prompt": p,
+            "max_tokens": tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "return_token_ids": True,
+        }
+
+    async with aiohttp.ClientSession() as session:
+        running = [asyncio.create_task(complete(session, url, body(p), timeout=120)) for p in prompts]
+        # Mid-stream: its decode half runs all three (the worker's own Status says so).
+        async with grpc.aio.insecure_channel(stack.decode_addresses[0]) as channel:
+            stub = gen_grpc.DecodeServiceStub(channel)
+            for _ in range(2400):
+                if (await stub.Status(gen.StatusRequest(), timeout=5)).running == 3:
+                    break
+                await asyncio.sleep(0.05)
+        stack.terminate("colocated-0")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5)
+            ready_status = 200
+        except urllib.error.HTTPError as exc:
+            ready_status = exc.code
+        results = await asyncio.gather(*running)
+    assert ready_status == 503  # not ready at once: the router and the Service stop sending it work
+    assert [r.error for r in results] == [None] * 3
+    assert [(r.status, r.chunks) for r in results] == [(200, tokens)] * 3  # none cut short
+    assert await asyncio.to_thread(stack.proc("colocated-0").popen.wait, 120) == 0

@@ -9,9 +9,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for operator_support
 
+from operator_support.controllers import StatefulSetController
 from operator_support.fake_prometheus import FakePrometheus
 from operator_support.fake_router import FakeRouter, Traffic
-from operator_support.harness import OperatorEnv, eventually, operator_env
+from operator_support.harness import NS, OperatorEnv, eventually, operator_env
 from operator_support.manifests import dsd
 from operator_support.planners import plan_fn
 
@@ -94,27 +95,35 @@ async def test_noise_within_ten_percent_changes_nothing() -> None:
 
 async def test_lower_attainment_triggers_a_replan() -> None:
     async with FakeRouter(Traffic(RATE)) as router, operator_env(plan_fn=plan_fn()) as env:
-        before = await _started(env, router)
-        router.set(Traffic(RATE, attainment_percent=60.0))
-        status = await eventually(
-            lambda: env.status("llm").get("lastReplan") and env.status("llm"),
-            timeout=3 * INTERVAL + 10,
-            what="a re-plan",
-        )
-        assert status["lastReplan"]["reason"].startswith("AttainmentBelowTarget")
-        assert status["assumptions"]["requestsPerSecond"] > RATE  # planned with headroom
-        after = await eventually(
-            lambda: _replicas(env, "llm") != before and _replicas(env, "llm"), what="more replicas"
-        )
-        assert sum(after.values()) > sum(before.values())
-        degraded = await eventually(
-            lambda: (
-                (env.condition("llm", "Degraded") or {}).get("status") == "True"
-                and env.condition("llm", "Degraded")
-            ),
-            what="Degraded=True",
-        )
-        assert "attainment" in degraded["message"]
+        # Low attainment counts only once every planned instance is Ready (not while capacity is
+        # still coming up): play the StatefulSet controller, pods Ready at once.
+        ctl = StatefulSetController(env.api, env.url, env.session, NS, ready_seconds=0.0)
+        async with ctl.running():
+            await _attainment_replan(env, router)
+
+
+async def _attainment_replan(env: OperatorEnv, router: FakeRouter) -> None:
+    before = await _started(env, router)
+    router.set(Traffic(RATE, attainment_percent=60.0))
+    status = await eventually(
+        lambda: env.status("llm").get("lastReplan") and env.status("llm"),
+        timeout=3 * INTERVAL + 10,
+        what="a re-plan",
+    )
+    assert status["lastReplan"]["reason"].startswith("AttainmentBelowTarget")
+    assert status["assumptions"]["requestsPerSecond"] > RATE  # planned with headroom
+    after = await eventually(
+        lambda: _replicas(env, "llm") != before and _replicas(env, "llm"), what="more replicas"
+    )
+    assert sum(after.values()) > sum(before.values())
+    degraded = await eventually(
+        lambda: (
+            (env.condition("llm", "Degraded") or {}).get("status") == "True"
+            and env.condition("llm", "Degraded")
+        ),
+        what="Degraded=True",
+    )
+    assert "attainment" in degraded["message"]
 
 
 async def test_external_mode_leaves_replicas_to_the_autoscaler() -> None:

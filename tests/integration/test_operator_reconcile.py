@@ -50,7 +50,11 @@ async def test_apply_creates_children_with_planned_replicas_and_status() -> None
         # The router's, the role Services, and one governing each stage StatefulSet.
         assert names == {"llm", "llm-prefill", "llm-decode"} | {s["metadata"]["name"] for s in sets}
         assert all(s["spec"]["serviceName"] == s["metadata"]["name"] for s in sets)
-        assert env.children("v1/configmaps", "llm")[0]["metadata"]["name"] == "llm-plan"
+        rev = sets[0]["metadata"]["labels"]["distserve.io/revision"]
+        assert {c["metadata"]["name"] for c in env.children("v1/configmaps", "llm")} == {
+            "llm-plan",
+            f"llm-plan-{rev}",
+        }
         assert env.children("apps/v1/deployments", "llm")[0]["metadata"]["name"] == "llm-router"
         assert env.children("networking.k8s.io/v1/networkpolicies", "llm")
         status = await eventually(lambda: env.condition("llm", "Ready") and env.status("llm"), what="Ready")
@@ -197,36 +201,6 @@ async def test_restarted_operator_converges_without_duplicates_and_repairs_child
         assert len(second["v1/services"]) == 3 + len(second[STS])  # router, roles, one per stage
 
 
-async def test_a_statefulset_governed_by_another_service_is_recreated() -> None:
-    """`serviceName` is immutable on a real API server: a StatefulSet from before per-stage
-    Services (governed by its role's Service) is replaced, not patched forever in vain."""
-    async with operator_env(plan_fn=plan_fn()) as env:
-        await env.start_operator()
-        await env.create(dsd("llm"))
-        await eventually(lambda: env.condition("llm", "Ready"), what="first reconcile")
-        await env.stop_operator()
-        old, decode = env.api.fetch(STS, NS, "llm-prefill-s0"), env.api.fetch(STS, NS, "llm-decode-s0")
-        assert old is not None and decode is not None and old["spec"]["serviceName"] == "llm-prefill-s0"
-        async with env.session.patch(
-            f"{env.url}/apis/apps/v1/namespaces/{NS}/statefulsets/llm-prefill-s0",
-            json={"spec": {"serviceName": "llm-prefill"}},
-            headers={"Content-Type": "application/merge-patch+json"},
-        ) as r:
-            assert r.status < 400
-        await env.start_operator()
-        new = await eventually(
-            lambda: (
-                (s := env.api.fetch(STS, NS, "llm-prefill-s0"))
-                and s["spec"]["serviceName"] == "llm-prefill-s0"
-                and s
-            ),
-            what="the StatefulSet under its own Service",
-        )
-        assert new["metadata"]["uid"] != old["metadata"]["uid"]  # created anew
-        # One already under its own Service is left alone.
-        assert (env.api.fetch(STS, NS, "llm-decode-s0") or {})["metadata"]["uid"] == decode["metadata"]["uid"]
-
-
 async def test_deleting_the_deployment_raises_no_errors(caplog: pytest.LogCaptureFixture) -> None:
     async with operator_env(plan_fn=plan_fn()) as env:
         await env.start_operator()
@@ -267,25 +241,30 @@ async def test_gang_scheduling_creates_podgroups_and_ungates_pods() -> None:
         plan = status["plan"]
         assert len(groups) == plan["prefill"]["replicas"] + plan["decode"]["replicas"]
         # Play the StatefulSet controller: create ordinal 0 of the decode stage-0 StatefulSet, gated.
-        sts = next(s for s in env.children(STS, "llm") if s["metadata"]["name"] == "llm-decode-s0")
+        sts = next(
+            s
+            for s in env.children(STS, "llm")
+            if s["metadata"]["name"].startswith("llm-decode-") and s["metadata"]["name"].endswith("-s0")
+        )
+        rev = sts["metadata"]["labels"]["distserve.io/revision"]
         template = sts["spec"]["template"]
         pod = {
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"name": "llm-decode-s0-0", "labels": template["metadata"]["labels"]},
+            "metadata": {"name": f"{sts['metadata']['name']}-0", "labels": template["metadata"]["labels"]},
             "spec": template["spec"],
         }
         async with env.session.post(f"{env.url}/api/v1/namespaces/{NS}/pods", json=pod) as r:
             assert r.status < 400
         live = await eventually(
             lambda: (
-                (p := env.api.fetch("v1/pods", NS, "llm-decode-s0-0"))
+                (p := env.api.fetch("v1/pods", NS, f"{sts['metadata']['name']}-0"))
                 and not p["spec"].get("schedulingGates")
                 and p
             ),
             what="the pod to be ungated",
         )
-        assert live["metadata"]["labels"]["scheduling.x-k8s.io/pod-group"] == "llm-decode-i0"
+        assert live["metadata"]["labels"]["scheduling.x-k8s.io/pod-group"] == f"llm-decode-{rev}-i0"
 
 
 async def test_gang_scheduling_without_the_pod_watch_degrades_instead_of_gating_pods() -> None:
@@ -362,13 +341,14 @@ async def test_a_pinned_plan_is_what_is_deployed() -> None:
         planned = env.condition("llm", "Planned")
         assert planned is not None and planned["status"] == "True"
         assert "Pinned by spec.planner.pin" in planned["message"]  # and how the planner's choice compares
-        sets = {s["metadata"]["name"]: s for s in env.children(STS, "llm")}
-        prefill = sets["llm-prefill-s0"]["spec"]
+        sets = {s["metadata"]["labels"]["distserve.io/role"]: s for s in env.children(STS, "llm")}
+        prefill = sets["prefill"]["spec"]
         container = prefill["template"]["spec"]["containers"][0]
         assert prefill["replicas"] == 1 and container["resources"]["limits"]["nvidia.com/gpu"] == "3"
-        assert sets["llm-decode-s0"]["spec"]["replicas"] == 2
+        assert sets["decode"]["spec"]["replicas"] == 2
         # The plan file the pods mount says the same, with the limits the planner simulated.
-        (cm,) = env.children("v1/configmaps", "llm")
+        mounted = prefill["template"]["spec"]["volumes"][0]["configMap"]["name"]
+        (cm,) = [c for c in env.children("v1/configmaps", "llm") if c["metadata"]["name"] == mounted]
         contract = json.loads(cm["data"]["plan.json"])
         assert contract["prefill"]["tp"] == 3 and contract["decode"]["replicas"] == 2
         assert contract["limits"] == plan["limits"]

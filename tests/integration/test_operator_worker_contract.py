@@ -78,12 +78,12 @@ def test_the_pipeline_variants_plan_what_they_pin() -> None:
                 pin[role][k] for k in ("tp", "pp", "replicas")
             )
         sets = sorted(o["metadata"]["name"] for o in objs if o["kind"] == "StatefulSet")
-        name = dsd.metadata.name
+        name, rev = dsd.metadata.name, children.revision(plan)
         if placement.get("stageLayout") == "SharedPod":
             assert children.shared_pod_layout(dsd.spec, plan)
-            assert sets == [f"{name}-pd-s0", f"{name}-pd-s1"]
+            assert sets == [f"{name}-pd-{rev}-s0", f"{name}-pd-{rev}-s1"]
         else:
-            assert sets == sorted(f"{name}-{r}-s{i}" for r in ("prefill", "decode") for i in (0, 1))
+            assert sets == sorted(f"{name}-{r}-{rev}-s{i}" for r in ("prefill", "decode") for i in (0, 1))
 
 
 def _containers(example: str) -> list[tuple[Obj, Obj]]:
@@ -99,8 +99,9 @@ def _containers(example: str) -> list[tuple[Obj, Obj]]:
 
 def _plan_json(example: str) -> str:
     _, _, objs = _rendered(example)
-    (cm,) = [o for o in objs if o["kind"] == "ConfigMap"]
-    return str(cm["data"][children.PLAN_KEY])
+    router, workers = (o for o in objs if o["kind"] == "ConfigMap")
+    assert router["data"] == workers["data"]  # the router's plan and the copy the workers mount
+    return str(workers["data"][children.PLAN_KEY])
 
 
 def _parse(container: Obj) -> argparse.Namespace:

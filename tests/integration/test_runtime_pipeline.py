@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import time
 import urllib.request
 
@@ -188,6 +189,45 @@ async def test_a_killed_prefill_stage_takes_its_instance_out_and_requests_still_
         )
         down = next(i for i in listed if i["address"] == f"127.0.0.1:{port}")
         assert not down["ready"] and down["stages"][1]["ready"] is False
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (a rank 0's follower ranks)."""
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+
+async def test_sigterm_to_every_process_of_a_staged_sharded_decode_instance_finishes_its_stream(
+    tiny_path, tmp_path
+):
+    """Scale-down of a decode instance of two stages of two ranks each: every process of it gets
+    SIGTERM mid-stream (its later stage first; each process group, followers too, as all of a pod's
+    processes are signalled). The stream still completes: the later stage serves its stage 0 until
+    that one has drained and left, each follower rank its rank 0 until it closes; then all exit."""
+    model = ModelSpec(name="tiny", kind="Path", path=str(tiny_path))
+    plan = write_contract(tmp_path, model, LAYERS, 4, 2, (1, 1), (2, 2))
+    with LocalStack(StackConfig.from_plan_file(plan, threads=1, log_dir=tmp_path)) as stack:
+        stack.wait_ready(180)
+        stages = [stack.proc("decode-0-s1"), stack.proc("decode-0")]
+        followers = [pid for proc in stages for pid in children(proc.popen.pid)]
+        async with aiohttp.ClientSession() as session:
+            long = body(prompts()[2], max_tokens=120, stream=True, ignore_eos=True)
+            stream = asyncio.ensure_future(
+                complete(session, f"{stack.url}/v1/completions", long, timeout=120)
+            )
+            while not any(i["load"]["running"] for i in instances(stack) if i["role"] == "decode"):
+                assert not stream.done(), (await stream).error
+                await asyncio.sleep(0.05)
+            for proc in stages:
+                stack.terminate(proc.name)
+            result = await stream
+        assert result.error is None and result.chunks == 120
+        assert [await asyncio.to_thread(proc.popen.wait, 60) for proc in stages] == [0, 0]
+        assert [pid for pid in followers if os.path.exists(f"/proc/{pid}")] == []
+        assert "(drained)" in stages[0].log.read_text() and "(drained)" in stages[1].log.read_text()
 
 
 SMOLLM2_PINS = {

@@ -28,6 +28,8 @@ RESOURCES = [
     ("v1/pods", "Pod", True, True),
     ("v1/events", "Event", True, False),
     ("v1/namespaces", "Namespace", False, True),
+    ("v1/nodes", "Node", False, True),
+    ("v1/resourcequotas", "ResourceQuota", True, True),
     ("apps/v1/statefulsets", "StatefulSet", True, True),
     ("apps/v1/deployments", "Deployment", True, True),
     ("networking.k8s.io/v1/networkpolicies", "NetworkPolicy", True, False),

@@ -4,6 +4,7 @@ the rate the test sets (as a router under that traffic would report them)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -25,10 +26,12 @@ class Traffic:
 class FakeRouter(LoopbackServer):
     path = "/metrics"
 
-    def __init__(self, traffic: Traffic) -> None:
+    def __init__(self, traffic: Traffic, clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock`: wall time by default; a replay passes its virtual clock."""
         super().__init__()
         self.traffic = traffic
-        self._t = time.monotonic()
+        self.clock = clock
+        self._t = clock()
         self.requests = 0.0
         self.attained = 0.0
         self.prompt_sum = 0.0
@@ -40,7 +43,7 @@ class FakeRouter(LoopbackServer):
         self.traffic = traffic
 
     def _advance(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         n = self.traffic.requests_per_second * (now - self._t)
         self._t = now
         self.requests += n

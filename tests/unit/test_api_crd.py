@@ -109,3 +109,16 @@ def test_committed_reference_is_fresh(monkeypatch: pytest.MonkeyPatch) -> None:
     # every spec field a user can set appears, with its bounds
     assert "| `ttftMillis` | integer | **required** | > 0, ≤ 600000 |" in text
     assert "enum: `Auto`, `High`, `Low`" in text
+
+
+def test_crd_has_the_serving_mode_enum_defaulting_to_disaggregated() -> None:
+    doc = yaml.safe_load((ROOT / "deploy" / "examples" / "opt-13b-a100x4.yaml").read_text())
+    validator = _spec_validator()
+    doc["spec"]["serving"] = {"mode": "Colocated"}
+    assert not list(validator.iter_errors(doc))
+    doc["spec"]["serving"] = {"mode": "Sometimes"}
+    assert any("Sometimes" in e.message for e in validator.iter_errors(doc))
+    serving = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
+        "properties"
+    ]["serving"]["properties"]["mode"]
+    assert serving["enum"] == ["Auto", "Disaggregated", "Colocated"] and serving["default"] == "Disaggregated"

@@ -246,3 +246,25 @@ def test_examples_load(repo_root: Any = None) -> None:
     assert len(examples) >= 4
     for path in examples:
         assert load_manifest(path).metadata.name
+
+
+def test_serving_mode_defaults_to_disaggregated_and_takes_the_three_modes() -> None:
+    assert parse_spec(VALID).serving.mode.value == "Disaggregated"
+    for mode in ("Auto", "Disaggregated", "Colocated"):
+        assert parse_spec(_with("serving", {"mode": mode})).serving.mode.value == mode
+    with pytest.raises(SpecError) as info:
+        parse_spec(_with("serving", {"mode": "Colocate"}))
+    assert any(line.startswith("spec.serving.mode:") and "Colocated" in line for line in info.value.problems)
+
+
+def test_colocated_mode_refuses_a_prefill_decode_pin_naming_both_fields() -> None:
+    pin = {"prefill": {"tp": 1, "pp": 1, "replicas": 1}, "decode": {"tp": 1, "pp": 1, "replicas": 1}}
+    spec = _with("serving", {"mode": "Colocated"})
+    spec["planner"] = {"pin": pin}
+    with pytest.raises(SpecError) as info:
+        parse_spec(spec)
+    text = "\n".join(info.value.problems)
+    assert "planner.pin" in text and "serving.mode" in text and "remove planner.pin" in text
+    auto = _with("serving", {"mode": "Auto"})
+    auto["planner"] = {"pin": pin}
+    assert parse_spec(auto).planner.pin is not None  # Auto with a pin runs the pin

@@ -24,6 +24,7 @@ from distserve_operator.api import (
     RuntimeContract,
     parse_spec,
 )
+from distserve_operator.api.spec import MAX_TP
 
 
 def _plan(
@@ -54,13 +55,46 @@ def _spec(**overrides: Any):  # type: ignore[no-untyped-def]
 
 
 def _by_name(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {f"{o['kind']}/{o['metadata']['name']}": o for o in objs}
+    """Kind/name, with the plan's revision left out of worker object names (tests below name
+    `llm-prefill-s0` for `llm-prefill-<revision>-s0`); the workers' plan copy is `llm-plan@workers`."""
+    out = {}
+    for o in objs:
+        name = o["metadata"]["name"]
+        rev = (o["metadata"].get("labels") or {}).get(L.REVISION)
+        if rev:
+            name = name.replace(f"-{rev}", "@workers" if o["kind"] == "ConfigMap" else "")
+        out[f"{o['kind']}/{name}"] = o
+    return out
+
+
+def test_worker_objects_carry_the_plans_revision_in_name_and_label() -> None:
+    """A re-plan that changes the pods' shape gets new names (new groups beside the old ones); one
+    that changes only replica counts keeps them (scaled in place)."""
+    plan = _plan()
+    rev = children.revision(plan)
+    objs = children.render_all("llm", _spec(), plan, namespace=NS)
+    sets = [o for o in objs if o["kind"] == "StatefulSet"]
+    assert {o["metadata"]["name"] for o in sets} == {f"llm-prefill-{rev}-s0", f"llm-decode-{rev}-s0"}
+    for o in sets:
+        assert o["metadata"]["labels"][L.REVISION] == rev
+        assert o["spec"]["selector"]["matchLabels"][L.REVISION] == rev
+        pod = o["spec"]["template"]["spec"]
+        # The workers mount their revision's plan copy: a restart mid-rollout keeps its shape.
+        assert pod["volumes"][0]["configMap"]["name"] == f"llm-plan-{rev}"
+    more = _plan(prefill=(2, 1, 5), decode=(1, 1, 7))
+    assert children.revision(more) == rev
+    for reshaped in (_plan(prefill=(4, 1, 1)), _plan(decode=(1, 2, 3)), _plan(affinity="Low")):
+        assert children.revision(reshaped) != rev
+    split = _plan(decode=(1, 2, 3))
+    other = split.model_copy(update={"decode": split.decode.model_copy(update={"stage_layers": [10, 22]})})
+    assert children.revision(other) != children.revision(split)
 
 
 def test_every_child_is_rendered_with_labels() -> None:
     objs = _by_name(children.render_all("llm", _spec(), _plan(), namespace=NS))
     assert set(objs) == {
         "ConfigMap/llm-plan",
+        "ConfigMap/llm-plan@workers",
         "Service/llm-prefill",
         "Service/llm-decode",
         "Service/llm-prefill-s0",
@@ -147,9 +181,10 @@ def test_each_stage_statefulset_has_its_own_headless_service(
     )
     pods = _pod_labels(objs)
     assert len(pods) == (2 if placement.get("stageLayout") == "SharedPod" else 4)
+    live = {o["metadata"]["name"]: o for o in objs.values()}
     for sts_name, labels in pods.items():
-        sts = objs[f"StatefulSet/{sts_name}"]
-        svc = objs[f"Service/{sts_name}"]
+        sts = live[sts_name]
+        svc = next(o for o in objs.values() if o["kind"] == "Service" and o["metadata"]["name"] == sts_name)
         # It governs the StatefulSet: pod k is `<sts>-<k>.<sts>.<namespace>.svc`.
         assert sts["spec"]["serviceName"] == sts_name
         assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
@@ -209,7 +244,13 @@ def test_low_affinity_separate_pods_puts_decode_stage_on_prefill_stage_node() ->
     pod = objs["StatefulSet/llm-decode-s1"]["spec"]["template"]["spec"]
     (term,) = pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert term["topologyKey"] == "kubernetes.io/hostname"
-    assert term["labelSelector"]["matchLabels"] == {L.APP_INSTANCE: "llm", L.ROLE: "prefill", L.STAGE: "1"}
+    # The prefill stage of its own revision: the old one goes away after a staged re-plan.
+    assert term["labelSelector"]["matchLabels"] == {
+        L.APP_INSTANCE: "llm",
+        L.ROLE: "prefill",
+        L.STAGE: "1",
+        L.REVISION: children.revision(_plan("Low", (1, 2, 2), (1, 2, 2))),
+    }
 
 
 def test_low_affinity_shared_pod_runs_both_segments_in_one_pod() -> None:
@@ -243,6 +284,7 @@ def test_shared_pod_falls_back_to_separate_pods_when_shapes_differ() -> None:
 def test_gang_scheduling_renders_a_podgroup_per_instance_and_gates_pods() -> None:
     spec = _spec(placement={"affinity": "High", "gangScheduling": "PodGroup"})
     objs = _by_name(children.render_all("llm", spec, _plan(prefill=(1, 2, 2)), namespace=NS))
+    rev = children.revision(_plan(prefill=(1, 2, 2)))
     groups = {k: v for k, v in objs.items() if k.startswith("PodGroup/")}
     assert set(groups) == {
         "PodGroup/llm-prefill-i0",
@@ -256,14 +298,14 @@ def test_gang_scheduling_renders_a_podgroup_per_instance_and_gates_pods() -> Non
     assert pod["schedulingGates"] == [{"name": children.GANG_GATE}]
     live_pod = {
         "metadata": {
-            "name": "llm-prefill-s1-1",
+            "name": f"llm-prefill-{rev}-s1-1",
             "labels": objs["StatefulSet/llm-prefill-s1"]["spec"]["template"]["metadata"]["labels"],
         },
         "spec": {"schedulingGates": [{"name": children.GANG_GATE}, {"name": "other"}]},
     }
     patch = children.ungate_patch(live_pod)
     assert patch == {
-        "metadata": {"labels": {L.POD_GROUP: "llm-prefill-i1"}},
+        "metadata": {"labels": {L.POD_GROUP: f"llm-prefill-{rev}-i1"}},
         "spec": {"schedulingGates": [{"name": "other"}]},
     }
     assert children.ungate_patch({"metadata": {"name": "x-0"}, "spec": {}}) is None
@@ -277,17 +319,14 @@ def test_network_policy_admits_only_own_pods_to_grpc() -> None:
     assert grpc_rule["from"] == [
         {"podSelector": {"matchLabels": {L.APP_INSTANCE: "llm", L.APP_NAME: "distserve"}}}
     ]
-    # Rank 0 of both roles, and prefill's TP2 follower rank (decode ranks pull KV from it).
-    assert grpc_rule["ports"] == [{"protocol": "TCP", "port": 50051}, {"protocol": "TCP", "port": 51052}]
-    assert "from" not in metrics_rule
-    wide = _by_name(
-        children.render_all("llm", _spec(), _plan(prefill=(4, 1, 1), decode=(2, 1, 1)), namespace=NS)
-    )
-    rule = wide["NetworkPolicy/llm-workers"]["spec"]["ingress"][0]
-    assert rule["ports"][1:] == [
-        {"protocol": "TCP", "port": 51052, "endPort": 51054},  # prefill ranks 1..3
-        {"protocol": "TCP", "port": 51068},  # decode rank 1
+    # Rank 0 of both roles, and every follower rank port of each role, whatever this plan's tp:
+    # during a staged re-plan the old revision's ranks (another tp) still serve KV pulls.
+    assert grpc_rule["ports"] == [
+        {"protocol": "TCP", "port": 50051},
+        {"protocol": "TCP", "port": 51052, "endPort": 51051 + MAX_TP - 1},  # prefill ranks
+        {"protocol": "TCP", "port": 51051 + MAX_TP + 1, "endPort": 51051 + 2 * MAX_TP - 1},  # decode ranks
     ]
+    assert "from" not in metrics_rule
 
 
 def _contract(spec: Any, plan: PlanStatus) -> RuntimeContract:
@@ -307,9 +346,10 @@ def test_plan_configmap_is_the_runtime_contract() -> None:
     assert (prefill.tp, prefill.pp, prefill.replicas) == (2, 3, 2)
     assert [(s.layers.start, s.layers.end) for s in prefill.stages] == [(0, 11), (11, 22), (22, 32)]
     # Each stage's own headless Service, and where its pod of instance k listens.
-    assert [s.service for s in contract.decode.stages] == ["llm-decode-s0.serving.svc"]
+    rev = children.revision(plan)
+    assert [s.service for s in contract.decode.stages] == [f"llm-decode-{rev}-s0.serving.svc"]
     assert [s.address for s in prefill.stages] == [
-        f"llm-prefill-s{i}-{{ordinal}}.llm-prefill-s{i}.serving.svc:50051" for i in range(3)
+        f"llm-prefill-{rev}-s{i}-{{ordinal}}.llm-prefill-{rev}-s{i}.serving.svc:50051" for i in range(3)
     ]
     assert (contract.decode.tp, contract.decode.stages[0].layers.end) == (4, 32)
     # Exactly the limits the planner simulated.
@@ -322,13 +362,14 @@ def test_plan_configmap_is_the_runtime_contract() -> None:
 def test_shared_pod_contract_gives_decode_the_next_ports() -> None:
     spec = _spec(placement={"affinity": "Low", "stageLayout": "SharedPod"})
     contract = _contract(spec, _plan("Low", (2, 2, 2), (2, 2, 2)))
+    pd = f"llm-pd-{children.revision(_plan('Low', (2, 2, 2), (2, 2, 2)))}"
     decode = contract.decode
     assert (decode.grpc_port, decode.metrics_port) == (50052, 9091)
     # Both roles' stage i live in the pods of `llm-pd-s<i>`, each role on its own port.
     for phase, port in ((contract.prefill, 50051), (decode, 50052)):
-        assert [s.service for s in phase.stages] == ["llm-pd-s0.serving.svc", "llm-pd-s1.serving.svc"]
+        assert [s.service for s in phase.stages] == [f"{pd}-s0.serving.svc", f"{pd}-s1.serving.svc"]
         assert [s.address for s in phase.stages] == [
-            f"llm-pd-s{i}-{{ordinal}}.llm-pd-s{i}.serving.svc:{port}" for i in range(2)
+            f"{pd}-s{i}-{{ordinal}}.{pd}-s{i}.serving.svc:{port}" for i in range(2)
         ]
     pod = _by_name(children.render_all("llm", spec, _plan("Low", (2, 2, 2), (2, 2, 2)), namespace=NS))[
         "StatefulSet/llm-pd-s1"
@@ -395,3 +436,70 @@ def test_rendered_children_pass_the_kubernetes_schema(placement: dict[str, str])
             continue  # a scheduler-plugins CRD: not in the Kubernetes schema
         obj["metadata"]["namespace"] = "serving"
         kubernetes_validate.validate(obj, "1.35", strict=True)
+
+
+def _colocated_plan(replicas: int = 3) -> PlanStatus:
+    from distserve_operator.api import ColocatedPlan, PlanMode
+
+    limits = EngineLimits(prefill_token_budget=2048, decode_max_batch=64, decode_kv_tokens=50_000)
+    return _plan().model_copy(
+        update={
+            "mode": PlanMode.COLOCATED,
+            "colocated": ColocatedPlan(tp=1, pp=1, replicas=replicas, goodput_per_gpu=2.0, limits=limits),
+            "limits": limits,
+            "gpus": replicas,
+        }
+    )
+
+
+def test_colocated_mode_renders_colocated_statefulsets_the_router_finds_as_both_roles() -> None:
+    spec, plan = _spec(), _colocated_plan()
+    objs = children.render_all("llm", spec, plan, namespace=NS)
+    workers = [o for o in objs if o["kind"] == "StatefulSet"]
+    # One StatefulSet of colocated pods; no prefill or decode ones.
+    assert [o["metadata"]["labels"][L.ROLE] for o in workers] == [L.ROLE_COLOCATED]
+    (sts,) = workers
+    assert sts["spec"]["replicas"] == 3
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert labels[L.SERVES_PREFILL] == labels[L.SERVES_DECODE] == "true" and labels[L.STAGE] == "0"
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    assert container["command"][:3] == ["distserve", "worker", "colocated"]
+    gpu = spec.cluster.gpu.resource_name
+    assert container["resources"]["limits"][gpu] == "1"
+    # The router's role Services select those pods (by both labels) and reach their one port.
+    services = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Service"}
+    port_names = {p["name"] for p in container["ports"]}
+    for role, serves in (("prefill", L.SERVES_PREFILL), ("decode", L.SERVES_DECODE)):
+        svc = services[f"llm-{role}"]["spec"]
+        assert svc["selector"][serves] == "true" and all(
+            labels.get(k) == v for k, v in svc["selector"].items()
+        )
+        assert {p["targetPort"] for p in svc["ports"]} <= port_names
+    assert set(children.role_replicas("llm", spec, plan)) == {"colocated-s0", "router"}
+    # The plan the pods read: mode Colocated, the colocated entry, prefill and decode the same instances.
+    document = json.loads(next(o for o in objs if o["kind"] == "ConfigMap")["data"][children.PLAN_KEY])
+    contract = RuntimeContract.model_validate(document)
+    assert contract.mode.value == "Colocated" and contract.colocated is not None
+    assert (contract.colocated.tp, contract.colocated.pp, contract.colocated.replicas) == (1, 1, 3)
+    assert contract.prefill.stages[0].address == contract.colocated.stages[0].address
+    assert contract.limits.decode_kv_tokens == 50_000
+
+
+def test_colocated_plan_changes_the_shape_hash_and_a_disaggregated_one_keeps_it() -> None:
+    plan = _plan()
+    assert children.parallelism_hash(_colocated_plan()) != children.parallelism_hash(plan)
+    assert children.parallelism_hash(plan.model_copy(update={"colocated": _colocated_plan().colocated})) == (
+        children.parallelism_hash(plan)
+    )
+
+
+def test_router_overload_settings_reach_the_router_command() -> None:
+    """`spec.router.maxQueue` / `queueTimeoutSeconds` become the router's flags; defaults when unset."""
+
+    def flags(spec: Any) -> tuple[str, str]:
+        objs = _by_name(children.render_all("llm", spec, _plan(), namespace=NS))
+        cmd = objs["Deployment/llm-router"]["spec"]["template"]["spec"]["containers"][0]["command"]
+        return cmd[cmd.index("--max-queue") + 1], cmd[cmd.index("--queue-timeout-seconds") + 1]
+
+    assert flags(_spec()) == ("128", "30")
+    assert flags(_spec(router={"maxQueue": 0, "queueTimeoutSeconds": 5})) == ("0", "5")

@@ -3,6 +3,8 @@
 import argparse
 import json
 
+import pytest
+
 from distserve_worker import cli_worker
 from distserve_worker.settings import DecodeSettings, PrefillSettings, RouterSettings
 
@@ -73,3 +75,27 @@ def test_defaults_and_environment(monkeypatch):
         8082,
         4,
     )
+
+
+def test_router_overload_flags_and_environment(monkeypatch, capsys):
+    router = parse(["router"])
+    assert isinstance(router, RouterSettings)
+    assert (router.max_queue, router.queue_timeout_seconds) == (128, 30.0)
+    router = parse(["router", "--max-queue", "0"], monkeypatch, {"DISTSERVE_QUEUE_TIMEOUT_SECONDS": "5"})
+    assert isinstance(router, RouterSettings)
+    assert (router.max_queue, router.queue_timeout_seconds) == (0, 5.0)
+    with pytest.raises(SystemExit):
+        parse(["router", "--max-queue", "-1"])
+    assert "--max-queue: -1 is below 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse(["router", "--queue-timeout-seconds", "soon"])
+    assert "'soon' is not an integer" in capsys.readouterr().err
+
+
+def test_drain_budget_from_flag_or_environment(monkeypatch):
+    assert parse(["decode"]).drain_seconds == 30
+    assert parse(["prefill", "--drain-seconds", "12.5"]).drain_seconds == 12.5
+    env = {"DISTSERVE_DRAIN_SECONDS": "0"}  # 0: SIGTERM stops at once
+    assert parse(["decode"], monkeypatch, env).drain_seconds == 0
+    with pytest.raises(cli_worker.ContractError, match="--drain-seconds -1: use 0"):
+        parse(["decode", "--drain-seconds", "-1"])

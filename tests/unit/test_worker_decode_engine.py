@@ -94,3 +94,17 @@ async def test_an_aborted_sequence_leaves_the_batch_and_the_rest_finish():
     while not all(c.done() for c in others):
         await engine.step() or await asyncio.sleep(0.001)
     assert others[0].result()[-1] == reference_greedy(model, ps[0], 30, eos=set())[-1]
+
+
+async def test_an_aborted_sequence_that_was_still_waiting_has_its_cache_released_at_once():
+    """Nobody will pull it now: its prefill side frees it at once, not at its deadline."""
+    _, runner, buffer, engine = await _engine(max_batch=1)
+    running, waiting = [await _prefilled(runner, buffer, f"w{i}", p, 30) for i, p in enumerate(prompts(2))]
+    engine.add(running)
+    engine.add(waiting)  # no slot: it waits, its cache still held
+    while engine.batch is None:
+        await engine.step() or await asyncio.sleep(0.001)
+    assert buffer.get("w1") is not None
+    engine.abort(waiting)
+    await asyncio.gather(*engine.releases)
+    assert buffer.get("w1") is None and waiting.finished

@@ -164,3 +164,38 @@ def test_plan_flags_are_refused_with_a_plan_file_but_pass_through_without_one(tm
     prefill, decode = settings_of(stack.proc("prefill-0").args), settings_of(stack.proc("decode-0").args)
     assert (prefill.tp, prefill.decode_tp, decode.tp) == (2, 2, 2)
     assert prefill.model == model
+
+
+def test_up_in_colocated_mode_runs_colocated_processes_with_the_planned_limits(tmp_path, tiny_llama):
+    from distserve_worker.colocated import ColocatedSettings
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(tiny_manifest("tiny", tiny_llama, gpus_per_node=2, mode="Colocated"))
+    plan = plan_manifest(path)
+    assert plan.status.mode is api.PlanMode.COLOCATED and plan.colocated >= 1
+    stack = start_stack(plan, port=0, max_replicas=1, threads=1, log_dir=str(tmp_path / "logs"))
+    assert [p.name for p in stack.procs] == ["colocated-0", "router"]
+    router = stack.proc("router").args
+    address = router[router.index("--prefill") + 1]
+    assert router[router.index("--decode") + 1] == address  # the one instance is both, to the router
+    contract = load_contract(stack.config.plan_file)
+    assert contract.colocated is not None and contract.colocated.replicas == 1
+    settings = settings_of(stack.proc("colocated-0").args)
+    assert isinstance(settings, ColocatedSettings)
+    limits = plan.status.colocated.limits
+    assert (settings.prefill.token_budget, settings.decode.max_batch, settings.decode.max_kv_tokens) == (
+        limits.prefill_token_budget,
+        limits.decode_max_batch,
+        limits.decode_kv_tokens,
+    )
+
+
+def test_colocated_worker_refuses_a_plan_shape_it_cannot_run(tmp_path, tiny_llama):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(tiny_manifest("tiny", tiny_llama, gpus_per_node=2, mode="Colocated"))
+    plan = plan_manifest(path)
+    contract = build_contract(plan, 1, 1, colocated=1)
+    wide = contract.model_copy(update={"colocated": contract.colocated.model_copy(update={"tp": 2})})
+    plan_file = write_plan(wide, tmp_path)
+    with pytest.raises(cli_worker.ContractError, match=r"colocated is TP2xPP1.*TP1xPP1 only.*Disaggregated"):
+        settings_of(["colocated", "--plan-file", str(plan_file)])

@@ -52,11 +52,12 @@ def test_prefill_goes_to_the_least_loaded_healthy_instance():
 
 
 def test_decode_prefers_room_then_load():
-    full = Instance("a", healthy=True, running=4, free_slots=0)
-    roomy = Instance("b", healthy=True, running=6, free_slots=2)
+    full = Instance("a", healthy=True, running=4, free_slots=0, resident=4)
+    roomy = Instance("b", healthy=True, running=6, free_slots=2, resident=6)
     assert pick_decode([full, roomy]) is roomy
     roomy.inflight = 2
-    assert pick_decode([full, roomy]) is full  # nobody has room: least loaded queues it
+    # Nobody has a free slot, neither is saturated: the least loaded holds it until a slot frees.
+    assert pick_decode([full, roomy]) is full
 
 
 async def test_dns_discovery_lists_every_address_of_a_name():
@@ -71,7 +72,7 @@ async def test_dns_discovery_lists_every_address_of_a_name():
 
 def test_instances_that_are_not_ready_are_never_picked():
     loading = Instance("a", healthy=True, ready=False)  # answers Status, but a rank is down
-    serving = Instance("b", healthy=True, queued=9, running=9, free_slots=1)
+    serving = Instance("b", healthy=True, queued=9, running=9, free_slots=1, resident=9)
     assert pick_prefill([loading, serving]) is serving
     assert pick_decode([loading, serving]) is serving
     assert pick_prefill([loading]) is None and pick_decode([loading]) is None

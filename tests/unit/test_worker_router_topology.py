@@ -13,7 +13,8 @@ from distserve_protos.generation.v1 import generation_pb2_grpc as gen_grpc
 from distserve_worker.local.topology import format_topology, topology_rows
 from distserve_worker.metrics import RuntimeMetrics
 from distserve_worker.model_source import ModelSpec
-from distserve_worker.router.app import Router, WorkerError, build_app
+from distserve_worker.router.app import Router, Unavailable, build_app
+from distserve_worker.router.discovery import StaticDiscovery
 from distserve_worker.router.openai import parse_request
 from distserve_worker.router.picker import Instance, pick_prefill
 from distserve_worker.router.topology import apply_status, instance_json, instances_document
@@ -209,7 +210,10 @@ async def fake_router():
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     address = f"127.0.0.1:{port}"
-    settings = RouterSettings(model=ModelSpec(name="m"), prefill=(address,), decode=(address,))
+    # A request finding no ready instance waits this long for one before its 503.
+    settings = RouterSettings(
+        model=ModelSpec(name="m"), prefill=(address,), decode=(address,), queue_timeout_seconds=0.2
+    )
     router = Router(settings, tokenizer=None, metrics=RuntimeMetrics("router", "m"))
     await asyncio.gather(router.prefill.refresh(), router.decode.refresh())
     try:
@@ -245,7 +249,7 @@ async def test_rank_addresses_reach_decode_and_a_not_ready_instance_gets_no_requ
     prefill.status = tp2_status(ready=False, dead_rank=1)
     await router.prefill.refresh()
     assert not router.ready()
-    with pytest.raises(WorkerError, match="no prefill instance"):
+    with pytest.raises(Unavailable, match="no prefill instance could take this request"):
         [e async for e in router.generate(req, [1, 2, 3], 2)]
     assert len(decode.requests) == 1
 
@@ -260,3 +264,56 @@ def test_the_table_lists_each_stage_with_its_layers_and_ranks():
         ("", "", "", "1", "[19, 30)", "1"),
     ]
     assert [row[-1] for row in rows] == ["yes", "yes"]
+
+
+def test_a_draining_instance_is_out_of_rotation_saying_so():
+    inst = Instance("a:1")
+    status = tp2_status(ready=False)
+    status.draining = True
+    apply_status(inst, status)
+    assert not inst.routable and inst.error.startswith("not ready: draining")
+
+
+class HeldDecode(gen_grpc.DecodeServiceServicer):
+    """A decode instance whose streams end when the test says so."""
+
+    def __init__(self):
+        self.release = asyncio.Event()
+
+    async def Status(self, request, context):
+        return gen.WorkerStatus(role="decode", free_slots=4, max_context=512)
+
+    async def Decode(self, request, context):
+        yield gen.TokenEvent(request_id=request.request_id, token_id=request.first_token_id, index=0)
+        await self.release.wait()
+        yield gen.TokenEvent(request_id=request.request_id, token_id=8, index=1, finish_reason=2)
+
+
+async def test_an_instance_gone_from_dns_keeps_the_streams_this_router_has_on_it():
+    """A draining pod leaves its headless Service's DNS records once not ready, while it finishes
+    the streams it holds: the router drops it only after the last of its own streams on it ended,
+    instead of closing the channel under them."""
+    server = grpc.aio.server()
+    decode = HeldDecode()
+    gen_grpc.add_PrefillServiceServicer_to_server(FakePrefill(), server)
+    gen_grpc.add_DecodeServiceServicer_to_server(decode, server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    settings = RouterSettings(model=ModelSpec(name="m"), prefill=(address,), decode=(address,))
+    router = Router(settings, tokenizer=None, metrics=RuntimeMetrics("router", "m"))
+    try:
+        await asyncio.gather(router.prefill.refresh(), router.decode.refresh())
+        req = parse_request({"model": "m", "prompt": [1, 2, 3], "max_tokens": 2}, False, "m")
+        events = router.generate(req, [1, 2, 3], 2)
+        first = await anext(events)
+        router.decode.discovery = StaticDiscovery(())  # its DNS record is gone
+        await router.decode.refresh()
+        assert not router.decode.instances[address].routable  # no new requests, streams go on
+        decode.release.set()
+        assert [first.token_id, *[e.token_id async for e in events]] == [7, 8]
+        await router.decode.refresh()
+        assert router.decode.instances == {}
+    finally:
+        await router.prefill.close()
+        await router.decode.close()
+        await server.stop(None)

@@ -23,10 +23,12 @@ from distserve_worker.colocated import ColocatedSettings
 from distserve_worker.contract import (
     ContractError,
     check_against_model,
+    check_colocated,
     check_role_stage,
     load_contract,
     model_shape,
 )
+from distserve_worker.drain import Drain
 from distserve_worker.model_source import SOURCE_KINDS, ModelSpec
 from distserve_worker.settings import DecodeSettings, MiB, PrefillSettings, RouterSettings
 
@@ -132,6 +134,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "without --plan-file only (default: this instance's tp) [DISTSERVE_DECODE_TP]",
     )
     s.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=float(_env("DRAIN_SECONDS", 30)),
+        help="after SIGTERM: refuse new requests at once (not ready), finish the ones held, exit; at "
+        "most this long, then fail what is left and exit; 0: SIGTERM stops at once. Keep it below "
+        "the pod's terminationGracePeriodSeconds [DISTSERVE_DRAIN_SECONDS]",
+    )
+    s.add_argument(
         "--max-chunk-mib",
         type=float,
         default=float(_env("MAX_CHUNK_MIB", 2)),
@@ -208,6 +218,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=int(_env("SLO_TPOT_MILLIS", 0)),
         help="[DISTSERVE_SLO_TPOT_MILLIS]",
     )
+    r.add_argument(
+        "--max-queue",
+        type=_at_least(0),
+        default=_env("MAX_QUEUE", RouterSettings.max_queue),
+        help="requests that may wait for an instance when all of a role are saturated (beyond the decode "
+        "instances' free room); one more gets 503 with Retry-After (default %(default)s) [DISTSERVE_MAX_QUEUE]",
+    )
+    r.add_argument(
+        "--queue-timeout-seconds",
+        type=_at_least(1),
+        default=_env("QUEUE_TIMEOUT_SECONDS", int(RouterSettings.queue_timeout_seconds)),
+        help="longest a request waits for an instance of one role before a 503 with Retry-After "
+        "(default %(default)s) [DISTSERVE_QUEUE_TIMEOUT_SECONDS]",
+    )
+
+
+def _at_least(low: int) -> Any:
+    """An argparse type: an integer >= low, refused with the reason otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+
+    return parse
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -280,6 +319,9 @@ def obey(args: argparse.Namespace) -> Obeyed:
     limits = contract.limits
     model = ModelSpec.from_plan_json(contract.model.to_wire())
     slo = contract.slo
+    if role == "colocated" and contract.colocated is not None:  # mode Colocated: its own entry
+        check_colocated(contract, args.stage)
+        return Obeyed(model, slo.ttft_millis, slo.tpot_millis, limits=limits, contract=contract)
     if role not in ("prefill", "decode"):  # router, colocated: the model, SLOs and limits only
         return Obeyed(model, slo.ttft_millis, slo.tpot_millis, limits=limits)
     check_role_stage(contract, role, args.stage)
@@ -348,13 +390,15 @@ def build_settings(
     tpot = args.slo_tpot_millis or ob.tpot_millis
     limits = ob.limits
     chunk = int(args.max_chunk_mib * MiB)
+    if args.drain_seconds < 0:
+        raise ContractError(f"--drain-seconds {args.drain_seconds:g}: use 0 (SIGTERM stops at once) or more")
     common: dict[str, Any] = {
         "model": model,
         "host": args.host,
         "advertise": args.advertise,
         "instance": args.advertise,
     }
-    common |= {"threads": args.threads, "max_chunk_bytes": chunk}
+    common |= {"threads": args.threads, "max_chunk_bytes": chunk, "drain_seconds": args.drain_seconds}
     parallel: dict[str, Any] = {
         "tp": ob.tp,
         "pp": ob.pp,
@@ -410,6 +454,8 @@ def build_settings(
         decode_port=args.decode_port,
         slo_ttft_seconds=ttft / 1000 if ttft else None,
         slo_tpot_seconds=tpot / 1000 if tpot else None,
+        max_queue=args.max_queue,
+        queue_timeout_seconds=float(args.queue_timeout_seconds),
     )
 
 
@@ -447,27 +493,37 @@ def check_model(settings: PrefillSettings | DecodeSettings, contract: RuntimeCon
 
 
 async def _serve(settings: PrefillSettings | DecodeSettings | RouterSettings | ColocatedSettings) -> None:
+    drain: Drain | None = None
     if isinstance(settings, ColocatedSettings):
         from distserve_worker.colocated import serve_colocated
 
-        coro = serve_colocated(settings)
+        drain = Drain(settings.prefill.drain_seconds)
+        coro = serve_colocated(settings, drain=drain)
     elif isinstance(settings, PrefillSettings):
         from distserve_worker.prefill import serve_prefill
 
-        coro = serve_prefill(settings)
+        drain = Drain(settings.drain_seconds)
+        coro = serve_prefill(settings, drain=drain)
     elif isinstance(settings, DecodeSettings):
         from distserve_worker.decode import serve_decode
 
-        coro = serve_decode(settings)
+        drain = Drain(settings.drain_seconds)
+        coro = serve_decode(settings, drain=drain)
     else:
         from distserve_worker.router.app import serve_router
 
         coro = serve_router(settings)
     task = asyncio.ensure_future(coro)
     loop = asyncio.get_running_loop()
-    # SIGTERM (kubelet, `distserve up` on shutdown) and SIGINT stop serving cleanly.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
+
+    def on_sigterm() -> None:
+        # The kubelet (scale-down, rollout, node drain) or `distserve up` shutting down: a prefill,
+        # decode or colocated process drains (drain.py); the router, or a second SIGTERM, stops now.
+        if drain is None or not drain.start():
+            task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    loop.add_signal_handler(signal.SIGINT, task.cancel)  # Ctrl-C: stop serving at once
     with contextlib.suppress(asyncio.CancelledError):
         await task
 

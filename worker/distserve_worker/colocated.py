@@ -16,6 +16,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+from distserve_worker.drain import Drain
 from distserve_worker.metrics import RuntimeMetrics
 from distserve_worker.settings import DecodeSettings, PrefillSettings
 
@@ -41,7 +42,26 @@ class _BothMetrics:
         return [p.forwards() for p in self.parts]
 
 
-async def serve_colocated(settings: ColocatedSettings, loaded: Any = None) -> None:
+class _BothHalves:
+    """The drain's view of the process (drain.py): idle when both halves hold nothing."""
+
+    def __init__(self, *halves: Any) -> None:
+        self.halves = halves
+
+    def idle(self) -> bool:
+        return all(h.idle() for h in self.halves)
+
+    async def give_up(self, reason: str) -> int:
+        # Decode first: its sequences' caches are released at the prefill half, which then
+        # releases what is left.
+        return sum([await h.give_up(reason) for h in reversed(self.halves)])
+
+
+async def serve_colocated(
+    settings: ColocatedSettings, loaded: Any = None, drain: Drain | None = None
+) -> None:
+    """Serve both phases until cancelled or, after `drain` started (SIGTERM), drained: new
+    requests refused at once, what it holds finished (drain.py)."""
     import grpc
 
     from distserve_protos.generation.v1 import generation_pb2_grpc as gen_grpc
@@ -60,8 +80,9 @@ async def serve_colocated(settings: ColocatedSettings, loaded: Any = None) -> No
     prefill_metrics = RuntimeMetrics("prefill", p.model.name, instance)
     decode_metrics = RuntimeMetrics("decode", p.model.name, instance)
     state = {"ready": False}
+    drain = drain or Drain(0)  # none given (a test): never drains
     metrics: Any = _BothMetrics(prefill_metrics, decode_metrics)
-    http = await start_http(p.host, p.http_port, metrics, lambda: state["ready"])
+    http = await start_http(p.host, p.http_port, metrics, lambda: state["ready"] and not drain.draining)
     server = grpc.aio.server(options=channel_options(p.max_chunk_bytes))
     puller = GrpcKVPuller(d.max_chunk_bytes)
     try:
@@ -69,7 +90,7 @@ async def serve_colocated(settings: ColocatedSettings, loaded: Any = None) -> No
         runner = ModelRunner(model, p.threads or None)
         layout = probe_kv_layout(runner)
         context = max_context(model)
-        prefill = PrefillWorker(p, runner, layout, context, prefill_metrics, encode=False)
+        prefill = PrefillWorker(p, runner, layout, context, prefill_metrics, encode=False, drain=drain)
         remote = PullSource(
             puller, layout, layout.kv_heads, 1, None, d.max_chunk_bytes, d.pull_timeout_seconds
         )
@@ -85,6 +106,7 @@ async def serve_colocated(settings: ColocatedSettings, loaded: Any = None) -> No
             # The point of the baseline: one forward thread for both phases (FIFO: a waiting
             # prefill runs after at most one decode step, then decode resumes).
             executor=prefill.executor,
+            drain=drain,
         )
         gen_grpc.add_PrefillServiceServicer_to_server(prefill, server)
         gen_grpc.add_DecodeServiceServicer_to_server(decode, server)
@@ -95,6 +117,8 @@ async def serve_colocated(settings: ColocatedSettings, loaded: Any = None) -> No
             [prefill.batch_loop, prefill.reap_loop, decode.engine.run],
             state=state,
             label="colocated (prefill + decode)",
+            drain=drain,
+            work=_BothHalves(prefill, decode),
         )
     finally:
         await puller.close()

@@ -63,6 +63,20 @@ def check_role_stage(contract: RuntimeContract, role: str, stage: int, where: st
         )
 
 
+def check_colocated(contract: RuntimeContract, stage: int, where: str = "plan file") -> None:
+    """The contract's colocated entry is one this worker runs: one process on one device (TP1,
+    one stage; colocated.py)."""
+    phase = contract.phase(Role.COLOCATED)
+    if phase.tp != 1 or phase.pp != 1:
+        raise ContractError(
+            f"{where}: colocated is TP{phase.tp}xPP{phase.pp} but the colocated worker runs TP1xPP1 only "
+            "(one process, one device): re-plan it with this version's operator or `distserve up`, which "
+            "deploy only that shape, or set spec.serving.mode to Disaggregated"
+        )
+    if stage != 0:
+        raise ContractError(f"{where}: --stage {stage} (DISTSERVE_STAGE): colocated.pp is 1, use stage 0")
+
+
 def text_config(config: Any) -> Any:
     """The language model's part of a transformers config (the config itself for text-only models)."""
     return getattr(config, "get_text_config", lambda: config)()

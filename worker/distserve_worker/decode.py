@@ -8,6 +8,11 @@ Lifecycle of a request (the engine's module says what happens inside it):
    batch, one token per step; each token event is streamed back as it comes.
 3. A caller that goes away (router cancelled, client disconnected) aborts it at the next step; a
    failed pull, step or rank fails it with the reason.
+
+Draining (SIGTERM, drain.py): new requests are refused before any token (the router sends them
+elsewhere; their caches stay with prefill); the sequences it holds run to their end; the process
+exits when none is left, or at the drain deadline, when the rest fail with the reason and the
+caches of those never pulled are released.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import grpc
 
 from distserve_protos.generation.v1 import generation_pb2 as gen
 from distserve_protos.generation.v1 import generation_pb2_grpc as gen_grpc
+from distserve_worker.drain import Drain, refuse
 from distserve_worker.engine.decoder import DecodeEngine, DecodeLimits, Stream
 from distserve_worker.engine.detokenizer import Detokenizer
 from distserve_worker.engine.runner import KVLayout, ModelRunner
@@ -50,8 +56,11 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
         group: RankGroup | None = None,
         executor: ThreadPoolExecutor | None = None,
         chain: StageChain | None = None,
+        drain: Drain | None = None,
     ) -> None:
         self.settings = settings
+        self.drain = drain or Drain(0)  # none given: never drains
+        self.streams = 0  # Decode calls open (a drain waits for their last event to go out)
         self.runner = runner
         self.tokenizer = tokenizer
         self.layout = layout
@@ -85,6 +94,21 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
         """A rank died: every request here fails now, with the reason; new ones are refused."""
         self.engine.fail_all(RuntimeError(f"decode instance {self.settings.address}: {reason}"))
 
+    def idle(self) -> bool:
+        """No sequence held and no Decode call open."""
+        scheduler = self.engine.scheduler
+        return self.streams == 0 and not scheduler.waiting and not scheduler.admitted
+
+    async def give_up(self, reason: str) -> int:
+        """The drain deadline: every sequence still here fails with the reason; the caches of those
+        never pulled are released at their prefill instances (nobody will pull them now)."""
+        scheduler = self.engine.scheduler
+        unpulled = list(scheduler.waiting)
+        given_up = len(unpulled) + len(scheduler.admitted)
+        self.engine.fail_all(RuntimeError(f"decode instance {self.settings.address}: {reason}"))
+        await asyncio.gather(*(self.engine.source.release(seq) for seq in unpulled))
+        return given_up
+
     async def Decode(self, request: gen.DecodeRequest, context: grpc.aio.ServicerContext) -> Any:
         engine = self.engine
         seq = Sequence(
@@ -110,33 +134,41 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, f"decode instance {self.settings.address}: {broken}"
             )
+        if self.drain.draining:  # before any token: the router retries it on another instance
+            self.metrics.request("draining")
+            await refuse(context, f"decode instance {self.settings.address}")
         if not engine.fits_ever(seq):
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"request needs {seq.reserved_tokens} cached tokens; this decode instance holds at most "
                 f"{min(self.settings.max_kv_tokens, self.max_context)}",
             )
-        first = engine.emit(seq, seq.first_token)
-        if seq.finish is not None:
-            await engine.source.release(seq)
-            yield engine.final(first, seq)
-            self.metrics.request("ok")
-            return
-        yield first
-        engine.add(seq)
+        self.streams += 1
         try:
-            while True:
-                event = await stream.events.get()
-                if isinstance(event, Exception):
-                    self.metrics.request("error")
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(event))
-                yield event
-                if event.finish_reason != gen.FINISH_REASON_UNSPECIFIED:
-                    self.metrics.request("ok")
-                    return
+            first = engine.emit(seq, seq.first_token)
+            if seq.finish is not None:
+                await engine.source.release(seq)
+                yield engine.final(first, seq)
+                self.metrics.request("ok")
+                return
+            yield first
+            engine.add(seq)
+            try:
+                while True:
+                    event = await stream.events.get()
+                    if isinstance(event, Exception):
+                        self.metrics.request("error")
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, str(event))
+                    yield event
+                    if event.finish_reason != gen.FINISH_REASON_UNSPECIFIED:
+                        self.metrics.request("ok")
+                        return
+            finally:
+                engine.abort(seq)
+                self.metrics.set_queue(engine.scheduler.counts()[0])
         finally:
-            engine.abort(seq)
-            self.metrics.set_queue(engine.scheduler.counts()[0])
+            self.streams -= 1
+            self.drain.changed()
 
     async def Status(self, request: gen.StatusRequest, context: grpc.aio.ServicerContext) -> gen.WorkerStatus:
         return self.status()
@@ -146,7 +178,16 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
         now = self.engine.status()
         per_token = self.layout.bytes_per_token * s.tp  # all ranks' heads
         return gen.WorkerStatus(
-            **topology(s, self.layout, self.runner, self.group, self.kv_heads, s.max_kv_tokens, self.chain),
+            **topology(
+                s,
+                self.layout,
+                self.runner,
+                self.group,
+                self.kv_heads,
+                s.max_kv_tokens,
+                self.chain,
+                self.drain.draining,
+            ),
             role="decode",
             model=s.model.name,
             queued=now["queued"],
@@ -159,7 +200,7 @@ class DecodeWorker(gen_grpc.DecodeServiceServicer):
         )
 
 
-async def serve_decode(settings: DecodeSettings, loaded: Any = None) -> None:
+async def serve_decode(settings: DecodeSettings, loaded: Any = None, drain: Drain | None = None) -> None:
     from distserve_worker.engine.runner import probe_kv_layout
     from distserve_worker.kvtransfer.source import PullSource
     from distserve_worker.kvtransfer.transport import GrpcKVPuller
@@ -171,11 +212,11 @@ async def serve_decode(settings: DecodeSettings, loaded: Any = None) -> None:
     if settings.stage > 0:  # a later pipeline stage: driven by stage 0, not by routers
         from distserve_worker.pp.stage import serve_stage
 
-        await serve_stage("decode", settings)
+        await serve_stage("decode", settings, drain)
         return
     server = grpc.aio.server()
     puller = GrpcKVPuller(settings.max_chunk_bytes)
-    async with WorkerProcess("decode", settings) as process:
+    async with WorkerProcess("decode", settings, drain=drain) as process:
         try:
             process.group, model, tokenizer, kv_heads = await start_ranks("decode", settings, loaded)
             runner = ModelRunner(model, settings.threads or None)
@@ -202,6 +243,7 @@ async def serve_decode(settings: DecodeSettings, loaded: Any = None) -> None:
                 kv_heads,
                 process.group,
                 chain=process.chain,
+                drain=process.drain,
             )
             gen_grpc.add_DecodeServiceServicer_to_server(worker, server)
             await serve_until_stopped(
@@ -210,6 +252,8 @@ async def serve_decode(settings: DecodeSettings, loaded: Any = None) -> None:
                 [worker.engine.run, *await process.loops()],
                 state=process.state,
                 label=instance_label("decode", settings, runner),
+                drain=process.drain,
+                work=worker,
             )
         finally:
             await puller.close()

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+QUEUE_WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # Recent forwards kept for `/forwards` (`distserve profile --in-stack` fits a profile to them).
 RECENT_FORWARDS = 8192
 
@@ -44,6 +45,18 @@ class RuntimeMetrics:
         self.slo_attained = counter("distserve_slo_attained", "Requests meeting both SLOs")
         self.slo_missed = counter("distserve_slo_missed", "Requests missing an SLO")
         self.queue = Gauge("distserve_queue_requests", "Requests waiting", names, registry=reg)
+        # Router only, `role` being the role waited for (router/admission.py).
+        self.router_queue = Gauge(
+            "distserve_router_queue_requests",
+            "Requests waiting in the router for an instance of the role (all saturated or none ready)",
+            names,
+            registry=reg,
+        )
+        self.router_queue_wait = histogram(
+            "distserve_router_queue_wait_seconds",
+            "Time a request waited in the router for an instance of the role (0 when one had room)",
+            QUEUE_WAIT_BUCKETS,
+        )
         self.kv_bytes = counter("distserve_kv_transfer_bytes", "KV cache bytes transferred")
         self.kv_seconds = histogram(
             "distserve_kv_transfer_seconds", "Time to transfer one KV cache", LATENCY_BUCKETS
@@ -54,6 +67,9 @@ class RuntimeMetrics:
             "Wall time of one batched forward (prefill batch or decode step)",
             LATENCY_BUCKETS,
         )
+        self.draining = Gauge(
+            "distserve_draining", "1 while the instance drains (SIGTERM) before it exits", names, registry=reg
+        )
         # (rows, width, milliseconds): width is the longest prompt of a prefill batch, or the
         # context a decode step attends to (the longest row's, new token included).
         self.recent: deque[tuple[int, int, float]] = deque(maxlen=RECENT_FORWARDS)
@@ -63,6 +79,15 @@ class RuntimeMetrics:
 
     def set_queue(self, n: int) -> None:
         self.queue.labels(**self.labels).set(n)
+
+    def set_draining(self, on: bool) -> None:
+        self.draining.labels(**self.labels).set(1 if on else 0)
+
+    def set_router_queue(self, role: str, n: int) -> None:
+        self.router_queue.labels(**(self.labels | {"role": role})).set(n)
+
+    def router_waited(self, role: str, seconds: float) -> None:
+        self.router_queue_wait.labels(**(self.labels | {"role": role})).observe(seconds)
 
     def batch(self, n: int) -> None:
         self.batch_size.labels(**self.labels).observe(n)

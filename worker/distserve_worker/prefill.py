@@ -11,6 +11,10 @@ Lifecycle of a request:
    the cache from.
 4. A decode instance pulls the cache (`KVTransferService.Pull`) and then releases it; a cache no one
    released is freed at its deadline.
+
+Draining (SIGTERM, drain.py): new prompts are refused (the router sends them elsewhere); prompts
+already accepted are answered and their caches served to the pulls that come; the process exits
+once it holds no cache, or at the drain deadline, when it releases what is left.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import grpc
 from distserve_protos.generation.v1 import generation_pb2 as gen
 from distserve_protos.generation.v1 import generation_pb2_grpc as gen_grpc
 from distserve_protos.stage.v1 import stage_pb2 as stage_pb
+from distserve_worker.drain import Drain, DrainExpired, refuse
 from distserve_worker.engine.runner import KVLayout, ModelRunner, PrefillOutput
 from distserve_worker.engine.sampling import sample, sampling_from_proto
 from distserve_worker.engine.scheduler import PrefillBatcher
@@ -63,8 +68,11 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
         group: RankGroup | None = None,
         encode: bool = True,
         chain: StageChain | None = None,
+        drain: Drain | None = None,
     ) -> None:
         self.settings = settings
+        self.drain = drain or Drain(0)  # none given: never drains
+        self.gave_up = ""  # why, once the drain deadline passed
         # False: caches are kept as tensors, for a decode engine in this same process (colocated)
         # to take without encoding; a pull from elsewhere then encodes them when it comes.
         self.encode = encode
@@ -108,6 +116,9 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, f"prefill instance {self.settings.address}: {broken}"
             )
+        if self.drain.draining:
+            self.metrics.request("draining")
+            await refuse(context, f"prefill instance {self.settings.address}")
         if not prompt or len(prompt) >= self.max_context:
             self.metrics.request("rejected")
             await context.abort(
@@ -124,6 +135,8 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         stored = False
         try:
+            if self.gave_up:  # it waited for buffer room past the drain deadline: nothing done yet
+                await refuse(context, f"prefill instance {self.settings.address}", self.gave_up)
             pending = Pending(prompt, request.sampling)
             self.pending[rid] = pending
             self.batcher.add(rid, len(prompt))
@@ -135,6 +148,9 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
                 # The instance broke under it: UNAVAILABLE, so the router retries it elsewhere.
                 self.metrics.request("error")
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            except DrainExpired as exc:
+                self.metrics.request("error")
+                await refuse(context, f"prefill instance {self.settings.address}", str(exc))
             started_forward = pending.started or arrived
             if first is None:
                 assert out.last_logits is not None
@@ -153,6 +169,9 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
                     self.layers,
                     self.spans,
                 )
+            if self.gave_up:  # an answer now would point decode at a cache about to vanish
+                self.metrics.request("error")
+                await refuse(context, f"prefill instance {self.settings.address}", self.gave_up)
             self.buffer.store(rid, encoded, encoded.nbytes)
             stored = True
             self.metrics.request("ok")
@@ -173,6 +192,7 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
             if not stored:
                 await self.buffer.cancel(rid)
             self._update_queue()
+            self.drain.changed()
 
     async def Status(self, request: gen.StatusRequest, context: grpc.aio.ServicerContext) -> gen.WorkerStatus:
         return self.status()
@@ -181,6 +201,26 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
     def broken(self) -> str | None:
         """Why the instance cannot serve (a dead rank, a broken stage chain), or None."""
         return broken_reason(self.group, self.chain)
+
+    def idle(self) -> bool:
+        """Holds nothing: no prompt waiting or running, no cache reserved or waiting to be pulled."""
+        return not self.pending and not self.buffer.entries and not self.buffer.waiting
+
+    async def give_up(self, reason: str) -> int:
+        """The drain deadline: prompts not yet answered are refused (the router retries them
+        elsewhere); caches nobody pulled yet are released."""
+        self.gave_up = reason
+        error = DrainExpired(reason)
+        given_up = 0
+        for pending in self.pending.values():
+            if not pending.done.done():
+                pending.done.set_exception(error)
+                given_up += 1
+        for rid, entry in list(self.buffer.entries.items()):
+            if entry.value is not None:
+                await self.buffer.release(rid)
+                given_up += 1
+        return given_up
 
     def kv_stages(self) -> list[gen.KVStage]:
         if self.chain is None:
@@ -200,7 +240,14 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
         capacity = self.buffer.capacity // max(1, self.layout.bytes_per_token)
         return gen.WorkerStatus(
             **topology(
-                self.settings, self.layout, self.runner, self.group, self.kv_heads, capacity, self.chain
+                self.settings,
+                self.layout,
+                self.runner,
+                self.group,
+                self.kv_heads,
+                capacity,
+                self.chain,
+                self.drain.draining,
             ),
             role="prefill",
             model=self.settings.model.name,
@@ -297,9 +344,10 @@ class PrefillWorker(gen_grpc.PrefillServiceServicer):
         self.metrics.kv_transfer(nbytes, seconds)
 
 
-async def serve_prefill(settings: PrefillSettings, loaded: Any = None) -> None:
+async def serve_prefill(settings: PrefillSettings, loaded: Any = None, drain: Drain | None = None) -> None:
     """Load the model (this rank's shard of it under tensor parallelism, the followers started
-    beside it), serve gRPC (generation + KV transfer) and HTTP until cancelled."""
+    beside it), serve gRPC (generation + KV transfer) and HTTP until cancelled or, after `drain`
+    started (SIGTERM), drained."""
     from distserve_worker.engine.runner import probe_kv_layout
     from distserve_worker.kvtransfer.transport import KVTransferServicer, channel_options
     from distserve_worker.kvtransfer.transport import add_to_server as add_kv_transfer
@@ -310,10 +358,10 @@ async def serve_prefill(settings: PrefillSettings, loaded: Any = None) -> None:
     if settings.stage > 0:  # a later pipeline stage: driven by stage 0, not by routers
         from distserve_worker.pp.stage import serve_stage
 
-        await serve_stage("prefill", settings)
+        await serve_stage("prefill", settings, drain)
         return
     server = grpc.aio.server(options=channel_options(settings.max_chunk_bytes))
-    async with WorkerProcess("prefill", settings) as process:
+    async with WorkerProcess("prefill", settings, drain=drain) as process:
         process.group, model, _, kv_heads = await start_ranks("prefill", settings, loaded)
         runner = ModelRunner(model, settings.threads or None)
         layout = await asyncio.to_thread(probe_kv_layout, runner)
@@ -326,6 +374,7 @@ async def serve_prefill(settings: PrefillSettings, loaded: Any = None) -> None:
             kv_heads,
             process.group,
             chain=process.chain,
+            drain=process.drain,
         )
         gen_grpc.add_PrefillServiceServicer_to_server(worker, server)
         add_kv_transfer(
@@ -344,6 +393,8 @@ async def serve_prefill(settings: PrefillSettings, loaded: Any = None) -> None:
             [worker.batch_loop, worker.reap_loop, *await process.loops()],
             state=process.state,
             label=instance_label("prefill", settings, runner),
+            drain=process.drain,
+            work=worker,
         )
 
 

@@ -1,8 +1,8 @@
 """The gRPC lifecycle every worker role shares (prefill, decode, colocated).
 
-Bind and start the server, start the role's loops, report ready; when the worker stops (cancelled,
-Ctrl-C, SIGTERM, or a loop failing), cancel the loops and stop the server with a short grace so
-in-flight RPCs end with an error instead of hanging.
+Bind and start the server, start the role's loops, report ready; when the worker stops (cancelled:
+Ctrl-C, a second SIGTERM; a loop failing; or its drain done, see drain.py), cancel the loops and
+stop the server with a short grace so in-flight RPCs end with an error instead of hanging.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from distserve_worker.drain import Drain, Drainable
 from distserve_worker.health import start_http
 from distserve_worker.metrics import RuntimeMetrics
 from distserve_worker.pp.chain import StageChain
@@ -29,18 +30,39 @@ async def serve_until_stopped(
     *,
     state: MutableMapping[str, bool],
     label: str,
+    drain: Drain | None = None,
+    work: Drainable | None = None,
+    drain_extra: float = 0.0,
 ) -> None:
-    """Serve `address` and run `loops` until one ends or this is cancelled; `state["ready"]` turns
-    True once both are up (what /readyz reports)."""
+    """Serve `address` and run `loops` until one fails, this is cancelled, or (with `drain` and
+    `work`) the drain after SIGTERM is done; `state["ready"]` turns True once both are up (what
+    /readyz reports, with the drain: until SIGTERM)."""
     server.add_insecure_port(address)
     await server.start()
     tasks = [asyncio.create_task(loop()) for loop in loops]
+    everything = asyncio.gather(*tasks)
+    # Cancelled with its loops below, it ends holding a CancelledError: read, not logged as unread.
+    everything.add_done_callback(lambda f: f.cancelled() or f.exception())
+    drained = asyncio.create_task(drain.run(work, drain_extra)) if drain and work else None
     try:
         state["ready"] = True
         print(f"[distserve] {label} serving gRPC on {address}", flush=True)
-        await asyncio.gather(*tasks)
+        if drained is None:
+            await everything
+        else:
+            # The loops never end by themselves (a watch loop that returns leaves the rest serving).
+            either: list[asyncio.Future[Any]] = [everything, drained]
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if everything.done():
+                everything.result()  # a loop failed: raise it
+            elif drain is not None and drain.started_at is not None:
+                seconds = drain.clock() - drain.started_at
+                print(f"[distserve] {label}: drain done in {seconds:.1f} s ({drained.result()})", flush=True)
     finally:
-        for task in tasks:
+        if drained is not None:
+            drained.cancel()
+        everything.cancel()
+        for task in tasks:  # those still running after another one failed
             task.cancel()
         with contextlib.suppress(Exception):
             await server.stop(grace=1.0)
@@ -48,15 +70,22 @@ async def serve_until_stopped(
 
 class WorkerProcess:
     """What every worker process (prefill, decode, a later pipeline stage) has around its model:
-    its metrics; its HTTP side (/readyz: serving, its ranks alive and its stage chain whole;
-    /healthz: fails on a dead rank, so the kubelet restarts the pod with all its ranks); its
-    tensor-parallel rank group (`group`, set once the ranks start) and, at stage 0 of a pipelined
-    instance, its chain of later stages. `async with` starts the HTTP side and closes it all."""
+    its metrics; its HTTP side (/readyz: serving, not draining, its ranks alive and its stage chain
+    whole; /healthz: fails on a dead rank, so the kubelet restarts the pod with all its ranks); its
+    drain (SIGTERM, drain.py); its tensor-parallel rank group (`group`, set once the ranks start)
+    and, at stage 0 of a pipelined instance, its chain of later stages. `async with` starts the
+    HTTP side and closes it all."""
 
-    def __init__(self, role: str, settings: WorkerSettings, *, chain: bool = True) -> None:
+    def __init__(
+        self, role: str, settings: WorkerSettings, *, chain: bool = True, drain: Drain | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = RuntimeMetrics(role, settings.model.name, settings.instance or settings.address)
         self.state = {"ready": False}  # serve_until_stopped sets it once gRPC serves
+        # Started by SIGTERM (cli_worker); a process run without one (in a test) never drains.
+        self.drain = drain or Drain(settings.drain_seconds)
+        self.drain.on_start.append(self._draining)
+        self.metrics.set_draining(False)
         self.group: RankGroup | None = None
         self.chain = (
             StageChain(role, settings.stage_addresses, settings.max_chunk_bytes)
@@ -66,11 +95,21 @@ class WorkerProcess:
         self.http: Any = None
 
     def ready(self) -> bool:
-        return self.state["ready"] and broken_reason(self.group, self.chain) is None
+        return (
+            self.state["ready"] and not self.drain.draining and broken_reason(self.group, self.chain) is None
+        )
 
     def broken(self) -> str | None:
         """What /healthz fails on: a dead rank (a broken chain is another pod's to restart)."""
         return None if self.group is None else self.group.broken
+
+    def _draining(self) -> None:
+        self.metrics.set_draining(True)
+        print(
+            f"[distserve] SIGTERM: draining (not ready, refusing new requests); exits once what it "
+            f"holds is done, or in {self.drain.seconds:g} s (--drain-seconds)",
+            flush=True,
+        )
 
     async def loops(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
         """Once the ranks serve: the loops that watch the ranks and the stages."""

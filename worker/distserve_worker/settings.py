@@ -32,6 +32,9 @@ class WorkerSettings:
     # contract's address templates or --stage-addresses).
     stage_addresses: tuple[str, ...] = ()
     rank_port_base: int = 0  # follower rank r serves gRPC on this + r; 0: free ports (local mode)
+    # After SIGTERM: at most this long to finish what the instance holds before giving it up and
+    # exiting (drain.py); 0: SIGTERM stops at once. Below the pod's terminationGracePeriodSeconds.
+    drain_seconds: float = 30.0
 
     @property
     def address(self) -> str:
@@ -78,6 +81,13 @@ class RouterSettings:
     decode_port: int = 50052
     refresh_seconds: float = 2.0  # how often instances are re-resolved and polled
     request_timeout_seconds: float = 300.0
+    # Overload (router/admission.py): requests waiting for an instance beyond the free capacity
+    # of the decode instances, per role line; one more gets 503 with Retry-After at once.
+    max_queue: int = 128
+    # Longest a request waits for an instance of one role (every one saturated, or none ready)
+    # before a 503 with Retry-After. Keep it under the prefill KV TTL: a request waiting for decode
+    # holds its cache there.
+    queue_timeout_seconds: float = 30.0
     max_tokens_default: int = 256
     slo_ttft_seconds: float | None = None
     slo_tpot_seconds: float | None = None

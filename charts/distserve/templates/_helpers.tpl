@@ -72,6 +72,10 @@ Least privilege: exactly the calls the operator makes (operator/distserve_operat
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# Worker pods that wait for GPUs, and the quota and other pods that leave fewer: plans that fit.
+- apiGroups: [""]
+  resources: ["pods", "resourcequotas"]
+  verbs: ["get", "list"]
 {{- if .Values.podGroups.enabled }}
 - apiGroups: [""]
   resources: ["pods"]
@@ -80,4 +84,11 @@ Least privilege: exactly the calls the operator makes (operator/distserve_operat
   resources: ["podgroups"]
   verbs: ["get", "list", "create", "patch", "delete"]
 {{- end }}
+{{- end -}}
+
+{{/* Nodes are cluster-scoped: read-only, for the GPUs they can allocate (capacity.readNodes). */}}
+{{- define "distserve.nodeRules" -}}
+- apiGroups: [""]
+  resources: ["nodes"]
+  verbs: ["get", "list"]
 {{- end -}}

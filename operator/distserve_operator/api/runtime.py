@@ -27,7 +27,7 @@ from .limits import EngineLimits as EngineLimits
 from .spec import MAX_TP as MAX_TP
 from .spec import RANK_PORT_OFFSET as RANK_PORT_OFFSET
 from .spec import ModelSpec, Slo
-from .status import PlanStatus
+from .status import PlanMode, PlanStatus
 
 CONTRACT_VERSION: Final = "distserve.io/runtime/v1"
 
@@ -38,6 +38,7 @@ CONTRACT_VERSION: Final = "distserve.io/runtime/v1"
 class Role(StrEnum):
     PREFILL = "prefill"
     DECODE = "decode"
+    COLOCATED = "colocated"  # one instance doing both phases (mode Colocated)
 
 
 class LayerRange(ApiModel):
@@ -125,8 +126,18 @@ class RuntimeContract(ApiModel):
     model: ModelSpec = Field(..., description="The model to serve (spec.model).")
     slo: Slo = Field(..., description="The SLOs (spec.slo); the router counts attainment against them.")
     shape: ModelShape | None = Field(None, description="Model shape the plan assumed, when known.")
+    mode: PlanMode = Field(
+        PlanMode.DISAGGREGATED, description="Disaggregated, or Colocated: the colocated entry says what runs."
+    )
     prefill: PhaseContract = Field(..., description="How prefill instances run.")
     decode: PhaseContract = Field(..., description="How decode instances run.")
+    colocated: PhaseContract | None = Field(
+        None,
+        description=(
+            "Mode Colocated: how the colocated instances run (each serves both phases on one port). "
+            "prefill and decode then describe these same instances, as the router sees them."
+        ),
+    )
     limits: EngineLimits = Field(default_factory=EngineLimits, description="Engine limits (simulated = run).")
     plan: PlanStatus | None = Field(None, description="The plan this contract came from (for people).")
 
@@ -137,19 +148,37 @@ class RuntimeContract(ApiModel):
                 f"prefill stages cover {self.prefill.num_layers} layers and decode stages "
                 f"{self.decode.num_layers}: both must cover the model's layers"
             )
+        if (self.mode is PlanMode.COLOCATED) != (self.colocated is not None):
+            raise ValueError(
+                f"mode is {self.mode.value} but the colocated entry is "
+                f"{'absent' if self.colocated is None else 'present'}: mode Colocated needs one, "
+                "Disaggregated none"
+            )
+        if self.colocated is not None and self.colocated.num_layers != self.prefill.num_layers:
+            raise ValueError(
+                f"colocated stages cover {self.colocated.num_layers} layers and prefill stages "
+                f"{self.prefill.num_layers}: both must cover the model's layers"
+            )
         if self.shape is not None:
             if self.prefill.num_layers != self.shape.layers:
                 raise ValueError(
                     f"stages cover {self.prefill.num_layers} layers but shape.layers is {self.shape.layers}"
                 )
-            for role in (Role.PREFILL, Role.DECODE):
+            roles = [Role.PREFILL, Role.DECODE] + ([Role.COLOCATED] if self.colocated is not None else [])
+            for role in roles:
                 reason = tp_refusal(self.shape.heads, self.shape.kv_heads, self.phase(role).tp)
                 if reason:
                     raise ValueError(f"{role.value}.tp: {reason}")
         return self
 
     def phase(self, role: Role | str) -> PhaseContract:
-        return self.prefill if Role(role) is Role.PREFILL else self.decode
+        """The entry of `role`; ValueError for colocated when the contract has none (mode Disaggregated)."""
+        role = Role(role)
+        if role is Role.COLOCATED:
+            if self.colocated is None:
+                raise ValueError("the plan has no colocated entry (its mode is Disaggregated)")
+            return self.colocated
+        return self.prefill if role is Role.PREFILL else self.decode
 
 
 def tp_refusal(heads: int, kv_heads: int, tp: int) -> str:

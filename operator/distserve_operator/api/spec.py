@@ -587,6 +587,16 @@ class WorkerSpec(ApiModel):
     grpc_port: int = Field(50051, alias="grpcPort", ge=1024, le=65535, description="gRPC port of workers.")
     metrics_port: int = Field(9090, ge=1024, le=65535, description="Prometheus port of workers.")
     service_account_name: str | None = Field(None, description="ServiceAccount for worker pods.")
+    termination_grace_period_seconds: int = Field(
+        120,
+        ge=15,
+        le=3600,
+        description=(
+            "How long a worker pod that is going away (scale-down, re-plan, rollout, node drain) may take "
+            "to finish what it holds: it stops taking new work at once, finishes its running requests and "
+            "serves the KV its answered prefills still hold, and is killed after this long."
+        ),
+    )
 
     @model_validator(mode="after")
     def _ports(self) -> WorkerSpec:
@@ -623,6 +633,25 @@ class RouterSpec(ApiModel):
     image: str | None = Field(None, description="Router image; defaults to worker.image.")
     port: int = Field(8000, ge=1024, le=65535, description="HTTP port of the OpenAI-compatible API.")
     service_type: ServiceType = Field(ServiceType.CLUSTER_IP, description="Type of the Service users call.")
+    max_queue: int = Field(
+        128,
+        ge=0,
+        le=100_000,
+        description=(
+            "Requests each router pod holds waiting for an instance when every one of a role is saturated "
+            "(or none is ready), beyond the room decode instances have; one more gets HTTP 503 with "
+            "Retry-After at once. 0: never wait."
+        ),
+    )
+    queue_timeout_seconds: int = Field(
+        30,
+        ge=1,
+        le=3600,
+        description=(
+            "Longest a request waits in the router for an instance of one role before HTTP 503 with "
+            "Retry-After. Keep it under the prefill KV TTL: a request waiting for decode holds its cache there."
+        ),
+    )
 
 
 class EngineSpec(ApiModel):
@@ -685,6 +714,26 @@ class PlannerSpec(ApiModel):
     )
 
 
+class ServingMode(StrEnum):
+    AUTO = "Auto"
+    DISAGGREGATED = "Disaggregated"
+    COLOCATED = "Colocated"
+
+
+class ServingSpec(ApiModel):
+    """Whether prefill and decode run on separate instances or together in each instance."""
+
+    mode: ServingMode = Field(
+        ServingMode.DISAGGREGATED,
+        description=(
+            "Disaggregated: separate prefill and decode instances (DistServe). Colocated: every instance "
+            "runs both phases (vLLM-style), with the parallelism of the planner's colocated search. "
+            "Auto: whichever the planner finds gives more goodput per GPU (status.plan.verdict); "
+            "status.plan.mode and modeReason say which runs and why."
+        ),
+    )
+
+
 class DistServeDeploymentSpec(ApiModel):
     """What to serve, the SLOs, the expected workload and the cluster to plan for."""
 
@@ -702,9 +751,17 @@ class DistServeDeploymentSpec(ApiModel):
         default_factory=EngineSpec, description="Engine limits the planner simulates and the workers run."
     )
     planner: PlannerSpec = Field(default_factory=PlannerSpec, description="Planner knobs.")
+    serving: ServingSpec = Field(
+        default_factory=ServingSpec, description="Disaggregated, colocated, or the planner's choice."
+    )
 
     @model_validator(mode="after")
     def _cross(self) -> DistServeDeploymentSpec:
+        if self.serving.mode is ServingMode.COLOCATED and self.planner.pin is not None:
+            raise ValueError(
+                "planner.pin fixes prefill and decode instances but serving.mode Colocated runs neither: "
+                "remove planner.pin or set serving.mode Disaggregated"
+            )
         limit = self.model.max_context_tokens or (
             self.model.architecture.max_position_embeddings if self.model.architecture else None
         )

@@ -17,6 +17,7 @@ class ConditionType(StrEnum):
     PROGRESSING = "Progressing"
     DEGRADED = "Degraded"
     PLAN_DRIFT = "PlanDrift"
+    SCHEDULABLE = "Schedulable"
 
 
 class ConditionStatus(StrEnum):
@@ -108,7 +109,7 @@ class Candidate(ApiModel):
 
 
 class ColocatedPlan(ApiModel):
-    """The best colocated alternative: both phases in one instance (vLLM-style)."""
+    """Colocated instances: both phases in one instance (vLLM-style)."""
 
     tp: int = Field(..., ge=1, description="Tensor-parallel degree.")
     pp: int = Field(..., ge=1, description="Pipeline-parallel degree.")
@@ -116,6 +117,50 @@ class ColocatedPlan(ApiModel):
     goodput_per_gpu: float = Field(
         ..., alias="goodputPerGPU", ge=0, description="Requests/s per GPU at the SLO."
     )
+    max_rate_per_instance: float | None = Field(
+        None, ge=0, description="Requests/s one instance sustains at the SLO attainment target."
+    )
+    stage_layers: list[int] | None = Field(
+        None, description="Decoder layers per pipeline stage, in order; absent: an even split."
+    )
+    limits: EngineLimits | None = Field(
+        None,
+        description=(
+            "Engine limits this instance was simulated with (its KV capacity is its own memory fit's); "
+            "the colocated workers run exactly these."
+        ),
+    )
+
+    @property
+    def gpus_per_instance(self) -> int:
+        return self.tp * self.pp
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.replicas
+
+
+class PlanMode(StrEnum):
+    """What a plan deploys (spec.serving.mode Auto resolves to one of these)."""
+
+    DISAGGREGATED = "Disaggregated"
+    COLOCATED = "Colocated"
+
+
+class GpuBudget(ApiModel):
+    """The GPUs a plan was made within: the nominal cluster, or what the cluster can actually schedule."""
+
+    nominal: int = Field(..., ge=0, description="GPUs spec.cluster (and autoscaling.maxGPUs) allow.")
+    allocatable: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "GPUs this deployment can get now: nodes' allocatable minus what other pods request, within any "
+            "ResourceQuota; unset when the operator cannot see them."
+        ),
+    )
+    planned_within: int = Field(..., ge=0, description="The budget the planner searched within.")
+    message: str = Field("", description="Where the figures come from.")
 
 
 class PlacementAffinity(StrEnum):
@@ -126,8 +171,18 @@ class PlacementAffinity(StrEnum):
 class PlanStatus(ApiModel):
     """The plan the operator deployed."""
 
-    prefill: PhasePlan = Field(..., description="Prefill instances.")
-    decode: PhasePlan = Field(..., description="Decode instances.")
+    mode: PlanMode = Field(
+        PlanMode.DISAGGREGATED,
+        description=(
+            "What runs: Disaggregated (the prefill and decode instances) or Colocated (the colocated "
+            "instances; prefill and decode are then the disaggregated alternative, for comparison)."
+        ),
+    )
+    mode_reason: str = Field(
+        "", description="Why this mode runs (spec.serving.mode and, for Auto, the verdict)."
+    )
+    prefill: PhasePlan = Field(..., description="Prefill instances (mode Disaggregated).")
+    decode: PhasePlan = Field(..., description="Decode instances (mode Disaggregated).")
     affinity: PlacementAffinity = Field(
         ..., description="Placement algorithm used (High or Low node affinity)."
     )
@@ -143,17 +198,22 @@ class PlanStatus(ApiModel):
         default_factory=list, description="Top candidates by goodput per GPU."
     )
     colocated: ColocatedPlan | None = Field(
-        None, description="Best colocated (prefill+decode in one instance)."
+        None,
+        description=(
+            "Colocated instances (prefill+decode in one instance): what runs when mode is Colocated, "
+            "else the best colocated alternative."
+        ),
     )
     disaggregation_pays: bool | None = Field(
-        None, description="True when the disaggregated plan's goodput per GPU beats the colocated one."
+        None,
+        description="True when the disaggregated plan's goodput per GPU beats the best colocated one.",
     )
     verdict: str = Field("", description="Plain-language verdict and why.")
     limits: EngineLimits | None = Field(
         None,
         description=(
             "Engine limits the plan was simulated with (prefill token budget, decode batch, decode KV "
-            "capacity); the workers run exactly these."
+            "capacity), for the instances of its mode; the workers run exactly these."
         ),
     )
     pinned: bool = Field(
@@ -167,6 +227,11 @@ class PlanStatus(ApiModel):
         "", description="Latency model the plan used (analytical, profile file, DistServe import)."
     )
     search_seconds: float | None = Field(None, ge=0, description="Planner wall time.")
+    gpu_budget: GpuBudget | None = Field(
+        None,
+        alias="gpuBudget",
+        description="The GPUs the plan was made within (allocatable ones when fewer than nominal).",
+    )
 
 
 class WorkloadSnapshot(ApiModel):
@@ -197,6 +262,33 @@ class Replan(ApiModel):
     reason: str = Field(..., description="Why it re-planned.")
 
 
+class RoleRollout(ApiModel):
+    """One role during a staged rollout: ready instances of the old and the new groups."""
+
+    name: str = Field(..., description="prefill or decode.")
+    old_ready: int = Field(0, ge=0, description="Ready instances of the old groups.")
+    new_ready: int = Field(0, ge=0, description="Ready instances of the new groups.")
+    new_desired: int = Field(0, ge=0, description="Instances the new plan wants.")
+
+
+class Rollout(ApiModel):
+    """A staged re-plan in progress: new instance groups beside the old ones until they are Ready."""
+
+    old_revision: str = Field(..., description="Revision (parallelism hash) of the groups going away.")
+    new_revision: str = Field(..., description="Revision of the groups coming up.")
+    old_plan: str = Field("", description="The old plan, one line.")
+    new_plan: str = Field("", description="The new plan, one line.")
+    started: str = Field(..., description="RFC 3339 time the rollout began.")
+    step: str = Field(
+        ...,
+        description=(
+            "StartingNew (new groups coming up, old ones serving), DrainingOld (new groups Ready, old ones "
+            "finishing their requests) or RemovingOld."
+        ),
+    )
+    roles: list[RoleRollout] = Field(default_factory=list, description="Progress per role.")
+
+
 class DistServeDeploymentStatus(ApiModel):
     """The plan, conditions and observed workload, written by the operator."""
 
@@ -207,3 +299,4 @@ class DistServeDeploymentStatus(ApiModel):
     observed: WorkloadSnapshot | None = Field(None, description="Workload measured from traffic.")
     roles: list[RoleStatus] = Field(default_factory=list, description="Replicas per role.")
     last_replan: Replan | None = Field(None, description="Last traffic-driven re-plan.")
+    rollout: Rollout | None = Field(None, description="The staged rollout in progress, if any.")

@@ -14,6 +14,7 @@ from .architecture import ModelArchitecture
 from .hardware import DeviceSpec, Links
 from .latency import InstanceTiming, LatencyModel, kv_transfer_ms, stage_hop
 from .memory import Fit, check_fit
+from .mode import decide as decide_mode
 from .pin import PhaseChoice, Pin
 from .report import PlanReport, build_report
 from .search import (
@@ -32,7 +33,7 @@ from .search import (
     stage_link,
     with_stages,
 )
-from .workload import Lengths, generate
+from .workload import Lengths, Requests, generate
 
 # Prefill batches stop growing at this many tokens (or one prompt, if longer): see api.limits.
 DEFAULT_TOKEN_BUDGET = api.DEFAULT_PREFILL_TOKEN_BUDGET
@@ -69,6 +70,8 @@ class PlanInput:
     method: str = "goodput"  # or "paper": exhaustive 1:1 pairs (the benchmark's same-run baseline)
     # The colocated baseline may run on another engine's profile (the paper scores vLLM with its own).
     colocated_latency: LatencyModel | None = None
+    # spec.serving.mode: Auto deploys colocated instances when disaggregation does not pay (mode.py).
+    serving_mode: api.ServingMode = api.ServingMode.DISAGGREGATED
     assumptions: dict[str, object] = field(default_factory=dict, compare=False)
 
 
@@ -131,6 +134,11 @@ def plan(
         estimate = simulate_plan(inp, ctx, pinned, rate, capped=False)
         plans = [pinned, *(p for p in plans if not _same_plan(p, pinned))]
         affinity, why = pinned.affinity, f"spec.planner.pin, placed with {pinned.affinity} node affinity"
+    lead = plans[0] if plans else None
+    served = (
+        lead.per_gpu if lead is not None and lead.prefill.max_rate > 0 and lead.decode.max_rate > 0 else None
+    )
+    decision = decide_mode(inp.serving_mode, served, coloc, pinned=inp.pin is not None)
     elapsed = clock() - started
     return build_report(
         inp=inp,
@@ -144,6 +152,7 @@ def plan(
         estimate=estimate,
         search_seconds=elapsed,
         own=own if inp.pin is not None else None,
+        mode=decision,
     )
 
 
@@ -242,6 +251,51 @@ def simulate_plan(
     )
 
 
+def colocated_outcome(
+    timing: InstanceTiming,
+    kv_tokens: int,
+    replicas: int,
+    arrivals: list[float],
+    reqs: Requests,
+    budget: int,
+    max_batch: int,
+) -> sim.Outcome:
+    """`replicas` colocated instances taking the requests in turn (the router's round robin)."""
+    first_all, last_all = [0.0] * len(reqs), [0.0] * len(reqs)
+    for k in range(replicas):
+        idx = list(range(k, len(reqs), replicas))
+        f, la = sim.simulate_colocated(
+            timing,
+            [arrivals[i] for i in idx],
+            [reqs.inputs[i] for i in idx],
+            [reqs.outputs[i] for i in idx],
+            kv_tokens,
+            budget,
+            max_batch,
+        )
+        for i, a, b in zip(idx, f, la, strict=True):
+            first_all[i], last_all[i] = a, b
+    return sim.Outcome(
+        [f - a for f, a in zip(first_all, arrivals, strict=True)], sim.tpot(first_all, last_all, reqs.outputs)
+    )
+
+
+def simulate_colocated_plan(
+    inp: PlanInput, ctx: Context, r: PhaseResult, replicas: int, rate: float
+) -> sim.Outcome:
+    """The colocated instances a plan deploys, together at the workload's rate (like `simulate_plan`)."""
+    n = min(MAX_JOINT_REQUESTS, inp.n_requests * replicas)
+    w = inp.workload
+    reqs = generate(n, inp.seed + 1, w.inputs, w.outputs, w.arrival, w.cv, list(w.trace) if w.trace else None)
+    model = inp.colocated_latency or inp.latency
+    timing = model.instance(r.tp, r.pp, *stage_hop(inp.architecture, inp.links.intra_node, inp.device))
+    assert timing is not None  # the search scored this shape
+    arrivals = [t * 1e3 for t in reqs.arrivals(rate)]
+    return colocated_outcome(
+        timing, r.fit.kv_tokens, replicas, arrivals, reqs, ctx.token_budget, ctx.max_batch
+    )
+
+
 def _paper_report(
     inp: PlanInput, ctx: Context, shape: ClusterShape, rate: float, started: float, clock: Callable[[], float]
 ) -> PlanReport:
@@ -298,26 +352,8 @@ def simulate_configuration(
 
     if colocated_choice is not None:
         timing, fit = instance(colocated_choice, inp.colocated_latency or inp.latency)
-        firsts, lasts = [], []
         n = colocated_choice.replicas
-        first_all, last_all = [0.0] * len(reqs), [0.0] * len(reqs)
-        for k in range(n):
-            idx = list(range(k, len(reqs), n))
-            f, la = sim.simulate_colocated(
-                timing,
-                [arrivals[i] for i in idx],
-                [reqs.inputs[i] for i in idx],
-                [reqs.outputs[i] for i in idx],
-                fit.kv_tokens,
-                budget,
-                max_batch,
-            )
-            for i, a, b in zip(idx, f, la, strict=True):
-                first_all[i], last_all[i] = a, b
-        firsts, lasts = first_all, last_all
-        outcome = sim.Outcome(
-            [f - a for f, a in zip(firsts, arrivals, strict=True)], sim.tpot(firsts, lasts, reqs.outputs)
-        )
+        outcome = colocated_outcome(timing, fit.kv_tokens, n, arrivals, reqs, budget, max_batch)
         gpus = colocated_choice.tp * colocated_choice.pp * n
         config = f"colocated TP{colocated_choice.tp}xPP{colocated_choice.pp} ×{n}"
     else:

@@ -82,6 +82,7 @@ def plan_input(
         token_budget=spec.engine.prefill_token_budget,
         max_batch=spec.engine.decode_max_batch,
         pin=pin_for(spec),
+        serving_mode=spec.serving.mode,
     )
 
 

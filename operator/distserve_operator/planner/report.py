@@ -13,6 +13,7 @@ from . import simulator as sim
 
 if TYPE_CHECKING:
     from .core import PlanInput
+    from .mode import ModeDecision
     from .search import Context, PhaseResult, Placement
 
 
@@ -66,6 +67,29 @@ def engine_limits(ctx: Context, decode: PhaseResult | None) -> api.EngineLimits:
     )
 
 
+def colocated_limits(ctx: Context, r: PhaseResult) -> api.EngineLimits:
+    """A colocated instance's limits: the context's, with the KV capacity of its own memory fit."""
+    return engine_limits(ctx, r)
+
+
+def colocated_replicas(r: PhaseResult, rate: float, budget: int) -> int:
+    """Instances of a colocated shape serving `rate` within `budget` GPUs (one when it serves none)."""
+    if r.max_rate <= 0:
+        return 1
+    return min(max(1, math.ceil(rate / r.max_rate - 1e-9)), max(1, budget // r.gpus))
+
+
+def colocated_plan(ctx: Context, r: PhaseResult, rate: float, budget: int) -> api.ColocatedPlan:
+    return api.ColocatedPlan(
+        tp=r.tp,
+        pp=r.pp,
+        replicas=colocated_replicas(r, rate, budget),
+        goodput_per_gpu=round(r.per_gpu, 4),
+        max_rate_per_instance=round(r.max_rate, 4),
+        limits=colocated_limits(ctx, r),
+    )
+
+
 def _candidate(p: Placement, attainment: float | None) -> api.Candidate:
     return api.Candidate(
         prefill=_phase(p.prefill, p.prefill_replicas),
@@ -98,9 +122,11 @@ def build_report(
     search_seconds: float,
     fixed_ratio: bool = False,
     own: Placement | None = None,
+    mode: ModeDecision | None = None,
 ) -> PlanReport:
     """`plans[0]` is the plan (the pin, when spec.planner.pin is set; `own` is then the planner's
-    own choice, for the comparison)."""
+    own choice, for the comparison); `mode` the serving mode decided (planner/mode.py), by default
+    Disaggregated."""
     from .core import simulate_plan  # core imports this module
     from .pin import comparison
 
@@ -110,10 +136,7 @@ def build_report(
     best_coloc = next((c for c in colocated if c.max_rate > 0), None)
     coloc_plan = None
     if best_coloc is not None:
-        n = min(max(1, math.ceil(rate / best_coloc.max_rate - 1e-9)), max(1, budget // best_coloc.gpus))
-        coloc_plan = api.ColocatedPlan(
-            tp=best_coloc.tp, pp=best_coloc.pp, replicas=n, goodput_per_gpu=round(best_coloc.per_gpu, 4)
-        )
+        coloc_plan = colocated_plan(ctx, best_coloc, rate, budget)
     candidates: list[api.Candidate] = []
     own_candidate = None
     shown = plans[: inp.top_candidates]
@@ -174,6 +197,8 @@ def build_report(
         )
     else:
         status = _infeasible(inp, ctx, seen, affinity, coloc_plan, slo_text, search_seconds)
+    if mode is not None:
+        status = with_mode(status, mode, inp, ctx, rate)
     assumptions = {
         **inp.assumptions,
         "requestsPerSecond": rate,
@@ -191,6 +216,45 @@ def build_report(
         "weightBytes": inp.architecture.weight_bytes,
     }
     return PlanReport(status, search_seconds, assumptions, rejected, skipped, seen, ctx.probes)
+
+
+def with_mode(
+    status: api.PlanStatus, mode: ModeDecision, inp: PlanInput, ctx: Context, rate: float
+) -> api.PlanStatus:
+    """The plan in the decided serving mode. Colocated: the colocated instances become what runs
+    (shape, replicas, GPUs, estimate, limits, summary); prefill and decode stay, as the
+    disaggregated alternative. Unless the spec asked for Disaggregated, the verdict leads with why."""
+    from .core import simulate_colocated_plan  # core imports this module
+
+    update: dict[str, Any] = {"mode": mode.mode, "mode_reason": mode.reason}
+    r = mode.colocated
+    if inp.serving_mode is not api.ServingMode.DISAGGREGATED:
+        verdict = status.verdict
+        if r is not None:  # the verdict was written of the disaggregated plan, now the alternative
+            verdict = verdict.replace("; consider a colocated deployment.", ".").replace(
+                "The plan is limited first by", "The disaggregated plan would be limited first by"
+            )
+        update["verdict"] = f"Mode {mode.mode.value}: {mode.reason}. {verdict}"
+    if mode.mode is api.PlanMode.COLOCATED and r is not None:
+        slo = inp.slo
+        coloc = colocated_plan(ctx, r, rate, inp.cluster.budget)
+        outcome = simulate_colocated_plan(inp, ctx, r, coloc.replicas, rate)
+        update |= {
+            "colocated": coloc,
+            "gpus": coloc.gpus,
+            "summary": f"colocated {r.label} ×{coloc.replicas}",
+            "estimated": api.Estimate(
+                goodput_per_gpu=round(r.per_gpu, 4),
+                goodput=round(coloc.replicas * r.max_rate, 4),
+                attainment_percent=round(100 * outcome.attainment(slo.ttft_ms, slo.tpot_ms), 2),
+                ttft_p90_millis=round(sim.percentile(outcome.ttft, 90), 2),
+                tpot_p90_millis=round(sim.percentile(outcome.tpot, 90), 2),
+            ),
+            "bottleneck": r.bottleneck,
+            "feasible": r.max_rate > 0,
+            "limits": coloc.limits,
+        }
+    return status.model_copy(update=update)
 
 
 def _verdict(
@@ -299,12 +363,24 @@ def format_table(report: PlanReport) -> str:
         f"  workload   {a.get('requestsPerSecond'):g} req/s, mean input {a.get('meanInputTokens')} / output "
         f"{a.get('meanOutputTokens')} tokens, {a.get('simulatedRequests')} simulated requests (seed {a.get('seed')})",
         f"  latency    {s.profile}",
+        f"  mode       {s.mode.value}" + (f": {s.mode_reason}" if s.mode_reason else ""),
         "",
     ]
-    if s.feasible or s.pinned:
+    colocated = s.mode is api.PlanMode.COLOCATED and s.colocated is not None
+    if colocated and s.colocated is not None:
+        c0 = s.colocated
+        lines.append(
+            f"  {'colocated':<9} TP{c0.tp} PP{c0.pp} × {c0.replicas:<3} {c0.max_rate_per_instance or 0:8.2f} req/s "
+            "per instance (prefill and decode in each)" + layers_text(c0.stage_layers)
+        )
+    if s.feasible or s.pinned or colocated:
         if s.pinned:
             lines.append("  pinned by spec.planner.pin (evaluated, not chosen)")
-        for name, ph in (("prefill", s.prefill), ("decode", s.decode)):
+        # Colocated: the disaggregated alternative (when there is one), not what runs.
+        alternative = [] if colocated and not s.candidates else [("prefill", s.prefill), ("decode", s.decode)]
+        for name, ph in alternative:
+            if colocated:
+                name = f"(alt) {name}"
             lines.append(
                 f"  {name:<8} TP{ph.tp} PP{ph.pp} × {ph.replicas:<3} {ph.max_rate_per_instance or 0:8.2f} req/s per instance"
                 + layers_text(ph.stage_layers)
@@ -343,7 +419,7 @@ def format_table(report: PlanReport) -> str:
             f"TP{c.decode.tp}xPP{c.decode.pp} ×{c.decode.replicas}, {c.gpus} GPUs, "
             f"{c.goodput_per_gpu:.2f} req/s per GPU"
         )
-    if s.colocated is not None:
+    if s.colocated is not None and not colocated:
         c2 = s.colocated
         lines.append(
             f"\n  colocated best: TP{c2.tp}xPP{c2.pp} × {c2.replicas}, {c2.goodput_per_gpu:.2f} req/s per GPU"

@@ -32,7 +32,7 @@ from distserve_worker.engine.kvcache import BatchedKV
 from distserve_worker.engine.runner import ModelRunner
 from distserve_worker.engine.sampling import SamplingParams, sample, sampling_to_proto
 from distserve_worker.engine.scheduler import DecodeScheduler
-from distserve_worker.engine.sequence import Finish, Sequence
+from distserve_worker.engine.sequence import Finish, SeqStatus, Sequence
 from distserve_worker.kvtransfer.source import KVSource
 from distserve_worker.kvtransfer.transport import KVPullError
 from distserve_worker.metrics import RuntimeMetrics
@@ -96,6 +96,7 @@ class DecodeEngine:
     scheduler: DecodeScheduler = field(init=False)
     lanes: list[Lane] = field(init=False, default_factory=list)
     pulls: set[asyncio.Task[None]] = field(init=False, default_factory=set)
+    releases: set[asyncio.Task[None]] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self.scheduler = DecodeScheduler(self.limits.max_batch, self.limits.max_kv_tokens)
@@ -124,9 +125,16 @@ class DecodeEngine:
         self.wake_all()
 
     def abort(self, seq: Sequence) -> None:
-        """The caller went away: the slot is free now; the next step drops the row."""
+        """The caller went away: the slot is free now; the next step drops the row. A cache not
+        pulled yet is released at once: nobody will pull it now, and its prefill instance would
+        otherwise hold it until its deadline (and, draining, wait for it)."""
         if not seq.finished:
+            unpulled = seq.status is SeqStatus.WAITING
             self.scheduler.finish(seq, Finish.ABORTED)
+            if unpulled:
+                task = asyncio.create_task(self.source.release(seq))
+                self.releases.add(task)
+                task.add_done_callback(self.releases.discard)
             self.wake_all()
 
     def fail_all(self, error: Exception) -> None:

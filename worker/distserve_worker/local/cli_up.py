@@ -4,7 +4,8 @@ Each role runs as its own process (the same `distserve worker ...` command a pod
 gRPC between them on loopback. What runs is what the plan says, through the same runtime contract
 a pod gets: the plan (the planner's choice, or the user's `spec.planner.pin`) becomes a
 `RuntimeContract` written to `<log dir>/plan.json`, and every process starts with `--plan-file`
-(its role's tp, the layers, the engine limits, the model and the SLO). Replica counts are capped
+(its role's tp, the layers, the engine limits, the model and the SLO). A plan in mode Colocated
+(spec.serving.mode) runs colocated processes instead, each doing both phases, behind the same router. Replica counts are capped
 (`--max-replicas`) because on a small machine every instance loads its own copy of the model.
 An instance with pipeline stages (pp > 1) runs as pp processes, one per stage, each holding its
 layers of the contract's split; stage 0 is the one the router calls.
@@ -48,6 +49,7 @@ class LocalPlan:
     decode_tp: int = 1
     prefill_pp: int = 1
     decode_pp: int = 1
+    colocated: int = 0  # mode Colocated: the colocated instances planned (prefill/decode unused)
     # From the manifest and the planner (distserve_operator.api objects); without them (a built-in
     # plan) the stack runs from model flags instead of a contract.
     api_model: Any = None  # api.ModelSpec
@@ -58,6 +60,7 @@ class LocalPlan:
 
 def plan_manifest(path: str | Path) -> LocalPlan:
     """Read the manifest and plan it with the operator's own planner (same code as in the cluster)."""
+    from distserve_operator import api
     from distserve_operator.api import load_manifest
     from distserve_operator.planner import plan_deployment
 
@@ -77,6 +80,7 @@ def plan_manifest(path: str | Path) -> LocalPlan:
         decode_tp=plan.decode.tp,
         prefill_pp=plan.prefill.pp,
         decode_pp=plan.decode.pp,
+        colocated=plan.colocated.replicas if plan.mode is api.PlanMode.COLOCATED and plan.colocated else 0,
         api_model=dsd.spec.model,
         api_slo=slo,
         status=plan,
@@ -84,8 +88,9 @@ def plan_manifest(path: str | Path) -> LocalPlan:
     )
 
 
-def build_contract(plan: LocalPlan, prefill: int, decode: int) -> Any:
-    """The RuntimeContract that runs `plan` with these replica counts; PlanNotRunnable otherwise."""
+def build_contract(plan: LocalPlan, prefill: int, decode: int, colocated: int = 0) -> Any:
+    """The RuntimeContract that runs `plan` with these replica counts (`colocated`: of colocated
+    instances, for a plan in mode Colocated); PlanNotRunnable otherwise."""
     from pydantic import ValidationError
 
     from distserve_operator import api
@@ -109,6 +114,7 @@ def build_contract(plan: LocalPlan, prefill: int, decode: int) -> Any:
             phases={
                 "prefill": (plan.prefill_tp, plan.prefill_pp, prefill),
                 "decode": (plan.decode_tp, plan.decode_pp, decode),
+                **(_colocated_phase(plan, colocated) if colocated else {}),
             },
         )
     except ValidationError as exc:
@@ -120,6 +126,11 @@ def build_contract(plan: LocalPlan, prefill: int, decode: int) -> Any:
         raise PlanNotRunnable(
             f"the plan cannot run on {plan.model.name}: {exc}; pin a parallelism that fits with spec.planner.pin"
         ) from exc
+
+
+def _colocated_phase(plan: LocalPlan, replicas: int) -> dict[str, tuple[int, int, int]]:
+    c = plan.status.colocated
+    return {"colocated": (c.tp, c.pp, replicas)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -141,6 +152,8 @@ def start_stack(plan: LocalPlan, port: int, max_replicas: int, threads: int, log
     """The stack that runs `plan` (not started yet). With the manifest's model and the plan, it runs
     through a contract written to `<log dir>/plan.json`; a built-in plan runs from model flags.
     PlanNotRunnable when the plan cannot run here."""
+    if plan.colocated:
+        return _colocated_stack(plan, port, max_replicas, threads, log_dir)
     prefill, decode = max(1, min(plan.prefill, max_replicas)), max(1, min(plan.decode, max_replicas))
     if (prefill, decode) != (plan.prefill, plan.decode):
         print(
@@ -161,9 +174,27 @@ def start_stack(plan: LocalPlan, port: int, max_replicas: int, threads: int, log
     return LocalStack(StackConfig(plan.model, plan_file=plan_file, **common))
 
 
+def _colocated_stack(plan: LocalPlan, port: int, max_replicas: int, threads: int, log_dir: str) -> LocalStack:
+    """Mode Colocated: colocated processes (each both phases) through the plan's contract."""
+    n = max(1, min(plan.colocated, max_replicas))
+    if n != plan.colocated:
+        print(
+            f"plan asks for {plan.colocated} colocated instances; running {n} here (--max-replicas {max_replicas})"
+        )
+    directory = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="distserve-"))
+    plan_file = write_plan(build_contract(plan, n, n, colocated=n), directory)
+    config = StackConfig(
+        plan.model, colocated=n, threads=threads, router_port=port, log_dir=directory, plan_file=plan_file
+    )
+    return LocalStack(config)
+
+
 def describe(plan: LocalPlan, stack: LocalStack) -> str:
     c = stack.config
     how = "from its plan file" if c.plan_file else "from model flags"
+    if c.colocated:
+        shape = plan.status.colocated
+        return f"{c.colocated} colocated instance(s) (prefill and decode in each) at TP{shape.tp}xPP{shape.pp}, {how}"
     return (
         f"{c.prefill} prefill instance(s) at TP{plan.prefill_tp}xPP{plan.prefill_pp} + {c.decode} decode "
         f"instance(s) at TP{plan.decode_tp}xPP{plan.decode_pp}, {how}"

@@ -27,6 +27,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,6 +105,8 @@ class StackConfig:
             "decode": max(1, min(contract.decode.replicas, cap)),
             "plan_file": Path(plan_file),
         }
+        if contract.colocated is not None:  # mode Colocated: processes doing both phases
+            fields["colocated"] = max(1, min(contract.colocated.replicas, cap))
         return cls(**(fields | overrides))
 
 
@@ -241,20 +244,43 @@ class LocalStack:
             os.killpg(proc.popen.pid, signal.SIGKILL)
             proc.popen.wait(timeout=10)
 
-    def restart(self, name: str, timeout: float = 120.0) -> None:
+    def terminate(self, name: str) -> None:
+        """SIGTERM one process, as the kubelet does to a pod going away (scale-down, rollout): a
+        worker drains (refuses new requests, finishes what it holds) and exits by itself."""
         proc = self.proc(name)
-        self.kill(name)
-        self._spawn(proc)
-        self.wait_ready(timeout, [name])
+        if proc.popen and proc.alive():
+            os.killpg(proc.popen.pid, signal.SIGTERM)
+
+    def restart(self, *names: str, timeout: float = 120.0) -> None:
+        """Kill (if alive) and start again each named process, all at once; until they are ready."""
+        for name in names:
+            self.kill(name)
+            self._spawn(self.proc(name))
+        self.wait_ready(timeout, list(names))
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM everything (router first, so no new work reaches the workers), then SIGKILL stragglers."""
-        for proc in reversed(self.procs):
+        """SIGTERM everything (router first, so no new work reaches the workers): each worker
+        drains what it holds and exits, at once when idle. Once no router or decode process is
+        left, nothing can pull what a prefill process still holds, so a second SIGTERM stops those
+        at once. SIGKILL for stragglers."""
+        deadline = time.monotonic() + timeout
+        self._signal(reversed(self.procs), signal.SIGTERM)
+        holders = [p for p in self.procs if p.name.startswith("prefill-")]
+        self._wait([p for p in self.procs if p not in holders], deadline)
+        self._signal(holders, signal.SIGTERM)
+        self._wait(self.procs, deadline)
+
+    @staticmethod
+    def _signal(procs: Iterable[Proc], sig: signal.Signals) -> None:
+        for proc in procs:
             if proc.popen and proc.alive():
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.popen.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in self.procs:
+                    os.killpg(proc.popen.pid, sig)
+
+    @staticmethod
+    def _wait(procs: Iterable[Proc], deadline: float) -> None:
+        """Until each has exited; SIGKILL for those still there at the deadline."""
+        for proc in procs:
             if proc.popen is None:
                 continue
             try:

@@ -12,12 +12,16 @@ broken chain fails every request on the instance at once, with the stage and the
 reports not ready, so routers send new requests elsewhere. When every stage answers again (the
 kubelet restarted the dead one, or `distserve up`'s test did), the chain is whole again and the
 instance ready, without any other stage restarting.
+
+Each poll names this stage 0 process (`leader_id`, new at every start); closing, it tells every
+later stage it left (`Leave`), so a later stage that is draining exits right after it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import Callable
 
 import grpc
@@ -31,6 +35,7 @@ from distserve_worker.pp.wire import forward_messages
 
 WATCH_SECONDS = 0.5
 DESCRIBE_TIMEOUT = 2.0
+LEAVE_TIMEOUT = 1.0
 FORWARD_TIMEOUT = 120.0
 # Hidden states between stages: a prefill batch's are up to budget x hidden x dtype bytes.
 MAX_FORWARD_BYTES = 1 << 31
@@ -88,6 +93,7 @@ class StageChain:
         self.broken: str | None = "connecting to its pipeline stages"
         self.connected = False  # every stage has answered at least once
         self.on_broken: list[Callable[[str], None]] = []
+        self.leader_id = uuid.uuid4().hex
 
     @property
     def pp(self) -> int:
@@ -112,7 +118,7 @@ class StageChain:
         address = self.addresses[stage]
         try:
             d: pb.StageDescription = await self.stubs[stage].Describe(
-                pb.DescribeStageRequest(), timeout=DESCRIBE_TIMEOUT
+                pb.DescribeStageRequest(leader_id=self.leader_id), timeout=DESCRIBE_TIMEOUT
             )
         except grpc.aio.AioRpcError as exc:
             return f"pipeline stage {stage} at {address} is unreachable ({exc.code().name})"
@@ -215,7 +221,12 @@ class StageChain:
             out.append(gen.KVStage(layer_start=d.layer_start, layer_end=d.layer_end, ranks=ranks))
         return out
 
+    async def _leave(self, stage: int) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):  # a stage that is gone needs no word
+            await self.stubs[stage].Leave(pb.LeaveRequest(leader_id=self.leader_id), timeout=LEAVE_TIMEOUT)
+
     async def close(self) -> None:
+        await asyncio.gather(*(self._leave(s) for s in self.stubs))
         await self.next.close()
         for channel in self.channels.values():
             with contextlib.suppress(Exception):

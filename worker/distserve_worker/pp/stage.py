@@ -12,8 +12,16 @@ It holds layers [l_S, l_{S+1}) of the model (its tensor-parallel ranks, if any, 
 - `Forward` (decode): apply stage 0's changes to one micro-batch (a lane: its own batch), run the
   step through its layers, hand on or (last stage) sample the new tokens.
 - `Describe`: its layers, ranks and readiness; stage 0 polls it to know the chain is whole.
+- `Leave`: stage 0 is closing; no more work comes from it.
 
 A failure here fails the forward with the stage named (UNAVAILABLE); stage 0 then breaks the chain.
+
+Draining (SIGTERM, drain.py): a later stage takes no requests of its own (stage 0 refuses them), so
+it keeps serving its stage 0 until that one has drained and left (`Leave`), or has stopped polling
+(gone without a word), or its own budget plus `LATER_STAGE_EXTRA` has passed: its stage 0, signalled
+at about the same time, gives up first and fails its requests with the clearer reason. It keeps
+answering `Describe` as ready meanwhile: not ready would break its stage 0's chain and fail the very
+requests the drain is finishing.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import torch
 from distserve_protos.rank.v1 import rank_pb2 as rank_pb
 from distserve_protos.stage.v1 import stage_pb2 as pb
 from distserve_protos.stage.v1 import stage_pb2_grpc as pb_grpc
+from distserve_worker.drain import Drain
 from distserve_worker.engine.kvcache import BatchedKV, SequenceKV
 from distserve_worker.engine.runner import KVLayout, ModelRunner, PrefillOutput
 from distserve_worker.engine.sampling import SamplingParams, sample, sampling_from_proto
@@ -39,7 +48,7 @@ from distserve_worker.kvtransfer.buffer import KVBuffer
 from distserve_worker.kvtransfer.prepared import prepare
 from distserve_worker.kvtransfer.reshard import pull_kv_pieces
 from distserve_worker.kvtransfer.transport import GrpcKVPuller, KVPullError
-from distserve_worker.pp.chain import MAX_FORWARD_BYTES, NextStage
+from distserve_worker.pp.chain import MAX_FORWARD_BYTES, WATCH_SECONDS, NextStage
 from distserve_worker.pp.pieces import SourceStage, layer_spans, pieces_to_pull
 from distserve_worker.pp.wire import StageWireError, read_forward
 from distserve_worker.settings import DecodeSettings, PrefillSettings
@@ -49,6 +58,10 @@ from distserve_worker.tp.ranks import broadcast_hidden
 from distserve_worker.tp.topology import rank_infos
 
 UNBOUNDED = 1 << 62  # stage 0's buffer bounds the instance (backpressure); later stages mirror it
+# Stage 0 polls `Describe` every WATCH_SECONDS: this long without a poll, it is gone.
+LEADER_GONE_SECONDS = 6 * WATCH_SECONDS
+# A draining later stage outlives its own budget by this much (see the module's doc).
+LATER_STAGE_EXTRA = 2.0
 
 
 @dataclass
@@ -68,8 +81,15 @@ class StageServer(pb_grpc.StageServiceServicer):
         layout: KVLayout,
         kv_heads: int,
         group: RankGroup | None,
+        drain: Drain | None = None,
     ) -> None:
         self.role = role
+        self.drain = drain or Drain(0)  # none given: never drains
+        # The stage 0 driving this stage (its id from `Describe`), when it last asked, and the ids
+        # of stage 0 processes that said they left.
+        self.leader = ""
+        self.leader_seen: float | None = None
+        self.left: set[str] = set()
         self.settings = settings
         self.runner = runner
         self.layout = layout
@@ -278,7 +298,29 @@ class StageServer(pb_grpc.StageServiceServicer):
     async def Describe(
         self, request: pb.DescribeStageRequest, context: grpc.aio.ServicerContext
     ) -> pb.StageDescription:
+        self.leader, self.leader_seen = request.leader_id, time.monotonic()
         return self.describe()
+
+    async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveResponse:
+        self.left.add(request.leader_id)
+        self.drain.changed()
+        return pb.LeaveResponse()
+
+    # --- drain --------------------------------------------------------------------------------------
+
+    def idle(self) -> bool:
+        """Nothing more will come: its stage 0 left, or stopped polling (or never did)."""
+        if self.leader_seen is None or time.monotonic() - self.leader_seen > LEADER_GONE_SECONDS:
+            return True
+        return self.leader in self.left
+
+    async def give_up(self, reason: str) -> int:
+        """Its budget ran out with stage 0 still there: release the caches it holds."""
+        held = list(self.buffer.entries) + list(self.pulled)
+        for rid in list(self.buffer.entries):
+            await self.buffer.release(rid)
+        self.pulled.clear()
+        return len(held)
 
     async def close(self) -> None:
         if self.next is not None:
@@ -294,8 +336,11 @@ class StageServer(pb_grpc.StageServiceServicer):
                 self.pulled.pop(rid, None)  # pulled for a request that never joined (aborted)
 
 
-async def serve_stage(role: str, settings: PrefillSettings | DecodeSettings) -> None:
-    """Load this stage's layers (its ranks' shards of them), serve the stage and KV gRPC and HTTP."""
+async def serve_stage(
+    role: str, settings: PrefillSettings | DecodeSettings, drain: Drain | None = None
+) -> None:
+    """Load this stage's layers (its ranks' shards of them), serve the stage and KV gRPC and HTTP
+    until cancelled or, after `drain` started (SIGTERM), its stage 0 left."""
     from distserve_worker.engine.runner import probe_kv_layout
     from distserve_worker.kvtransfer.transport import KVTransferServicer, channel_options
     from distserve_worker.kvtransfer.transport import add_to_server as add_kv_transfer
@@ -305,12 +350,12 @@ async def serve_stage(role: str, settings: PrefillSettings | DecodeSettings) -> 
     server = grpc.aio.server(options=channel_options(settings.max_chunk_bytes))
     stage: StageServer | None = None
     # Stage 0 drives this stage; it has no chain of its own.
-    async with WorkerProcess(role, settings, chain=False) as process:
+    async with WorkerProcess(role, settings, chain=False, drain=drain) as process:
         try:
             process.group, model, _, kv_heads = await start_ranks(role, settings)
             runner = ModelRunner(model, settings.threads or None)
             layout = await asyncio.to_thread(probe_kv_layout, runner)
-            stage = StageServer(role, settings, runner, layout, kv_heads, process.group)
+            stage = StageServer(role, settings, runner, layout, kv_heads, process.group, process.drain)
             pb_grpc.add_StageServiceServicer_to_server(stage, server)
             if role == "prefill":
                 add_kv_transfer(
@@ -329,6 +374,9 @@ async def serve_stage(role: str, settings: PrefillSettings | DecodeSettings) -> 
                 loops,
                 state=process.state,
                 label=f"{role} stage {settings.stage}/{settings.pp} ({where}{tp})",
+                drain=process.drain,
+                work=stage,
+                drain_extra=LATER_STAGE_EXTRA,
             )
         finally:
             if stage is not None:

@@ -3,11 +3,17 @@
 Lifecycle of a request:
 1. Parse and validate the JSON (400 with the reason otherwise), tokenize (chat template for chat),
    check prompt and max_tokens against the model's context (reported by the instances).
+   Past the overload bound (`--max-queue`, see `Router.refusal`): 503 with Retry-After, at once.
 2. Prefill on the least-loaded prefill instance. If that instance is unreachable before it answers,
    the request is retried once on another one (safe: nothing was produced yet).
 3. Decode on a decode instance with room, passing the first token and where the KV cache is held.
+   Before 2 and 3: when every instance of the role is saturated or none is ready, the request
+   waits its turn in that role's line (admission.py, picker.py), at most `--queue-timeout-seconds`
+   (then 503 with Retry-After); a client that goes away leaves the line.
    Unreachable before its first event: retried once elsewhere (the cache is still held). After
    tokens have been sent, a failure ends the request with an error (SSE error event, or 503).
+   A call refused by a draining instance (drain.py), prefill or decode, is retried on another
+   instance whatever the count (it did nothing), and that instance leaves the rotation at once.
 4. Stream tokens (SSE) or collect them; record TTFT, TPOT, token counts and SLO attainment.
 """
 
@@ -15,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
+import math
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +34,9 @@ from aiohttp import web
 
 from distserve_protos.generation.v1 import generation_pb2 as gen
 from distserve_protos.generation.v1 import generation_pb2_grpc as gen_grpc
+from distserve_worker.drain import refused_draining
 from distserve_worker.metrics import RuntimeMetrics
+from distserve_worker.router.admission import Admission, QueueTimeout
 from distserve_worker.router.discovery import DnsDiscovery, StaticDiscovery
 from distserve_worker.router.openai import (
     BadRequest,
@@ -38,7 +48,7 @@ from distserve_worker.router.openai import (
     parse_request,
     usage,
 )
-from distserve_worker.router.picker import Instance, pick_decode, pick_prefill
+from distserve_worker.router.picker import Instance, decode_room, pick_decode, pick_prefill
 from distserve_worker.router.topology import apply_status, instances_document
 from distserve_worker.settings import RouterSettings
 
@@ -47,6 +57,14 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 
 class WorkerError(RuntimeError):
     """A worker failed the request (or could not be reached); the client gets a 503 with this text."""
+
+
+class Unavailable(WorkerError):
+    """No instance can take the request now (overload, none ready); a 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after: int, code: str) -> None:
+        super().__init__(message)
+        self.retry_after, self.code = retry_after, code
 
 
 @dataclass
@@ -88,18 +106,26 @@ class Pool:
     async def refresh(self) -> None:
         addresses = await self.discovery.resolve()
         for gone in set(self.instances) - set(addresses):
+            if self.instances[gone].inflight:
+                # Out of DNS once not ready (draining): closing its channel would cut this router's
+                # streams on it short. Out of rotation, not polled; it leaves with the last of them.
+                self.instances[gone].ready = False
+                continue
             del self.instances[gone]
             channel = self.channels.pop(gone, None)
             if channel is not None:
                 await channel.close()
         for address in addresses:
             self.instances.setdefault(address, Instance(address))
-        await asyncio.gather(*(self._poll(i) for i in list(self.instances.values())))
+        await asyncio.gather(*(self._poll(self.instances[a]) for a in addresses))
 
     async def _poll(self, inst: Instance) -> None:
         stub: Any = (gen_grpc.PrefillServiceStub if self.role == "prefill" else gen_grpc.DecodeServiceStub)(
             self.channel(inst.address)
         )
+        # The answer counts this router's requests then; the most it had on the instance while
+        # asking (picker.Instance.others: the rest are other routers').
+        before = inst.inflight
         try:
             status = await stub.Status(gen.StatusRequest(), timeout=2.0)
         except grpc.aio.AioRpcError as exc:
@@ -114,6 +140,7 @@ class Pool:
                 await channel.close()
             return
         apply_status(inst, status)
+        inst.polled_inflight = max(before, inst.inflight)
 
     def routable(self) -> list[Instance]:
         """Instances that answered the last poll and report themselves ready."""
@@ -134,6 +161,20 @@ class Router:
         )
         self.decode = Pool("decode", _discovery(settings.decode, settings.decode_dns, settings.decode_port))
         self.inflight = 0
+        # Requests waiting for an instance of a role, in arrival order (admission.py).
+        self.lines: dict[str, Admission[Instance]] = {
+            role: Admission(
+                role,
+                settings.max_queue,
+                settings.queue_timeout_seconds,
+                functools.partial(metrics.set_router_queue, role),
+            )
+            for role in ("prefill", "decode")
+        }
+        for role in self.lines:
+            metrics.set_router_queue(role, 0)
+        # A client told to come back sooner than the next poll would find the router knowing no more.
+        self.retry_after = max(1, math.ceil(settings.refresh_seconds))
 
     @property
     def slo(self) -> tuple[float, float] | None:
@@ -149,6 +190,8 @@ class Router:
         while True:
             with contextlib.suppress(Exception):  # one bad round must not stop discovery for good
                 await asyncio.gather(self.prefill.refresh(), self.decode.refresh())
+            for line in self.lines.values():  # instances may have come back, or freed room
+                line.notify()
             await asyncio.sleep(self.settings.refresh_seconds)
 
     def topology(self) -> dict[str, Any]:
@@ -159,10 +202,57 @@ class Router:
         )
 
     def max_context(self) -> int:
-        contexts = [i.max_context for i in self.prefill.routable() + self.decode.routable() if i.max_context]
+        # As each instance last reported it, ready now or not: one whose poll timed out under load
+        # still serves this model, and the request waits for it in the queue.
+        known = [*self.prefill.instances.values(), *self.decode.instances.values()]
+        contexts = [i.max_context for i in known if i.max_context]
         if not contexts:
-            raise WorkerError("no prefill/decode instance is available yet")
+            raise Unavailable("no prefill/decode instance has answered yet", self.retry_after, "no_instance")
         return min(contexts)
+
+    # --- overload ------------------------------------------------------------------------------------
+
+    def refusal(self) -> Unavailable | None:
+        """Why a request arriving now is refused (503), or None. Each role's line admits it while
+        fewer than `max_queue` requests would wait ahead of it (Admission.admits): for prefill, its
+        line; for decode, its line plus every request not on a decode instance yet (waiting for or
+        in prefill: with prefill running ahead, they reach the decode line first), less the room
+        the decode instances have now."""
+        decode = list(self.decode.instances.values())
+        on_decode = sum(i.inflight for i in decode)
+        ahead = max(0, self.inflight - on_decode - self.lines["decode"].depth)
+        checks = (("prefill", 0, 0), ("decode", ahead, decode_room(decode)))
+        for role, before, room in checks:
+            line = self.lines[role]
+            if not line.admits(before, room):
+                return Unavailable(
+                    f"no {role} instance has room (each saturated or not ready) and "
+                    f"{line.depth + before - room} requests already wait for one (the router queues at most "
+                    f"{line.bound}); retry after {self.retry_after} s",
+                    self.retry_after,
+                    "queue_full",
+                )
+        return None
+
+    async def _instance(
+        self, role: str, grant: Callable[[list[Instance]], Instance | None], tried: set[str]
+    ) -> Instance:
+        """An open instance of the role from `grant` (a picker), at once or after waiting in the
+        role's line. A retry goes to an instance not `tried` yet; with none left, to a tried one
+        once it is back in rotation (a restarted pod), within the same queue timeout."""
+        pool = self.prefill if role == "prefill" else self.decode
+
+        def candidates() -> list[Instance]:
+            fresh = [i for i in pool.instances.values() if i.address not in tried and i.routable]
+            return fresh or list(pool.instances.values())
+
+        started = time.perf_counter()
+        try:
+            return await self.lines[role].take(lambda: grant(candidates()))
+        except QueueTimeout as exc:
+            raise Unavailable(str(exc), self.retry_after, "queue_timeout") from exc
+        finally:
+            self.metrics.router_waited(role, time.perf_counter() - started)
 
     # --- tokenizing and checks --------------------------------------------------------------------
 
@@ -228,15 +318,15 @@ class Router:
             # Under pipeline parallelism: each prefill stage's layers and ranks (decode stages pull theirs).
             kv_stages=list(first.kv_stages),
         )
+        need = len(prompt) + max_tokens  # KV tokens the decode instance reserves for it
         tried: set[str] = set()
         while True:
-            inst = pick_decode(
-                [i for i in self.decode.instances.values() if i.address not in tried], near=first.kv_address
+            inst = await self._instance(
+                "decode", lambda pool: pick_decode(pool, near=first.kv_address, need=need), tried
             )
-            if inst is None:
-                raise WorkerError("no decode instance is available")
             tried.add(inst.address)
             inst.inflight += 1
+            inst.inflight_tokens += need
             call = gen_grpc.DecodeServiceStub(self.decode.channel(inst.address)).Decode(
                 decode_request, timeout=self.settings.request_timeout_seconds
             )
@@ -247,6 +337,9 @@ class Router:
                     yield event
                 return
             except grpc.aio.AioRpcError as exc:
+                if received == 0 and refused_draining(exc):  # it did nothing: any other will do
+                    inst.ready = False  # out of rotation now, not at its next poll
+                    continue
                 if received == 0 and exc.code() in RETRYABLE and len(tried) < 2:
                     inst.healthy = False
                     continue
@@ -255,6 +348,8 @@ class Router:
                 ) from exc
             finally:
                 inst.inflight -= 1
+                inst.inflight_tokens -= need
+                self.lines["decode"].notify()
                 call.cancel()  # no-op when finished; frees the decode slot when the client went away
 
     async def _prefill(
@@ -262,17 +357,19 @@ class Router:
     ) -> gen.PrefillResponse:
         tried: set[str] = set()
         while True:
-            inst = pick_prefill([i for i in self.prefill.instances.values() if i.address not in tried])
-            if inst is None:
-                raise WorkerError("no prefill instance is available")
+            inst = await self._instance("prefill", lambda pool: pick_prefill(pool, need=len(prompt)), tried)
             tried.add(inst.address)
             inst.inflight += 1
+            inst.inflight_tokens += len(prompt)
             try:
                 return await gen_grpc.PrefillServiceStub(self.prefill.channel(inst.address)).Prefill(
                     gen.PrefillRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling),
                     timeout=self.settings.request_timeout_seconds,
                 )
             except grpc.aio.AioRpcError as exc:
+                if refused_draining(exc):  # it did nothing: any other will do
+                    inst.ready = False  # out of rotation now, not at its next poll
+                    continue
                 if exc.code() in RETRYABLE and len(tried) < 2:
                     inst.healthy = False
                     continue
@@ -283,6 +380,8 @@ class Router:
                 ) from exc
             finally:
                 inst.inflight -= 1
+                inst.inflight_tokens -= len(prompt)
+                self.lines["prefill"].notify()
 
     def record(self, prompt: int, output: int, timing: Timing) -> dict[str, Any]:
         tpot = timing.tpot(output)
@@ -315,6 +414,15 @@ def _json_error(
     return web.json_response(error_body(message, type_, param, code), status=status)
 
 
+def _unavailable(exc: WorkerError) -> web.Response:
+    """503 for a worker error; with Retry-After (and a code saying why) when waiting may help."""
+    if not isinstance(exc, Unavailable):
+        return _json_error(503, str(exc), "server_error")
+    response = _json_error(503, str(exc), "server_error", code=exc.code)
+    response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
 def build_app(router: Router) -> web.Application:
     async def completions(request: web.Request, chat: bool) -> web.StreamResponse:
         arrived = time.perf_counter()
@@ -332,7 +440,11 @@ def build_app(router: Router) -> web.Application:
             return _json_error(exc.status, str(exc), param=exc.param, code=exc.code)
         except WorkerError as exc:
             router.metrics.request("unavailable")
-            return _json_error(503, str(exc), "server_error")
+            return _unavailable(exc)
+        refused = router.refusal()
+        if refused is not None:
+            router.metrics.request("overloaded")
+            return _unavailable(refused)
         router.inflight += 1
         router.metrics.set_queue(router.inflight)
         try:
@@ -414,8 +526,8 @@ async def _collect(
         router.metrics.request("bad_request")
         return _json_error(exc.status, str(exc), param=exc.param, code=exc.code)
     except WorkerError as exc:
-        router.metrics.request("error")
-        return _json_error(503, str(exc), "server_error")
+        router.metrics.request("overloaded" if isinstance(exc, Unavailable) else "error")
+        return _unavailable(exc)
     router.metrics.request("ok")
     body = full_body(req, "".join(text), finish, tokens, len(prompt))
     body["distserve"] = router.record(len(prompt), len(tokens), timing)
@@ -457,9 +569,11 @@ async def _stream(
         await send("[DONE]")
         router.metrics.request("ok")
     except (BadRequest, WorkerError) as exc:
-        router.metrics.request("error")
+        router.metrics.request("overloaded" if isinstance(exc, Unavailable) else "error")
         if not response.prepared:
-            status = exc.status if isinstance(exc, BadRequest) else 503
+            if isinstance(exc, WorkerError):
+                return _unavailable(exc)
+            status = exc.status
             return _json_error(status, str(exc), "invalid_request_error" if status == 400 else "server_error")
         await send(error_body(str(exc), "server_error"))
     finally:
@@ -476,7 +590,8 @@ async def serve_router(settings: RouterSettings, tokenizer: Any = None) -> None:
         print(f"[distserve] router loading tokenizer of {settings.model.name} ...", flush=True)
         tokenizer = await asyncio.to_thread(load_tokenizer, settings.model)
     router = Router(settings, tokenizer, metrics)
-    runner = web.AppRunner(build_app(router), access_log=None)
+    # A client that goes away cancels its handler: it leaves the queue, or frees its decode slot.
+    runner = web.AppRunner(build_app(router), access_log=None, handler_cancellation=True)
     await runner.setup()
     refresh = asyncio.create_task(router.refresh_loop())
     try:

@@ -18,6 +18,8 @@ def apply_status(inst: Instance, status: gen.WorkerStatus) -> None:
     inst.healthy, inst.error = True, ""
     inst.queued, inst.running = status.queued, status.running
     inst.free_slots, inst.max_context = status.free_slots, status.max_context
+    inst.resident = status.kv_entries
+    inst.kv_used_tokens, inst.kv_capacity_tokens = kv_tokens(status)
     inst.tp, inst.pp, inst.stage = status.tp, status.pp, status.stage
     if status.tp == 0:
         inst.ready = True
@@ -40,10 +42,22 @@ def apply_status(inst: Instance, status: gen.WorkerStatus) -> None:
         inst.layers = (inst.stages[0].layers[0], inst.stages[-1].layers[1])
     if not inst.ready:
         down = [str(r.rank) for r in inst.ranks if not r.ready]
-        if status.broken:
+        if status.draining:
+            inst.error = "not ready: draining (finishing what it holds, then exiting)"
+        elif status.broken:
             inst.error = f"not ready: {status.broken}"
         else:
             inst.error = f"not ready (rank {', '.join(down)} down)" if down else "not ready"
+
+
+def kv_tokens(status: gen.WorkerStatus) -> tuple[int, int]:
+    """(used, capacity) of its KV room in tokens: capacity as rank 0 reports it (each rank holds
+    its heads of every token), used scaled from the bytes; (0, 0) when it reports none."""
+    ranks = sorted(status.ranks, key=lambda r: r.rank)
+    capacity = ranks[0].kv_capacity_tokens if ranks else 0
+    if not capacity or not status.kv_capacity_bytes:
+        return 0, 0
+    return status.kv_used_bytes * capacity // status.kv_capacity_bytes, capacity
 
 
 def _ranks(ranks: Iterable[gen.RankInfo]) -> list[Rank]:

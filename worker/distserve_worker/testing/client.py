@@ -20,6 +20,7 @@ class Result:
     error: dict[str, Any] | None = None
     ttft: float | None = None  # client-side, seconds
     elapsed: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)  # the response's (Retry-After on a 503)
 
 
 async def complete(
@@ -30,14 +31,14 @@ async def complete(
     async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
         if not body.get("stream") or resp.status != 200:
             payload = await resp.json(content_type=None)
-            result = Result(resp.status, payload, error=payload.get("error"))
+            result = Result(resp.status, payload, error=payload.get("error"), headers=dict(resp.headers))
             if resp.status == 200:
                 choice = payload["choices"][0]
                 result.text = choice.get("text") or choice.get("message", {}).get("content", "")
                 result.token_ids = choice.get("token_ids", [])
             result.elapsed = time.perf_counter() - started
             return result
-        result = Result(resp.status)
+        result = Result(resp.status, headers=dict(resp.headers))
         async for raw in resp.content:
             line = raw.decode().strip()
             if not line.startswith("data: "):

@@ -52,10 +52,13 @@ def local_manifest(
     outputs: int = 8,
     gpus_per_node: int = 4,
     pin: str = "",
+    mode: str = "",
 ) -> str:
     """A DistServeDeployment for this machine (CPU, one node, autoscaling off): `source` and
-    `inputs` in flow YAML, `pin` the flow YAML of `spec.planner.pin` (none when empty)."""
+    `inputs` in flow YAML, `pin` the flow YAML of `spec.planner.pin` (none when empty), `mode`
+    its spec.serving.mode (the default when empty)."""
     planner = f"\n  planner:\n    pin: {pin}" if pin else ""
+    planner += f"\n  serving: {{mode: {mode}}}" if mode else ""
     return f"""apiVersion: distserve.io/v1alpha1
 kind: DistServeDeployment
 metadata: {{name: {name}}}
@@ -78,10 +81,12 @@ spec:
 """
 
 
-def tiny_manifest(name: str, model_dir: Path | str, pin: str = "", gpus_per_node: int = 4) -> str:
+def tiny_manifest(
+    name: str, model_dir: Path | str, pin: str = "", gpus_per_node: int = 4, mode: str = ""
+) -> str:
     """A tiny Llama saved at `model_dir` (`testing/tiny.py`) as a manifest."""
     source = f"{{kind: Path, path: {model_dir}}}"
-    return local_manifest(name, "tiny-llama", source, gpus_per_node=gpus_per_node, pin=pin)
+    return local_manifest(name, "tiny-llama", source, gpus_per_node=gpus_per_node, pin=pin, mode=mode)
 
 
 def smollm2_manifest(name: str, pin: str) -> str:

@@ -9,16 +9,22 @@ shard of the weights, and runs what rank 0 sends it (`distserve.rank.v1`):
   `Step` applies rank 0's batch changes (rows leave and join in the same order) and runs the step.
 
 A forward that fails here leaves the ranks' collectives out of step, so the follower exits at
-once: rank 0's own collective then fails instead of hanging, and the instance reports broken. It
-also exits when rank 0 goes away.
+once: rank 0's own collective then fails instead of hanging, and the instance reports broken.
+
+Its life is rank 0's: it exits when rank 0 closes the pipe on its stdin (rank 0 closing, drained or
+stopped) or goes away (the pipe closes with it). SIGTERM does not stop it: a pod's processes all
+receive it at once (and `distserve up` signals the process group), while rank 0 drains and needs
+its followers for every forward until it is done.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -241,12 +247,13 @@ class Follower(pb_grpc.RankServiceServicer):
                 self.pulled.pop(rid, None)  # pulled for a request that never joined (aborted)
 
 
-def _exit_with_parent(parent: int) -> None:
-    """Rank 0 gone (killed, crashed): nothing can drive this rank any more."""
-    while True:
-        if os.getppid() != parent:
-            os._exit(0)
-        time.sleep(0.5)
+def _exit_with_rank0() -> None:
+    """Rank 0 closed our stdin, or is gone (killed, crashed; the pipe closes with it): nothing can
+    drive this rank any more."""
+    with contextlib.suppress(OSError):
+        while os.read(sys.stdin.fileno(), 4096):
+            pass
+    os._exit(0)
 
 
 def advertised(settings: PrefillSettings | DecodeSettings, port: int) -> str:
@@ -275,6 +282,10 @@ async def serve(role: str, settings: PrefillSettings | DecodeSettings, place: Ra
     follower.address = advertised(settings, bound)
     store.set(f"rank/{place.rank}", follower.address)
     print(f"[distserve] {role} rank {place.rank} serving gRPC on {follower.address}", flush=True)
+    asyncio.get_running_loop().add_signal_handler(
+        signal.SIGTERM,
+        lambda: print(f"[distserve] rank {place.rank}: SIGTERM: serving until rank 0 closes", flush=True),
+    )
     reaper = asyncio.create_task(follower.reap_loop())
     try:
         await server.wait_for_termination()
@@ -287,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     role = config["role"]
     settings = settings_from(role, config["settings"])
     place = RankPlace(config["rank"], settings.tp, config["store_port"])
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    # Until serve() installs its own handler: a SIGTERM while loading must not stop the rank either.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_rank0, daemon=True).start()
     keep_freed_memory(settings.max_chunk_bytes)
     asyncio.run(serve(role, settings, place))
     sys.stdout.flush()

@@ -15,7 +15,6 @@ import contextlib
 import datetime
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -77,7 +76,9 @@ class RankGroup:
             config = follower_config(self.role, self.settings, rank, self.store.port)
             self.procs[rank] = subprocess.Popen(
                 [sys.executable, "-m", "distserve_worker.tp.follower", config],
-                stdin=subprocess.DEVNULL,
+                # The follower lives until this pipe closes (close(), or this process gone): not
+                # until SIGTERM, which reaches it too while this rank drains (tp/follower.py).
+                stdin=subprocess.PIPE,
                 env=os.environ | {"PYTHONUNBUFFERED": "1"},
             )
         return RankPlace(0, self.world, self.store.port)
@@ -239,9 +240,9 @@ class RankGroup:
         for channel in self.channels:
             await channel.close()
         for proc in self.procs.values():
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
+            if proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()  # the follower's cue to exit
         for proc in self.procs.values():
             try:
                 await asyncio.to_thread(proc.wait, 10)

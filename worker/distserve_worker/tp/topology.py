@@ -66,9 +66,11 @@ def topology(
     kv_heads: int,
     kv_capacity_tokens: int,
     chain: StageChain | None = None,
+    draining: bool = False,
 ) -> dict[str, Any]:
-    """The `WorkerStatus` fields saying what the instance runs (the contract) and whether it can:
-    with pipeline stages, every stage and its layers, as stage 0 last saw them."""
+    """The `WorkerStatus` fields saying what the instance runs (the contract) and whether it can
+    (not while broken or draining): with pipeline stages, every stage and its layers, as stage 0
+    last saw them."""
     s = settings
     layers = s.layers or (0, layout.num_layers)
     ranks = rank_infos(runner, group, kv_heads, kv_capacity_tokens, s.address)
@@ -85,8 +87,9 @@ def topology(
         )
         stages = chain.stage_infos(own)
     return {
-        "ready": broken is None,
+        "ready": broken is None and not draining,
         "broken": broken or "",
+        "draining": draining,
         "tp": s.tp,
         "pp": s.pp,
         "stage": s.stage,

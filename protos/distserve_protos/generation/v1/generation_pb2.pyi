@@ -115,7 +115,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("role", "model", "queued", "running", "free_slots", "kv_used_bytes", "kv_capacity_bytes", "kv_entries", "max_context", "ready", "tp", "pp", "stage", "layer_start", "layer_end", "ranks", "address", "stages", "broken")
+    __slots__ = ("role", "model", "queued", "running", "free_slots", "kv_used_bytes", "kv_capacity_bytes", "kv_entries", "max_context", "ready", "tp", "pp", "stage", "layer_start", "layer_end", "ranks", "address", "stages", "broken", "draining")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,7 @@ class WorkerStatus(_message.Message):
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     BROKEN_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     role: str
     model: str
     queued: int
@@ -154,7 +155,8 @@ class WorkerStatus(_message.Message):
     address: str
     stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
     broken: str
-    def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., free_slots: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ..., kv_entries: _Optional[int] = ..., max_context: _Optional[int] = ..., ready: _Optional[bool] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., stage: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ..., address: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., broken: _Optional[str] = ...) -> None: ...
+    draining: bool
+    def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., free_slots: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ..., kv_entries: _Optional[int] = ..., max_context: _Optional[int] = ..., ready: _Optional[bool] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., stage: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ..., address: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., broken: _Optional[str] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class StageInfo(_message.Message):
     __slots__ = ("stage", "layer_start", "layer_end", "address", "ready", "ranks")

@@ -103,6 +103,18 @@ class StagePull(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[_generation_pb2.KVStage, _Mapping]]] = ...) -> None: ...
 
 class DescribeStageRequest(_message.Message):
+    __slots__ = ("leader_id",)
+    LEADER_ID_FIELD_NUMBER: _ClassVar[int]
+    leader_id: str
+    def __init__(self, leader_id: _Optional[str] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("leader_id",)
+    LEADER_ID_FIELD_NUMBER: _ClassVar[int]
+    leader_id: str
+    def __init__(self, leader_id: _Optional[str] = ...) -> None: ...
+
+class LeaveResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 

@@ -50,6 +50,11 @@ class StageServiceStub:
                 request_serializer=distserve__protos_dot_stage_dot_v1_dot_stage__pb2.DescribeStageRequest.SerializeToString,
                 response_deserializer=distserve__protos_dot_stage_dot_v1_dot_stage__pb2.StageDescription.FromString,
                 _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/distserve.stage.v1.StageService/Leave',
+                request_serializer=distserve__protos_dot_stage_dot_v1_dot_stage__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=distserve__protos_dot_stage_dot_v1_dot_stage__pb2.LeaveResponse.FromString,
+                _registered_method=True)
 
 
 class StageServiceServicer:
@@ -73,6 +78,12 @@ class StageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Leave(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,6 +101,11 @@ def add_StageServiceServicer_to_server(servicer, server):
                     servicer.Describe,
                     request_deserializer=distserve__protos_dot_stage_dot_v1_dot_stage__pb2.DescribeStageRequest.FromString,
                     response_serializer=distserve__protos_dot_stage_dot_v1_dot_stage__pb2.StageDescription.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=distserve__protos_dot_stage_dot_v1_dot_stage__pb2.LeaveRequest.FromString,
+                    response_serializer=distserve__protos_dot_stage_dot_v1_dot_stage__pb2.LeaveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -173,6 +189,33 @@ class StageService:
             '/distserve.stage.v1.StageService/Describe',
             distserve__protos_dot_stage_dot_v1_dot_stage__pb2.DescribeStageRequest.SerializeToString,
             distserve__protos_dot_stage_dot_v1_dot_stage__pb2.StageDescription.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/distserve.stage.v1.StageService/Leave',
+            distserve__protos_dot_stage_dot_v1_dot_stage__pb2.LeaveRequest.SerializeToString,
+            distserve__protos_dot_stage_dot_v1_dot_stage__pb2.LeaveResponse.FromString,
             options,
             channel_credentials,
             insecure,
