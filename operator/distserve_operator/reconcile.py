@@ -44,6 +44,7 @@ from .api import (
     WorkloadSnapshot,
     parse_spec,
 )
+from .api.resource import name_problem
 from .kube import Kube
 from .metrics import OperatorMetrics
 from .settings import OperatorSettings
@@ -187,6 +188,9 @@ async def _reconcile_locked(
 
     try:
         spec = parse_spec(live.get("spec"))
+        problem = name_problem(name)
+        if problem:
+            raise SpecError([problem])
     except SpecError as exc:
         await _not_planned(
             rt, live, status, "InvalidSpec", "invalid spec: " + "; ".join(exc.problems), now, logger
@@ -269,6 +273,8 @@ async def _reconcile_locked(
     assert plan is not None
     converged = await _converge(rt, live, spec, plan, status, prune=not first_plan, now=now, logger=logger)
     status = converged.status
+    if converged.waiting.pods and found is None:  # a pod went Pending since the first look
+        found = await _allocatable(rt, spec, name, namespace)
     conds = _conditions(
         status, spec, plan, converged, now=now, generation=generation, notices=notices, found=found
     )
@@ -415,11 +421,6 @@ def _rollout_record(
     )
 
 
-def _desired_instances(spec: DistServeDeploymentSpec, plan: PlanStatus) -> dict[str, int]:
-    """role -> instances of the plan (what a rollout waits for before it drains the old groups)."""
-    return drift.instances(plan)
-
-
 @dataclass
 class Converged:
     """What one pass over the children found: status with roles and rollout, the rollout step."""
@@ -466,7 +467,7 @@ async def _converge(
     pods = await rt.kube.try_list("v1", "Pod", namespace, _worker_pods(name)) if prune else None
     new_pods = [p for p in pods or [] if (p["metadata"].get("labels") or {}).get(L.REVISION) == revision]
     waiting_new = _waiting(spec, name, new_pods)
-    step = rollout.step(groups, revision, _desired_instances(spec, plan), make_room=waiting_new.pods > 0)
+    step = rollout.step(groups, revision, drift.instances(plan), make_room=waiting_new.pods > 0)
     for sts, replicas in step.scale.items():
         logger.info(f"rollout: scaling {sts} of an old revision to {replicas}")
         await rt.kube.patch("apps/v1", "StatefulSet", namespace, sts, {"spec": {"replicas": replicas}})
@@ -681,7 +682,7 @@ async def _on_observation(
     groups = [rollout.group_of(s) for s in sets if (s.get("metadata", {}).get("labels") or {}).get(L.ROLE)]
     revision = children.revision(plan)
     pending = scaling.not_ready(
-        _desired_instances(spec, plan),
+        drift.instances(plan),
         {r: rollout.ready_instances(groups, revision, r) for r in rollout.ROLES},
     )
     last_change = conditions.parse_time(status.last_replan.time) if status.last_replan else None
@@ -707,6 +708,7 @@ async def _on_observation(
         generation=generation,
     )
     update: dict[str, Any] = {"observed": observed, "conditions": conds}
+    found: capacity.Allocatable | None = None
     if decision.workload is not None:
         workload = decision.workload
         found = await _allocatable(rt, spec, name, namespace)
@@ -761,6 +763,8 @@ async def _on_observation(
     if "plan" in update:
         # The plan is recorded first: if applying fails now, the resync applies it from status.
         converged = await _converge(rt, live, spec, plan, new, prune=True, now=now, logger=logger)
+        if converged.waiting.pods and found is None:
+            found = await _allocatable(rt, spec, name, namespace)
         final = converged.status.model_copy(
             update={
                 "conditions": _conditions(
@@ -771,7 +775,7 @@ async def _on_observation(
                     now=now,
                     generation=generation,
                     notices=notices,
-                    found=None,
+                    found=found,
                 )
             }
         )

@@ -172,6 +172,10 @@ async def test_pods_pending_for_gpus_say_so_and_the_plan_shrinks_to_what_fits() 
         assert plan["gpuBudget"]["allocatable"] == 4
         planned = env.condition("llm", "Planned")
         assert planned is not None and planned["reason"] == "Replanned"
-        assert any(
-            e.get("reason") == "Replanned" and "allocatable" in e.get("message", "") for e in env.events()
+        # Events are posted in the background (kopf's queue): they may trail the status.
+        await eventually(
+            lambda: any(
+                e.get("reason") == "Replanned" and "allocatable" in e.get("message", "") for e in env.events()
+            ),
+            what="a Replanned Event saying what is allocatable",
         )

@@ -74,7 +74,11 @@ async def test_a_staged_replan_never_leaves_a_role_without_a_ready_instance_and_
                 what="the rollout to complete",
             )
             assert done["reason"] == "Stable"
-            assert any(e.get("reason") == "RolloutComplete" for e in env.events())
+            # Events are posted in the background (kopf's queue): they may trail the status.
+            await eventually(
+                lambda: any(e.get("reason") == "RolloutComplete" for e in env.events()),
+                what="a RolloutComplete Event",
+            )
             # The old revision's plan copy and stage Services went with it.
             assert not [
                 c for c in env.children("v1/configmaps", "llm") if c["metadata"]["name"].endswith(old)

@@ -237,6 +237,17 @@ def test_resource_metadata_name_checked() -> None:
             }
         )
     assert any(line.startswith("metadata.name:") for line in info.value.problems)
+    # Worker StatefulSet names add the role, revision and stage; their pods' labels must fit 63.
+    with pytest.raises(SpecError) as info:
+        parse_resource(
+            {
+                "apiVersion": "distserve.io/v1alpha1",
+                "kind": "DistServeDeployment",
+                "metadata": {"name": "a-very-long-deployment-name-for-llama"},
+                "spec": VALID,
+            }
+        )
+    assert any("use at most 32 characters" in line for line in info.value.problems), info.value.problems
 
 
 def test_examples_load(repo_root: Any = None) -> None:

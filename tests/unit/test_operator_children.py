@@ -503,3 +503,19 @@ def test_router_overload_settings_reach_the_router_command() -> None:
 
     assert flags(_spec()) == ("128", "30")
     assert flags(_spec(router={"maxQueue": 0, "queueTimeoutSeconds": 5})) == ("0", "5")
+
+
+def test_worker_pods_drain_within_their_grace_period() -> None:
+    """spec.worker.terminationGracePeriodSeconds is the pod's; the worker drains for less, so it
+    exits by itself (finishing what it holds) before the kubelet's SIGKILL."""
+    spec = _spec(worker={"terminationGracePeriodSeconds": 300})
+    sts = _by_name(children.render_all("llm", spec, _plan(), namespace=NS))["StatefulSet/llm-decode-s0"]
+    pod = sts["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 300
+    command = pod["containers"][0]["command"]
+    drain = int(command[command.index("--drain-seconds") + 1])
+    assert drain == 300 - children.DRAIN_MARGIN_SECONDS and 0 < drain < 300
+    default = _by_name(children.render_all("llm", _spec(), _plan(), namespace=NS))[
+        "StatefulSet/llm-decode-s0"
+    ]
+    assert default["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120

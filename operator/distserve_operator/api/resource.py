@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from .base import ApiModel
 from .errors import SpecError, format_errors
@@ -20,6 +20,20 @@ KIND = "DistServeDeployment"
 PLURAL = "distservedeployments"
 SINGULAR = "distservedeployment"
 SHORT_NAMES = ["dsd"]
+# Worker StatefulSets are `<name>-<role>-<revision>-s<stage>` (the name plus up to 20 characters), and
+# Kubernetes labels each of their pods with `<statefulset>-<10-character hash>`, which must fit 63.
+MAX_NAME_LENGTH = 32
+
+
+def name_problem(name: str) -> str | None:
+    """Why this deployment name cannot be used, with the fix; None when it can."""
+    if len(name) > MAX_NAME_LENGTH:
+        return (
+            f"metadata.name {name!r} is {len(name)} characters: the worker StatefulSets' names add up to 20 "
+            f"more and their pods' controller-revision-hash labels must fit 63, so use at most "
+            f"{MAX_NAME_LENGTH} characters"
+        )
+    return None
 
 
 class ObjectMeta(ApiModel):
@@ -31,6 +45,14 @@ class ObjectMeta(ApiModel):
     generation: int | None = None
     uid: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _short_enough(cls, name: str) -> str:
+        problem = name_problem(name)
+        if problem:
+            raise ValueError(problem)
+        return name
 
 
 class DistServeDeployment(ApiModel):
