@@ -56,30 +56,20 @@ def p90(values: list[float]) -> float:
 
 
 async def one(session: Any, url: str, body: dict[str, Any], delay: float, zero: float) -> Sent:
+    from distserve_worker.testing.client import complete
+
     await asyncio.sleep(delay)
     out = Sent(time.perf_counter() - zero)
     try:
-        async with session.post(url, json=body) as resp:
-            if resp.status != 200:
-                out.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-                return out
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if not line.startswith("data: "):
-                    continue
-                data = line.removeprefix("data: ")
-                if data == "[DONE]":
-                    break
-                event = json.loads(data)
-                if "error" in event:
-                    out.error = event["error"]["message"][:200]
-                    break
-                out.chunks += 1
-                now = time.perf_counter() - zero
-                out.first = out.first if out.first is not None else now
-                out.done = now
+        result = await complete(session, url, body, timeout=600)
     except Exception as exc:  # a benchmark counts failures, it does not stop at one
         out.error = f"{type(exc).__name__}: {exc}"
+        return out
+    out.chunks = result.chunks
+    if result.ttft is not None and result.last is not None:
+        out.first, out.done = out.sent + result.ttft, out.sent + result.last
+    if result.status != 200 or result.error:
+        out.error = f"HTTP {result.status}: {str((result.error or {}).get('message', ''))[:200]}"
     return out
 
 

@@ -104,18 +104,14 @@ def assemble(
             assert planned is not None, "give phases or a plan"
             tp, pp, replicas = planned.tp, planned.pp, planned.replicas
         stage_layers = planned.stage_layers if planned is not None and planned.pp == pp else None
-        stage_services = (services or {}).get(role.value)
-        stage_addresses = (addresses or {}).get(role.value)
-        built[role] = phase_contract(
+        built[role] = _entry(
             role,
-            tp,
-            pp,
-            replicas,
-            shape.layers,
-            *ports[role.value],
-            list(stage_services) if stage_services else None,
+            (tp, pp, replicas),
+            shape,
+            ports[role.value],
+            (services or {}).get(role.value),
             stage_layers,
-            list(stage_addresses) if stage_addresses else None,
+            (addresses or {}).get(role.value),
         )
     return RuntimeContract(
         model=model,
@@ -125,6 +121,30 @@ def assemble(
         decode=built[Role.DECODE],
         limits=limits,
         plan=plan,
+    )
+
+
+def _entry(
+    role: Role,
+    instances: tuple[int, int, int],
+    shape: ModelShape,
+    ports: tuple[int, int],
+    services: Sequence[str] | None,
+    stage_layers: list[int] | None,
+    addresses: Sequence[str] | None,
+) -> PhaseContract:
+    """One role's entry: (tp, pp, replicas), its (gRPC, metrics) ports and its stages."""
+    tp, pp, replicas = instances
+    return phase_contract(
+        role,
+        tp,
+        pp,
+        replicas,
+        shape.layers,
+        *ports,
+        list(services) if services else None,
+        stage_layers,
+        list(addresses) if addresses else None,
     )
 
 
@@ -151,17 +171,14 @@ def _colocated(
     stage_addresses = (addresses or {}).get(role) or (addresses or {}).get(Role.PREFILL.value)
 
     def entry(as_role: Role) -> PhaseContract:
-        return phase_contract(
+        return _entry(
             as_role,
-            tp,
-            pp,
-            replicas,
-            shape.layers,
-            grpc_port,
-            metrics_port,
-            list(stage_services) if stage_services else None,
+            (tp, pp, replicas),
+            shape,
+            (grpc_port, metrics_port),
+            stage_services,
             stage_layers,
-            list(stage_addresses) if stage_addresses else None,
+            stage_addresses,
         )
 
     return RuntimeContract(

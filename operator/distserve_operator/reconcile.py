@@ -339,6 +339,12 @@ def effective_spec(
 # ---------------------------------------------------------------------------- children and rollout
 
 
+async def _live_groups(rt: Runtime, name: str, namespace: str) -> list[rollout.Group]:
+    """This deployment's worker StatefulSets, every revision, as they are now."""
+    sets = await rt.kube.list_objects("apps/v1", "StatefulSet", namespace, L.owned_selector(name))
+    return [rollout.group_of(s) for s in sets if (s.get("metadata", {}).get("labels") or {}).get(L.ROLE)]
+
+
 def _worker_pods(name: str) -> dict[str, str]:
     return {**L.owned_selector(name), L.APP_COMPONENT: L.COMPONENT_WORKER}
 
@@ -458,12 +464,7 @@ async def _converge(
             ready[obj["metadata"]["name"]] = int((applied.obj.get("status") or {}).get("readyReplicas") or 0)
             live_replicas[obj["metadata"]["name"]] = int((applied.obj.get("spec") or {}).get("replicas") or 0)
     revision = children.revision(plan)
-    sets = (
-        []
-        if not prune
-        else await rt.kube.list_objects("apps/v1", "StatefulSet", namespace, L.owned_selector(name))
-    )
-    groups = [rollout.group_of(s) for s in sets if (s.get("metadata", {}).get("labels") or {}).get(L.ROLE)]
+    groups = await _live_groups(rt, name, namespace) if prune else []
     pods = await rt.kube.try_list("v1", "Pod", namespace, _worker_pods(name)) if prune else None
     new_pods = [p for p in pods or [] if (p["metadata"].get("labels") or {}).get(L.REVISION) == revision]
     waiting_new = _waiting(spec, name, new_pods)
@@ -678,8 +679,7 @@ async def _on_observation(
     now = conditions.rfc3339(now_dt)
     auto = spec.autoscaling
     plan = status.plan
-    sets = await rt.kube.list_objects("apps/v1", "StatefulSet", namespace, L.owned_selector(name))
-    groups = [rollout.group_of(s) for s in sets if (s.get("metadata", {}).get("labels") or {}).get(L.ROLE)]
+    groups = await _live_groups(rt, name, namespace)
     revision = children.revision(plan)
     pending = scaling.not_ready(
         drift.instances(plan),
@@ -693,7 +693,7 @@ async def _on_observation(
         attainment_target=spec.slo.attainment_percent,
         last_change=last_change,
         now=now_dt,
-        rollout_in_progress=status.rollout is not None or rollout.step(groups, revision, {}).in_progress,
+        rollout_in_progress=status.rollout is not None or bool(rollout.older(groups, revision)),
         pending=pending,
     )
     assessment = decision.assessment

@@ -96,11 +96,16 @@ class Step:
         return self.step is not None
 
 
+def older(groups: Iterable[Group], revision: str) -> list[str]:
+    """Revisions other than `revision` that still have groups: a rollout is in progress."""
+    return sorted({g.revision for g in groups if g.revision != revision})
+
+
 def step(
     groups: Sequence[Group], new_revision: str, new_desired: Mapping[str, int], *, make_room: bool = False
 ) -> Step:
     """The next step of the rollout to `new_revision` (whose roles want `new_desired` instances)."""
-    old = sorted({g.revision for g in groups if g.revision != new_revision})
+    old = older(groups, new_revision)
     if not old:
         return Step(None)
     new_ready = {r: ready_instances(groups, new_revision, r) for r in ROLES}

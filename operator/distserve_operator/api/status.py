@@ -46,7 +46,23 @@ class Bottleneck(StrEnum):
     NONE = "None"
 
 
-class PhasePlan(ApiModel):
+class _Instances:
+    """GPUs of `replicas` instances of `tp` x `pp` devices (phase and colocated plans)."""
+
+    tp: int
+    pp: int
+    replicas: int
+
+    @property
+    def gpus_per_instance(self) -> int:
+        return self.tp * self.pp
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.replicas
+
+
+class PhasePlan(ApiModel, _Instances):
     """Parallelism and replica count of one phase (prefill or decode)."""
 
     tp: int = Field(..., ge=1, description="Tensor-parallel degree (GPUs per stage).")
@@ -63,14 +79,6 @@ class PhasePlan(ApiModel):
             "last. Absent: an even split."
         ),
     )
-
-    @property
-    def gpus_per_instance(self) -> int:
-        return self.tp * self.pp
-
-    @property
-    def gpus(self) -> int:
-        return self.tp * self.pp * self.replicas
 
 
 class Estimate(ApiModel):
@@ -108,7 +116,7 @@ class Candidate(ApiModel):
     )
 
 
-class ColocatedPlan(ApiModel):
+class ColocatedPlan(ApiModel, _Instances):
     """Colocated instances: both phases in one instance (vLLM-style)."""
 
     tp: int = Field(..., ge=1, description="Tensor-parallel degree.")
@@ -130,14 +138,6 @@ class ColocatedPlan(ApiModel):
             "the colocated workers run exactly these."
         ),
     )
-
-    @property
-    def gpus_per_instance(self) -> int:
-        return self.tp * self.pp
-
-    @property
-    def gpus(self) -> int:
-        return self.tp * self.pp * self.replicas
 
 
 class PlanMode(StrEnum):

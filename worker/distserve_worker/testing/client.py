@@ -19,6 +19,7 @@ class Result:
     chunks: int = 0  # SSE events received (streaming)
     error: dict[str, Any] | None = None
     ttft: float | None = None  # client-side, seconds
+    last: float | None = None  # client-side, seconds from the request to the last streamed event
     elapsed: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)  # the response's (Retry-After on a 503)
 
@@ -51,8 +52,9 @@ async def complete(
                 result.error = event["error"]
                 break
             result.chunks += 1
+            result.last = time.perf_counter() - started
             if result.ttft is None:
-                result.ttft = time.perf_counter() - started
+                result.ttft = result.last
             choice = event["choices"][0]
             result.text += choice.get("text") or choice.get("delta", {}).get("content", "")
             if "distserve" in event:
