@@ -243,6 +243,15 @@ class LocalStack:
         if proc.popen and proc.alive():
             os.killpg(proc.popen.pid, signal.SIGKILL)
             proc.popen.wait(timeout=10)
+            # Its rank or stage children hold inherited sockets until they are gone too: a restart
+            # on the same ports before then fails to bind.
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    os.killpg(proc.popen.pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.05)
 
     def terminate(self, name: str) -> None:
         """SIGTERM one process, as the kubelet does to a pod going away (scale-down, rollout): a
