@@ -50,7 +50,7 @@ lint: install tools
 	$(TOOLS)/helm lint --strict charts/distserve
 
 typecheck: install
-	$(BIN)/mypy operator/distserve_operator/api operator/distserve_operator/planner
+	$(BIN)/mypy operator/distserve_operator/api operator/distserve_planner
 
 crds: install
 	$(BIN)/python -m distserve_operator.api.crd write

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distserve_operator import api
-from distserve_operator.planner import architecture, hardware, profiles, search
-from distserve_operator.planner import simulator as sim
-from distserve_operator.planner.latency import InstanceTiming, kv_transfer_ms, stage_hop
-from distserve_operator.planner.workload import Requests
+from distserve_planner import architecture, hardware, profiles, search
+from distserve_planner import simulator as sim
+from distserve_planner.latency import InstanceTiming, kv_transfer_ms, stage_hop
+from distserve_planner.workload import Requests
 
 
 @dataclass(frozen=True)

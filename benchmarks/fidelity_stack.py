@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from distserve_operator.planner.workload import Requests
+from distserve_planner.workload import Requests
 from distserve_worker.local.stack import LocalStack, StackConfig
 from distserve_worker.testing.load import TOKEN_RANGE, Measured, run_load
 from distserve_worker.testing.quiet import Quiet, wait_quiet

@@ -28,9 +28,9 @@ from fidelity_model import ModelSide, Predicted, goodput, interpolated_goodput
 from fidelity_stack import RateRun, measure_rates
 
 from distserve_operator import api
-from distserve_operator.planner import simulator as sim
-from distserve_operator.planner.latency import InstanceTiming, PhaseCoefficients
-from distserve_operator.planner.workload import Lengths, Requests, generate
+from distserve_planner import simulator as sim
+from distserve_planner.latency import InstanceTiming, PhaseCoefficients
+from distserve_planner.workload import Lengths, Requests, generate
 from distserve_worker.local.stack import StackConfig
 from distserve_worker.model_source import ModelSpec
 

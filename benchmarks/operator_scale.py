@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from operator_support.emulator import ApiServerEmulator  # noqa: E402
 
 from distserve_operator.api import parse_spec  # noqa: E402
-from distserve_operator.planner import plan_deployment  # noqa: E402
+from distserve_planner import plan_deployment  # noqa: E402
 
 CR_PATH = "/apis/distserve.io/v1alpha1/namespaces/{ns}/distservedeployments"
 EXAMPLE = ROOT / "deploy/examples/opt-13b-a100x4.yaml"

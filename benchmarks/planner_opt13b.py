@@ -30,8 +30,8 @@ from typing import Any
 import yaml
 
 from distserve_operator import api
-from distserve_operator.planner import plan
-from distserve_operator.planner.inputs import plan_input
+from distserve_planner import plan
+from distserve_planner.inputs import plan_input
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DISTSERVE_SHARED", ROOT.parent / "shared")) / "data" / "distserve-a100"

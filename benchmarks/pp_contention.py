@@ -35,8 +35,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=120)
     args = parser.parse_args()
     from distserve_operator import api
-    from distserve_operator.planner import profiles
-    from distserve_operator.planner.workload import Lengths, generate
+    from distserve_planner import profiles
+    from distserve_planner.workload import Lengths, generate
     from distserve_worker.local.stack import LocalStack, StackConfig
     from distserve_worker.model_source import ModelSpec
     from distserve_worker.testing.load import run_load

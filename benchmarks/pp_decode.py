@@ -44,7 +44,7 @@ def decode_split() -> list[int]:
     """The planner's split for SmolLM2 decode PP2: what `distserve up` puts in the contract for a
     manifest pinned to it."""
     from distserve_operator.api import load_manifest
-    from distserve_operator.planner import plan_deployment
+    from distserve_planner import plan_deployment
     from distserve_worker.testing.up import smollm2_manifest
 
     pin = "{prefill: {tp: 1, pp: 1, replicas: 1}, decode: {tp: 1, pp: 2, replicas: 1}}"

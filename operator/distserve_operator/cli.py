@@ -15,10 +15,10 @@ from collections.abc import Sequence
 # name -> (module, one-line help). Order is the order shown in --help.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plan": (
-        "distserve_operator.planner.cli_plan",
+        "distserve_planner.cli_plan",
         "choose prefill/decode parallelism and replicas for a manifest",
     ),
-    "simulate": ("distserve_operator.planner.cli_simulate", "simulate one configuration under a workload"),
+    "simulate": ("distserve_planner.cli_simulate", "simulate one configuration under a workload"),
     "up": ("distserve_worker.local.cli_up", "run router, prefill and decode locally for a manifest"),
     "demo": ("distserve_worker.local.cli_demo", "start the local stack on SmolLM2, send requests, stop"),
     "profile": ("distserve_worker.profiling.cli_profile", "profile real workers and fit the latency model"),

@@ -64,7 +64,7 @@ PlanFn = Callable[..., PlanReport]
 
 
 def default_plan_fn() -> PlanFn:
-    from .planner import plan_deployment  # imported on first use: the planner is heavy-ish
+    from distserve_planner import plan_deployment  # imported on first use: the planner is heavy-ish
 
     return plan_deployment
 

@@ -21,7 +21,7 @@ import pytest
 from distserve_operator import children
 from distserve_operator import labels as L
 from distserve_operator.api import DistServeDeployment, PlanStatus, RuntimeContract, load_manifest
-from distserve_operator.planner import plan_deployment
+from distserve_planner import plan_deployment
 from distserve_worker import cli_worker
 
 ROOT = Path(__file__).parents[2]

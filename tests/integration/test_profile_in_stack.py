@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from distserve_operator import cli
-from distserve_operator.planner import profiles
+from distserve_planner import profiles
 from distserve_worker.testing.tiny import save_tiny_model
 
 

@@ -6,6 +6,6 @@ from distserve_operator.reconcile import PlanFn
 
 
 def plan_fn() -> PlanFn:
-    from distserve_operator.planner import plan_deployment
+    from distserve_planner import plan_deployment
 
     return plan_deployment

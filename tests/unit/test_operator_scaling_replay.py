@@ -16,7 +16,7 @@ from operator_support.manifests import dsd
 
 from distserve_operator import children, conditions, drift, observe, scaling
 from distserve_operator.api import PlanStatus, WorkloadSnapshot, parse_spec
-from distserve_operator.planner import plan_deployment
+from distserve_planner import plan_deployment
 
 INTERVAL = 60
 COOLDOWN = 300

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from distserve_operator import api
-from distserve_operator.planner import plan_deployment
-from distserve_operator.planner.memory import Fit
-from distserve_operator.planner.mode import ColocatedNotRunnable, decide
-from distserve_operator.planner.search import PhaseResult
+from distserve_planner import plan_deployment
+from distserve_planner.memory import Fit
+from distserve_planner.mode import ColocatedNotRunnable, decide
+from distserve_planner.search import PhaseResult
 
 EXAMPLES = Path(__file__).parents[2] / "deploy" / "examples"
 Mode, Serving = api.PlanMode, api.ServingMode

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from distserve_operator import api
-from distserve_operator.planner import architecture, hardware, latency, memory, profiles
+from distserve_planner import architecture, hardware, latency, memory, profiles
 
 ROOT = Path(__file__).parents[2]
 SHARED = Path(os.environ.get("DISTSERVE_SHARED", ROOT.parent / "shared")) / "data" / "distserve-a100"

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from distserve_operator import api, cli
-from distserve_operator.planner import plan_deployment
+from distserve_planner import plan_deployment
 
 EXAMPLES = Path(__file__).parents[2] / "deploy" / "examples"
 OPT13 = EXAMPLES / "opt-13b-a100x4.yaml"

@@ -10,12 +10,12 @@ import pytest
 import yaml
 
 from distserve_operator import api
-from distserve_operator.planner import PlanInput, WorkloadModel, plan, plan_deployment
-from distserve_operator.planner.architecture import CATALOGUE
-from distserve_operator.planner.hardware import BUILTIN, Links
-from distserve_operator.planner.latency import LatencyModel, PhaseCoefficients
-from distserve_operator.planner.search import ClusterShape, SloTargets
-from distserve_operator.planner.workload import Lengths
+from distserve_planner import PlanInput, WorkloadModel, plan, plan_deployment
+from distserve_planner.architecture import CATALOGUE
+from distserve_planner.hardware import BUILTIN, Links
+from distserve_planner.latency import LatencyModel, PhaseCoefficients
+from distserve_planner.search import ClusterShape, SloTargets
+from distserve_planner.workload import Lengths
 
 ROOT = Path(__file__).parents[2]
 EXAMPLES = ROOT / "deploy" / "examples"
@@ -164,9 +164,9 @@ def test_paper_method_baseline_runs() -> None:
 
 
 def test_decode_capacity_looks_past_a_kernel_change() -> None:
-    from distserve_operator.planner.latency import InstanceTiming
-    from distserve_operator.planner.search import Context, decode_capacity
-    from distserve_operator.planner.workload import Requests
+    from distserve_planner.latency import InstanceTiming
+    from distserve_planner.search import Context, decode_capacity
+    from distserve_planner.workload import Requests
 
     # Up to 15 rows a step costs 10 ms a row; from 16 a blocked kernel costs 60 ms + 1 ms a row.
     # Under a 100 ms TPOT the first range fits 10 rows and the second 40: capacity is 40 rows'.

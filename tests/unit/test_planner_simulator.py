@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from distserve_operator import api
-from distserve_operator.planner import simulator as sim
-from distserve_operator.planner import workload
-from distserve_operator.planner.latency import InstanceTiming, PhaseCoefficients
+from distserve_planner import simulator as sim
+from distserve_planner import workload
+from distserve_planner.latency import InstanceTiming, PhaseCoefficients
 
 COEFF = PhaseCoefficients((18.0, 0.1, 7e-6), ((1, (20.0, 0.0006, 0.04)), (95, (7.0, 0.0006, 0.16))))
 TIMING = InstanceTiming(COEFF, 1, 0.0)

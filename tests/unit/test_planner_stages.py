@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from distserve_operator import api, contract
-from distserve_operator.planner import plan_deployment, stages
-from distserve_operator.planner.architecture import CATALOGUE
-from distserve_operator.planner.hardware import BUILTIN
-from distserve_operator.planner.latency import InstanceTiming, analytical_coefficients, stage_hop
+from distserve_planner import plan_deployment, stages
+from distserve_planner.architecture import CATALOGUE
+from distserve_planner.hardware import BUILTIN
+from distserve_planner.latency import InstanceTiming, analytical_coefficients, stage_hop
 
 EXAMPLES = Path(__file__).parents[2] / "deploy" / "examples"
 SMOLLM2 = CATALOGUE["smollm2-135m"]

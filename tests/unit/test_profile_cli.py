@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from distserve_operator import cli
-from distserve_operator.planner import profiles
+from distserve_planner import profiles
 from distserve_worker.profiling import fit
 
 LOCAL = str(Path(__file__).parents[2] / "deploy" / "examples" / "local-smollm2.yaml")

@@ -62,7 +62,7 @@ def plan_manifest(path: str | Path) -> LocalPlan:
     """Read the manifest and plan it with the operator's own planner (same code as in the cluster)."""
     from distserve_operator import api
     from distserve_operator.api import load_manifest
-    from distserve_operator.planner import plan_deployment
+    from distserve_planner import plan_deployment
 
     dsd = load_manifest(path)
     report = plan_deployment(dsd)

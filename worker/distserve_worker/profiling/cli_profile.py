@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from distserve_operator.planner import profiles
+    from distserve_planner import profiles
     from distserve_worker.engine.runner import ModelRunner
     from distserve_worker.profiling import fit, measure
 
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         )
         if args.filename:  # the deployment's own traffic drives the ramp
             from distserve_operator import api
-            from distserve_operator.planner.workload import Lengths
+            from distserve_planner.workload import Lengths
 
             w = api.load_manifest(args.filename).spec.workload
             cal = dataclasses.replace(

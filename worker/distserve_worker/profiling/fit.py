@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distserve_operator.planner.latency import NO_THRESHOLD, Abc, DecodeRange, decode_range_abc
+from distserve_planner.latency import NO_THRESHOLD, Abc, DecodeRange, decode_range_abc
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from distserve_operator.planner.workload import Lengths, generate
+from distserve_planner.workload import Lengths, generate
 from distserve_worker.local.stack import LocalStack, StackConfig
 from distserve_worker.model_source import ModelSpec
 from distserve_worker.profiling.fit import (

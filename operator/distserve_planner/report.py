@@ -125,7 +125,7 @@ def build_report(
     mode: ModeDecision | None = None,
 ) -> PlanReport:
     """`plans[0]` is the plan (the pin, when spec.planner.pin is set; `own` is then the planner's
-    own choice, for the comparison); `mode` the serving mode decided (planner/mode.py), by default
+    own choice, for the comparison); `mode` the serving mode decided (mode.py), by default
     Disaggregated."""
     from .core import simulate_plan  # core imports this module
     from .pin import comparison
