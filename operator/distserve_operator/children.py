@@ -11,7 +11,8 @@ Topology (DESIGN.md, "Children"):
   of the pods' shape (tp, pp, stage split, placement): a re-plan that changes it brings up new
   groups beside the old ones and drains the old ones once the new serve (rollout.py); one that
   changes only replica counts scales the groups in place.
-- Low node affinity, layout SeparatePods: decode stage i requires the node of a prefill stage i pod.
+- Low node affinity, layout SeparatePods: node j of a pipeline holds segment j of both phases (their
+  depths may differ): every stage of it requires the node of the segment's first prefill stage.
   Layout SharedPod: one StatefulSet `<name>-pd-<revision>-s<i>` whose pods run both stage segments, so the
   KV cache moves over NVLink / CUDA IPC inside the pod.
 - A headless Service per stage StatefulSet, named like it and governing it (`serviceName`), so
@@ -380,9 +381,25 @@ def _worker_container(
     }
 
 
+def low_anchor(plan: PlanStatus, role: str, stage: int) -> int | None:
+    """Under Low affinity, the prefill stage whose node this stage must share, or None.
+
+    A pipeline spans `nodeSpan` nodes and node j holds segment j of both phases: the same layers,
+    pp / nodeSpan consecutive stages of each (the phases' depths may differ). Every stage of
+    segment j sits with prefill stage j x (prefill pp / nodeSpan), the segment's first: the KV
+    cache then crosses NVLink, not the network, and a segment's stages hand on over NVLink."""
+    span = max(1, plan.node_span)
+    k_p = max(1, plan.prefill.pp // span)
+    if role == L.ROLE_DECODE:
+        return (stage // max(1, plan.decode.pp // span)) * k_p
+    if role == L.ROLE_PREFILL and stage % k_p:
+        return stage - stage % k_p
+    return None
+
+
 def _affinity(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus, group: WorkerGroup) -> Obj:
-    if plan.affinity is PlacementAffinity.LOW and group.role == L.ROLE_DECODE:
-        # Decode stage i next to prefill stage i: the KV cache then crosses NVLink, not the network.
+    anchor = low_anchor(plan, group.role, group.stage) if plan.affinity is PlacementAffinity.LOW else None
+    if anchor is not None:
         return {
             "podAffinity": {
                 "requiredDuringSchedulingIgnoredDuringExecution": [
@@ -391,7 +408,7 @@ def _affinity(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus, group:
                             "matchLabels": {
                                 L.APP_INSTANCE: name,
                                 L.ROLE: L.ROLE_PREFILL,
-                                L.STAGE: str(group.stage),
+                                L.STAGE: str(anchor),
                                 L.REVISION: group.revision,
                             }
                         },

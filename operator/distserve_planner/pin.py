@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from distserve_operator.api import Affinity, tp_refusal
 
 from .memory import check_fit
-from .search import ClusterShape, Context, Placement, decode_rate, divisors, prefill_rate, stage_link
+from .placement import Placement, summary
+from .search import ClusterShape, Context, decode_rate, divisors, pipeline_bandwidth, prefill_rate
 
 FIELD = "spec.planner.pin"
 # Within this share of each other two plans' goodput per GPU count as on a par (the simulator is
-# not more precise than that; search.EQUIVALENT_SHARE makes the same call).
+# not more precise than that; placement.EQUIVALENT_SHARE makes the same call).
 PAR_SHARE = 0.05
 
 
@@ -97,27 +98,43 @@ def _listed(values: list[int]) -> str:
 
 def placement(pin: Pin, ctx: Context, shape: ClusterShape, affinity: Affinity) -> Placement:
     """The pin as a placement the simulator scores. It is placed as the spec asks: Low affinity
-    keeps each stage's prefill and decode segments on one node (a pipeline spans pp nodes when both
-    phases have that pp and the cluster those nodes); anything else places phases independently."""
+    keeps each node's prefill and decode segments together (`low_span`); anything else places
+    phases independently."""
     links = ctx.links
     p, d = pin.prefill, pin.decode
+    g = shape.gpus_per_node
     if affinity is Affinity.LOW:
-        span = p.pp if p.pp == d.pp and 1 < p.pp <= shape.nodes else 1
-        stage_bw = links.inter_node if span > 1 else links.intra_node
-        prefill = prefill_rate(ctx, p.tp, p.pp, stage_bw)
-        decode = decode_rate(ctx, d.tp, d.pp, stage_bw, links.intra_node, d.tp * d.pp)
-        return Placement(prefill, decode, p.replicas, d.replicas, span, "Low")
-    one_node = shape.budget <= shape.gpus_per_node
+        span = low_span(pin, shape)
+        prefill = prefill_rate(ctx, p.tp, p.pp, pipeline_bandwidth(links, p.pp, span), span)
+        decode = decode_rate(
+            ctx, d.tp, d.pp, pipeline_bandwidth(links, d.pp, span), links.intra_node, d.tp * d.pp, span
+        )
+        return Placement(prefill, decode, p.replicas, d.replicas, span, "Low", links.intra_node)
+    one_node = shape.budget <= g
     transfer_bw = links.intra_node if one_node else links.inter_node
-    prefill = prefill_rate(ctx, p.tp, p.pp, stage_link(links, shape, p.tp * p.pp))
-    decode = decode_rate(ctx, d.tp, d.pp, stage_link(links, shape, d.tp * d.pp), transfer_bw, d.tp * d.pp)
-    return Placement(prefill, decode, p.replicas, d.replicas)
+
+    def bw(c: PhaseChoice) -> float:
+        return pipeline_bandwidth(links, c.pp, -(-c.pp // max(1, g // c.tp)))
+
+    prefill = prefill_rate(ctx, p.tp, p.pp, bw(p))
+    decode = decode_rate(ctx, d.tp, d.pp, bw(d), transfer_bw, d.tp * d.pp)
+    return Placement(prefill, decode, p.replicas, d.replicas, 1, "High", transfer_bw)
+
+
+def low_span(pin: Pin, shape: ClusterShape) -> int:
+    """Nodes a pinned Low-affinity pipeline spans: the fewest that divide both phases' stages and
+    hold one segment of each per node (1 when none does: the phases then share one node's link)."""
+    p, d = pin.prefill, pin.decode
+    for span in range(1, shape.nodes + 1):
+        if p.pp % span or d.pp % span:
+            continue
+        if (p.tp * p.pp + d.tp * d.pp) // span <= shape.gpus_per_node:
+            return span
+    return 1
 
 
 def comparison(pinned: Placement, own: Placement | None, rate: float) -> str:
     """One or two sentences: the pin's goodput per GPU against the planner's own choice."""
-    from .report import summary  # report renders placements; it does not import this module
-
     head = f"Pinned by spec.planner.pin: {pinned.per_gpu:.2f} req/s per GPU."
     if own is None:
         return f"{head} The planner's own search finds no configuration meeting the SLO either."

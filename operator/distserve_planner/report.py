@@ -10,11 +10,13 @@ from distserve_operator import api
 from distserve_operator.api.limits import MIN_DECODE_KV_TOKENS
 
 from . import simulator as sim
+from .pin import comparison
+from .placement import Placement, layers_text, summary
 
 if TYPE_CHECKING:
     from .core import PlanInput
     from .mode import ModeDecision
-    from .search import Context, PhaseResult, Placement
+    from .search import Context, PhaseResult
 
 
 @dataclass
@@ -49,11 +51,6 @@ def _phase(r: PhaseResult, n: int) -> api.PhasePlan:
     return api.PhasePlan(
         tp=r.tp, pp=r.pp, replicas=n, max_rate_per_instance=round(r.max_rate, 4), stage_layers=r.stage_layers
     )
-
-
-def layers_text(stage_layers: list[int] | None) -> str:
-    """ " layers 19+11" for a plan's pipeline split, "" without one."""
-    return " layers " + "+".join(str(n) for n in stage_layers) if stage_layers else ""
 
 
 def engine_limits(ctx: Context, decode: PhaseResult | None) -> api.EngineLimits:
@@ -101,13 +98,6 @@ def _candidate(p: Placement, attainment: float | None) -> api.Candidate:
     )
 
 
-def summary(p: Placement) -> str:
-    return (
-        f"prefill TP{p.prefill.tp}xPP{p.prefill.pp}{layers_text(p.prefill.stage_layers)} ×{p.prefill_replicas} | "
-        f"decode TP{p.decode.tp}xPP{p.decode.pp}{layers_text(p.decode.stage_layers)} ×{p.decode_replicas}"
-    )
-
-
 def build_report(
     *,
     inp: PlanInput,
@@ -123,13 +113,15 @@ def build_report(
     fixed_ratio: bool = False,
     own: Placement | None = None,
     mode: ModeDecision | None = None,
+    attainments: dict[int, float] | None = None,
+    choice_reason: str = "",
+    colocated_estimate: sim.Outcome | None = None,
 ) -> PlanReport:
     """`plans[0]` is the plan (the pin, when spec.planner.pin is set; `own` is then the planner's
     own choice, for the comparison); `mode` the serving mode decided (mode.py), by default
-    Disaggregated."""
-    from .core import simulate_plan  # core imports this module
-    from .pin import comparison
-
+    Disaggregated. Formatting only: `attainments` (by `id` of a plan) and `colocated_estimate` are
+    the whole-plan simulations the core ran; `choice_reason` says why `plans[0]` won."""
+    attainments = attainments or {}
     pinned = inp.pin is not None and bool(plans)
     slo = inp.slo
     budget = inp.cluster.budget
@@ -141,11 +133,7 @@ def build_report(
     own_candidate = None
     shown = plans[: inp.top_candidates]
     for p in [*shown, *([own] if own is not None and own not in shown else [])]:
-        att = None
-        if not fixed_ratio:
-            outcome = estimate if p is plans[0] and estimate is not None else simulate_plan(inp, ctx, p, rate)
-            att = round(100 * outcome.attainment(slo.ttft_ms, slo.tpot_ms), 2)
-        candidate = _candidate(p, att)
+        candidate = _candidate(p, attainments.get(id(p)))
         if p is own:
             own_candidate = candidate
         if p in shown:
@@ -166,6 +154,8 @@ def build_report(
         )
         pays = None if coloc_plan is None else chosen.per_gpu > best_coloc.per_gpu if best_coloc else None
         verdict = _verdict(chosen, best_coloc, rate, slo_text, pinned)
+        if choice_reason:
+            verdict += f" Chosen: {choice_reason}."
         if pinned:
             verdict = f"{comparison(chosen, own, rate)} {verdict}"
         if estimate is not None and estimate.prefill_memory_peak > 1:
@@ -198,7 +188,7 @@ def build_report(
     else:
         status = _infeasible(inp, ctx, seen, affinity, coloc_plan, slo_text, search_seconds)
     if mode is not None:
-        status = with_mode(status, mode, inp, ctx, rate)
+        status = with_mode(status, mode, inp, ctx, rate, colocated_estimate)
     assumptions = {
         **inp.assumptions,
         "requestsPerSecond": rate,
@@ -209,6 +199,7 @@ def build_report(
         "prefillTokenBudget": ctx.token_budget,
         "decodeMaxBatch": ctx.max_batch,
         "affinityReason": affinity_reason,
+        "choice": choice_reason,
         "model": inp.architecture.name,
         "architectureSource": inp.architecture.source,
         "device": inp.device.name,
@@ -219,12 +210,17 @@ def build_report(
 
 
 def with_mode(
-    status: api.PlanStatus, mode: ModeDecision, inp: PlanInput, ctx: Context, rate: float
+    status: api.PlanStatus,
+    mode: ModeDecision,
+    inp: PlanInput,
+    ctx: Context,
+    rate: float,
+    outcome: sim.Outcome | None = None,
 ) -> api.PlanStatus:
     """The plan in the decided serving mode. Colocated: the colocated instances become what runs
     (shape, replicas, GPUs, estimate, limits, summary); prefill and decode stay, as the
-    disaggregated alternative. Unless the spec asked for Disaggregated, the verdict leads with why."""
-    from .core import simulate_colocated_plan  # core imports this module
+    disaggregated alternative (`outcome`: the colocated instances simulated together). Unless the
+    spec asked for Disaggregated, the verdict leads with why."""
 
     update: dict[str, Any] = {"mode": mode.mode, "mode_reason": mode.reason}
     r = mode.colocated
@@ -235,10 +231,9 @@ def with_mode(
                 "The plan is limited first by", "The disaggregated plan would be limited first by"
             )
         update["verdict"] = f"Mode {mode.mode.value}: {mode.reason}. {verdict}"
-    if mode.mode is api.PlanMode.COLOCATED and r is not None:
+    if mode.mode is api.PlanMode.COLOCATED and r is not None and outcome is not None:
         slo = inp.slo
         coloc = colocated_plan(ctx, r, rate, inp.cluster.budget)
-        outcome = simulate_colocated_plan(inp, ctx, r, coloc.replicas, rate)
         update |= {
             "colocated": coloc,
             "gpus": coloc.gpus,

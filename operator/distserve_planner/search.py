@@ -56,6 +56,11 @@ class PhaseResult:
     reason: str = ""  # why infeasible (memory, split, SLO)
     probes: int = 0
     split: stages.StageSplit | None = None  # layers per pipeline stage, what the plan deploys; None at PP1
+    # What the rate was simulated with, so that a whole plan is simulated with the same timing:
+    # the stages' link (one figure for a mix of NVLink and network hops, see `pipeline_bandwidth`)
+    # and the nodes the pipeline spans (Algorithm 2 keeps the same layers on a node for both phases).
+    stage_bw: float = 0.0
+    node_span: int = 1
 
     @property
     def stage_layers(self) -> list[int] | None:
@@ -161,22 +166,71 @@ def _timing(ctx: Context, tp: int, pp: int, stage_bw: float) -> InstanceTiming |
     return ctx.latency.instance(tp, pp, *stage_hop(ctx.arch, stage_bw, ctx.device))
 
 
-def prefill_stages(arch: ModelArchitecture, reqs: Requests, pp: int) -> stages.StageSplit | None:
-    """Prefill's layer split for the workload's prompts; None at PP1."""
+def pipeline_bandwidth(links: Links, pp: int, node_span: int) -> float:
+    """One figure for the links of a pipeline of `pp` stages over `node_span` nodes: node_span - 1
+    of its pp - 1 hops cross the network, the others stay on NVLink. A hop's cost is per byte, so
+    the figure is the harmonic mean (its per-token cost is the hops' average)."""
+    hops = pp - 1
+    if hops <= 0 or node_span <= 1:
+        return links.intra_node
+    cross = min(hops, node_span - 1)
+    return hops / (cross / links.inter_node + (hops - cross) / links.intra_node)
+
+
+def _segments(arch: ModelArchitecture, reqs: Requests, pp: int, node_span: int) -> tuple[int, ...] | None:
+    """Layers per node when a pipeline of `pp` stages spans `node_span` nodes; None within a node."""
+    if node_span <= 1:
+        return None
+    return stages.node_segments(arch, node_span, reqs.mean_input + reqs.mean_output / 2)
+
+
+def nests(arch: ModelArchitecture, reqs: Requests, pp: int, node_span: int) -> bool:
+    """Whether `pp` stages split evenly over `node_span` nodes, at least one layer each."""
+    if pp % node_span:
+        return False
+    segments = _segments(arch, reqs, pp, node_span)
+    return segments is None or min(segments) >= pp // node_span
+
+
+def prefill_stages(
+    arch: ModelArchitecture, reqs: Requests, pp: int, node_span: int = 1
+) -> stages.StageSplit | None:
+    """Prefill's layer split for the workload's prompts; None at PP1. Over several nodes the
+    nodes' layers are fixed first (`stages.node_segments`) and each node's split inside them."""
     if pp == 1:
         return None
     mean_sq = sum(i * i for i in reqs.inputs) / len(reqs)
+    segments = _segments(arch, reqs, pp, node_span)
+    if segments is not None:
+        costs = stages.prefill_costs(arch, reqs.mean_input, mean_sq)
+        return stages.nested_split(costs, segments, pp // node_span)
     return stages.prefill_split(arch, pp, reqs.mean_input, mean_sq)
 
 
-def decode_stages(arch: ModelArchitecture, reqs: Requests, pp: int, batch: int) -> stages.StageSplit | None:
+def decode_stages(
+    arch: ModelArchitecture, reqs: Requests, pp: int, batch: int, node_span: int = 1
+) -> stages.StageSplit | None:
     """Decode's layer split, balanced for the micro-batches of a running batch of `batch`
     requests (the one the instance settles on): balance matters under load, and the KV those
     requests read on every layer shrinks the LM head's weight in the balance. None at PP1."""
     if pp == 1:
         return None
     rows = max(1, batch) / min(pp, max(1, batch))
-    return stages.decode_split(arch, pp, rows, reqs.mean_input + reqs.mean_output / 2)
+    context = reqs.mean_input + reqs.mean_output / 2
+    segments = _segments(arch, reqs, pp, node_span)
+    if segments is not None:
+        costs = stages.decode_costs(arch, max(1.0, rows), context)
+        return stages.nested_split(costs, segments, pp // node_span)
+    return stages.decode_split(arch, pp, rows, context)
+
+
+def timing_of(ctx: Context, r: PhaseResult) -> InstanceTiming:
+    """The timing `r`'s rate was found with (its links and split), to simulate it in a whole plan."""
+    timing = _timing(ctx, r.tp, r.pp, r.stage_bw or ctx.links.intra_node)
+    assert timing is not None  # only configurations the latency model has are ever scored
+    if r.phase == "prefill":
+        return with_stages(timing, prefill=r.split)
+    return with_stages(timing, decode=r.split)
 
 
 def with_stages(
@@ -194,8 +248,8 @@ def _rejected(ctx: Context, phase: str, fit: Fit, reason: str, bottleneck: Bottl
     return PhaseResult(phase, fit.tp, fit.pp, 0.0, bottleneck, fit, reason=reason)
 
 
-def prefill_rate(ctx: Context, tp: int, pp: int, stage_bw: float) -> PhaseResult:
-    key = ("prefill", tp, pp, stage_bw)
+def prefill_rate(ctx: Context, tp: int, pp: int, stage_bw: float, node_span: int = 1) -> PhaseResult:
+    key = ("prefill", tp, pp, stage_bw, node_span)
     if key in ctx.cache:
         return ctx.cache[key]
     fit = check_fit(ctx.arch, ctx.device, tp, pp, ctx.longest_request)
@@ -204,7 +258,7 @@ def prefill_rate(ctx: Context, tp: int, pp: int, stage_bw: float) -> PhaseResult
         reason = fit.reason or ctx.latency.missing_reason
         result = _rejected(ctx, "prefill", fit, reason, Bottleneck.MEMORY if fit.reason else Bottleneck.NONE)
     else:
-        split = prefill_stages(ctx.arch, ctx.requests, pp)
+        split = prefill_stages(ctx.arch, ctx.requests, pp, node_span)
         timing = with_stages(timing, prefill=split)
         reqs, target = ctx.requests, ctx.slo.attainment
         mean_in = reqs.mean_input
@@ -220,7 +274,9 @@ def prefill_rate(ctx: Context, tp: int, pp: int, stage_bw: float) -> PhaseResult
 
         rate, low, probes = bisect_rate(attain, target, capacity)
         reason = "" if rate > 0 else _ttft_reason(ctx, timing, low)
-        result = PhaseResult("prefill", tp, pp, rate, Bottleneck.TTFT, fit, low, reason, probes, split)
+        result = PhaseResult(
+            "prefill", tp, pp, rate, Bottleneck.TTFT, fit, low, reason, probes, split, stage_bw, node_span
+        )
     ctx.cache[key] = result
     ctx.say(f"prefill {result.label}: {result.max_rate:.2f} req/s per instance")
     return result
@@ -298,9 +354,15 @@ def _largest_batch_within(step_ms: Callable[[int], float], lo: int, hi: int, lim
 
 
 def decode_rate(
-    ctx: Context, tp: int, pp: int, stage_bw: float, transfer_bw: float, transfer_gpus: int
+    ctx: Context,
+    tp: int,
+    pp: int,
+    stage_bw: float,
+    transfer_bw: float,
+    transfer_gpus: int,
+    node_span: int = 1,
 ) -> PhaseResult:
-    key = ("decode", tp, pp, stage_bw, transfer_bw, transfer_gpus)
+    key = ("decode", tp, pp, stage_bw, transfer_bw, transfer_gpus, node_span)
     if key in ctx.cache:
         return ctx.cache[key]
     fit = check_fit(ctx.arch, ctx.device, tp, pp, ctx.longest_request)
@@ -313,7 +375,7 @@ def decode_rate(
         # The split is balanced for the batch the instance runs at, found with an even split's
         # timing first; the capacity is then the split's own (the busiest stage paces the round).
         _, _, batch = decode_operating_point(ctx, timing, fit.kv_tokens)
-        split = decode_stages(ctx.arch, reqs, pp, batch)
+        split = decode_stages(ctx.arch, reqs, pp, batch, node_span)
         timing = with_stages(timing, decode=split)
         capacity, bottleneck = decode_capacity(ctx, timing, fit.kv_tokens)
         transfer = [kv_transfer_ms(ctx.arch, i, transfer_bw, transfer_gpus) for i in reqs.inputs]
@@ -328,6 +390,8 @@ def decode_rate(
                 0.0,
                 f"TPOT: one decode step takes longer than {ctx.slo.tpot_ms:.0f} ms even with one request",
                 split=split,
+                stage_bw=stage_bw,
+                node_span=node_span,
             )
         else:
 
@@ -349,7 +413,9 @@ def decode_rate(
             )
             if rate > 0 and mean(transfer) > 0.25 * ctx.slo.tpot_ms * max(1.0, reqs.mean_output - 1):
                 bottleneck = Bottleneck.TRANSFER
-            result = PhaseResult("decode", tp, pp, rate, bottleneck, fit, low, reason, probes, split)
+            result = PhaseResult(
+                "decode", tp, pp, rate, bottleneck, fit, low, reason, probes, split, stage_bw, node_span
+            )
     ctx.cache[key] = result
     ctx.say(f"decode {result.label}: {result.max_rate:.2f} req/s per instance")
     return result
@@ -422,149 +488,6 @@ def colocated_rate(ctx: Context, tp: int, pp: int, stage_bw: float) -> PhaseResu
 
 def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
-
-
-# ---------------------------------------------------------------------------- placements
-
-
-@dataclass(frozen=True)
-class Placement:
-    """A disaggregated plan: replicas of one prefill and one decode configuration."""
-
-    prefill: PhaseResult
-    decode: PhaseResult
-    prefill_replicas: int
-    decode_replicas: int
-    node_span: int = 1
-    affinity: str = "High"
-
-    @property
-    def gpus(self) -> int:
-        return self.prefill_replicas * self.prefill.gpus + self.decode_replicas * self.decode.gpus
-
-    @property
-    def goodput(self) -> float:
-        """Requests/s the whole plan sustains: the slower phase's total."""
-        return min(self.prefill_replicas * self.prefill.max_rate, self.decode_replicas * self.decode.max_rate)
-
-    @property
-    def per_gpu(self) -> float:
-        return self.goodput / self.gpus if self.gpus else 0.0
-
-    @property
-    def bottleneck(self) -> Bottleneck:
-        if self.prefill_replicas * self.prefill.max_rate <= self.decode_replicas * self.decode.max_rate:
-            return Bottleneck.TTFT
-        return self.decode.bottleneck
-
-    def serves(self, rate: float) -> bool:
-        return self.goodput >= rate * 0.999
-
-
-def replicas(rate: float, rp: float, rd: float, gp: int, gd: int, budget: int) -> tuple[int, int] | None:
-    """Fewest replicas serving `rate`; if the budget cannot, the split serving the most within it."""
-    np_, nd = max(1, math.ceil(rate / rp - 1e-9)), max(1, math.ceil(rate / rd - 1e-9))
-    if np_ * gp + nd * gd <= budget:
-        return np_, nd
-    best: tuple[float, int, int] | None = None
-    for n in range(1, (budget - gd) // gp + 1):
-        m = (budget - n * gp) // gd
-        if m >= 1:
-            value = min(n * rp, m * rd)
-            if best is None or value > best[0] + 1e-12:
-                best = (value, n, m)
-    return None if best is None else (best[1], best[2])
-
-
-def rank_key(p: Placement, rate: float) -> tuple[bool, float, int]:
-    """Plans serving the workload's rate first, then goodput per GPU (the paper's objective)."""
-    return (p.serves(rate), p.per_gpu, -p.gpus)
-
-
-# Plans within this share of the best goodput per GPU count as equally good; among them the
-# smallest wins (fewest GPUs, then fewest instances): the simulator is not that precise, and a
-# user sizing for a rate should not get a bigger deployment for a 3% paper gain.
-EQUIVALENT_SHARE = 0.95
-
-
-def choose(plans: list[Placement], rate: float) -> list[Placement]:
-    """`plans` ranked by `rank_key`, with the chosen one moved first."""
-    plans = sorted(plans, key=lambda pl: rank_key(pl, rate), reverse=True)
-    if not plans:
-        return plans
-    best = plans[0]
-    near = [
-        p
-        for p in plans
-        if p.serves(rate) == best.serves(rate) and p.per_gpu >= EQUIVALENT_SHARE * best.per_gpu
-    ]
-    chosen = min(near, key=lambda p: (p.gpus, p.prefill_replicas + p.decode_replicas, -p.per_gpu))
-    return [chosen] + [p for p in plans if p is not chosen]
-
-
-def stage_link(links: Links, shape: ClusterShape, gpus: int) -> float:
-    """An instance that fits in a node pipelines over NVLink; a larger one crosses nodes."""
-    return links.intra_node if gpus <= shape.gpus_per_node else links.inter_node
-
-
-def high_affinity(
-    ctx: Context, shape: ClusterShape, rate: float
-) -> tuple[list[Placement], list[PhaseResult]]:
-    """Algorithm 1: each phase's instances placed independently; KV moves over NVLink when the
-    whole budget fits in one node, else over the inter-node link."""
-    one_node = shape.budget <= shape.gpus_per_node
-    transfer_bw = ctx.links.intra_node if one_node else ctx.links.inter_node
-    configs = list(
-        parallel_configs(ctx.arch, shardable_tps(ctx, shape.gpus_per_node), shape.budget, shape.budget)
-    )
-    prefills = [prefill_rate(ctx, tp, pp, stage_link(ctx.links, shape, tp * pp)) for tp, pp in configs]
-    decodes = [
-        decode_rate(ctx, tp, pp, stage_link(ctx.links, shape, tp * pp), transfer_bw, tp * pp)
-        for tp, pp in configs
-    ]
-    plans = []
-    for p in prefills:
-        for d in decodes:
-            if p.max_rate > 0 and d.max_rate > 0:
-                split = replicas(rate, p.max_rate, d.max_rate, p.gpus, d.gpus, shape.budget)
-                if split:
-                    plans.append(Placement(p, d, split[0], split[1]))
-    return choose(plans, rate), prefills + decodes
-
-
-def low_affinity(ctx: Context, shape: ClusterShape, rate: float) -> tuple[list[Placement], list[PhaseResult]]:
-    """Algorithm 2: a pipeline spans `span` nodes; on every node, stage i's prefill and decode
-    segments sit together (KV moves over NVLink), and stages talk over the inter-node link.
-    A node holds n_p prefill segments of TP tp_p and n_d decode segments of TP tp_d."""
-    plans: list[Placement] = []
-    seen: list[PhaseResult] = []
-    g = shape.gpus_per_node
-    for span in divisors(ctx.arch.layers, shape.nodes):
-        stage_bw = ctx.links.inter_node if span > 1 else ctx.links.intra_node
-        groups = shape.nodes // span
-        tps = shardable_tps(ctx, g)
-        prefills = [prefill_rate(ctx, tp, span, stage_bw) for tp in tps]
-        decodes = [decode_rate(ctx, tp, span, stage_bw, ctx.links.intra_node, tp * span) for tp in tps]
-        seen += prefills + decodes
-        for p in prefills:
-            for d in decodes:
-                if p.max_rate <= 0 or d.max_rate <= 0:
-                    continue
-                for n_p in range(1, (g - d.tp) // p.tp + 1):
-                    n_d = (g - n_p * p.tp) // d.tp
-                    per_group = min(n_p * p.max_rate, n_d * d.max_rate)
-                    if n_d < 1 or per_group <= 0:
-                        continue
-                    # Trim segments a group does not need (a smaller node footprint serves as much).
-                    while n_d > 1 and (n_d - 1) * d.max_rate >= n_p * p.max_rate:
-                        n_d -= 1
-                    want = max(1, math.ceil(rate / per_group - 1e-9))
-                    use = min(groups, want)
-                    if (n_p * p.tp + n_d * d.tp) * span * use > shape.budget:
-                        use = shape.budget // ((n_p * p.tp + n_d * d.tp) * span)
-                    if use >= 1:
-                        plans.append(Placement(p, d, n_p * use, n_d * use, span, "Low"))
-    return choose(plans, rate), seen
 
 
 def colocated(ctx: Context, shape: ClusterShape) -> list[PhaseResult]:

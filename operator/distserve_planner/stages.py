@@ -168,3 +168,30 @@ def decode_split(arch: ModelArchitecture, pp: int, rows: float, context: float) 
 def prefill_split(arch: ModelArchitecture, pp: int, mean_input: float, mean_sq_input: float) -> StageSplit:
     """Prefill's split for prompts of the workload's mean length (see prefill_costs)."""
     return split_for(prefill_costs(arch, mean_input, mean_sq_input), arch.layers, pp)
+
+
+def node_segments(arch: ModelArchitecture, span: int, context: float) -> tuple[int, ...]:
+    """Layers per node of a pipeline spanning `span` nodes (Algorithm 2): prefill and decode keep
+    the same layers on a node, so that a request's KV cache moves between them over NVLink. The
+    boundaries are balanced for decode's cost at one request of `context` tokens (weights, KV and
+    the LM head), which does not depend on either phase's configuration: every prefill and decode
+    pairing on those nodes shares them."""
+    return split_for(decode_costs(arch, 1.0, context), arch.layers, span).layers
+
+
+@lru_cache(maxsize=4096)
+def nested_split(costs: StageCosts, segments: tuple[int, ...], per_segment: int) -> StageSplit:
+    """`per_segment` stages inside each node segment of `segments` layers, each segment balanced on
+    its own (the first segment carries the embeddings, the last the LM head)."""
+    layers: list[int] = []
+    per_stage: list[float] = []
+    last = len(segments) - 1
+    for j, count in enumerate(segments):
+        first_extra = costs.first if j == 0 else 0.0
+        last_extra = costs.last if j == last else 0.0
+        layer_costs = [costs.layer] * count
+        split = balanced_split(layer_costs, per_segment, first_extra, last_extra)
+        layers += split
+        per_stage += stage_costs(split, layer_costs, first_extra, last_extra)
+    total = sum(per_stage)
+    return StageSplit(tuple(layers), max(per_stage) / total if total > 0 else 1.0 / len(layers))

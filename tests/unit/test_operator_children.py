@@ -31,6 +31,7 @@ def _plan(
     affinity: str = "High",
     prefill: tuple[int, int, int] = (2, 1, 2),
     decode: tuple[int, int, int] = (1, 1, 3),
+    node_span: int = 1,
 ) -> PlanStatus:
     p = PhasePlan(tp=prefill[0], pp=prefill[1], replicas=prefill[2])
     d = PhasePlan(tp=decode[0], pp=decode[1], replicas=decode[2])
@@ -38,6 +39,7 @@ def _plan(
         prefill=p,
         decode=d,
         affinity=affinity,
+        node_span=node_span,
         gpus=p.gpus + d.gpus,
         summary="s",
         estimated=Estimate(goodput_per_gpu=1.0),
@@ -240,7 +242,8 @@ def test_high_affinity_spreads_instances() -> None:
 
 def test_low_affinity_separate_pods_puts_decode_stage_on_prefill_stage_node() -> None:
     spec = _spec(placement={"affinity": "Low", "stageLayout": "SeparatePods"})
-    objs = _by_name(children.render_all("llm", spec, _plan("Low", (1, 2, 2), (1, 2, 2)), namespace=NS))
+    plan = _plan("Low", (1, 2, 2), (1, 2, 2), node_span=2)
+    objs = _by_name(children.render_all("llm", spec, plan, namespace=NS))
     pod = objs["StatefulSet/llm-decode-s1"]["spec"]["template"]["spec"]
     (term,) = pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert term["topologyKey"] == "kubernetes.io/hostname"
@@ -249,8 +252,28 @@ def test_low_affinity_separate_pods_puts_decode_stage_on_prefill_stage_node() ->
         L.APP_INSTANCE: "llm",
         L.ROLE: "prefill",
         L.STAGE: "1",
-        L.REVISION: children.revision(_plan("Low", (1, 2, 2), (1, 2, 2))),
+        L.REVISION: children.revision(plan),
     }
+    assert "affinity" not in objs["StatefulSet/llm-prefill-s1"]["spec"]["template"]["spec"]
+
+
+def test_low_affinity_with_different_depths_keeps_each_node_segment_together() -> None:
+    """Prefill PP4 and decode PP2 over 2 nodes: node 0 holds prefill stages 0-1 and decode stage 0,
+    node 1 prefill stages 2-3 and decode stage 1."""
+    spec = _spec(placement={"affinity": "Low", "stageLayout": "SeparatePods"})
+    plan = _plan("Low", (1, 4, 1), (2, 2, 1), node_span=2)
+    objs = _by_name(children.render_all("llm", spec, plan, namespace=NS))
+
+    def anchor(sts: str) -> str | None:
+        pod = objs[f"StatefulSet/{sts}"]["spec"]["template"]["spec"]
+        if "affinity" not in pod:
+            return None
+        (term,) = pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        labels = term["labelSelector"]["matchLabels"]
+        return f"{labels[L.ROLE]}-s{labels[L.STAGE]}"
+
+    assert [anchor(f"llm-prefill-s{i}") for i in range(4)] == [None, "prefill-s0", None, "prefill-s2"]
+    assert [anchor(f"llm-decode-s{i}") for i in range(2)] == ["prefill-s0", "prefill-s2"]
 
 
 def test_low_affinity_shared_pod_runs_both_segments_in_one_pod() -> None:

@@ -95,12 +95,14 @@ def test_plan_status_and_json_contract() -> None:
 
 @needs_shared
 def test_opt13b_reference_case_matches_the_paper() -> None:
-    """The paper's own simulator: prefill TP2 (or PP2) + decode TP1 at 4.53 req/s per GPU."""
+    """The paper's own simulator: prefill TP2 (or PP2) + decode TP1 at 4.53 req/s per GPU. That plan
+    is among ours, tied with the one chosen (which has the lower TPOT p90)."""
     dsd = api.load_manifest(EXAMPLES / "opt-13b-a100x4.yaml")
     report = plan_deployment(dsd, profile=DISTSERVE_PROFILE)
     p = report.plan
-    assert (p.prefill.tp * p.prefill.pp, p.decode.tp, p.decode.pp) == (2, 1, 1)
     assert p.estimated.goodput_per_gpu == pytest.approx(4.53, rel=0.1)
+    papers = [c for c in p.candidates if (c.prefill.tp * c.prefill.pp, c.decode.tp, c.decode.pp) == (2, 1, 1)]
+    assert papers and papers[0].goodput_per_gpu >= 0.95 * p.estimated.goodput_per_gpu
     assert p.gpus <= 4 and report.search_seconds < 5
 
 
@@ -115,15 +117,18 @@ def test_low_affinity_keeps_stage_segments_on_a_node() -> None:
     report = plan_deployment(api.parse_resource(doc))
     p = report.plan
     assert p.affinity is api.PlacementAffinity.LOW and p.feasible
-    assert p.prefill.pp == p.decode.pp == p.node_span and p.node_span > 1
-    # Some number of node groups, each `nodeSpan` nodes, where every node holds the same stage of
-    # n_p prefill and n_d decode pipelines, and that fits in 4 GPUs.
-    per_stage = p.prefill.tp * p.prefill.replicas + p.decode.tp * p.decode.replicas
-    assert p.gpus == per_stage * p.node_span <= 32
+    span = p.node_span
+    assert span > 1 and p.prefill.pp % span == 0 and p.decode.pp % span == 0, p.summary
+    # Some number of node groups, each `nodeSpan` nodes, where every node holds the same segment
+    # (pp / span stages) of n_p prefill and n_d decode pipelines, and that fits in 4 GPUs.
+    per_node = p.prefill.tp * p.prefill.pp // span * p.prefill.replicas + (
+        p.decode.tp * p.decode.pp // span * p.decode.replicas
+    )
+    assert p.gpus == per_node * span <= 32
     layouts = [
         u
-        for u in range(1, 8 // p.node_span + 1)
-        if p.prefill.replicas % u == 0 and p.decode.replicas % u == 0 and per_stage // u <= 4
+        for u in range(1, 8 // span + 1)
+        if p.prefill.replicas % u == 0 and p.decode.replicas % u == 0 and per_node // u <= 4
     ]
     assert layouts, p.summary
 
