@@ -47,6 +47,8 @@ plan-examples: install
 lint: install tools
 	$(BIN)/ruff check operator worker tests benchmarks scripts
 	$(BIN)/ruff format --check operator worker tests benchmarks scripts
+	@# This checkout's sources, not whatever copy an editable install points at.
+	PYTHONPATH=operator:worker:protos $(BIN)/lint-imports --no-logo
 	$(TOOLS)/helm lint --strict charts/distserve
 
 typecheck: install
@@ -92,4 +94,4 @@ bench-fidelity: install
 	$(BIN)/python benchmarks/fidelity.py --json benchmarks/results/fidelity.json
 
 clean:
-	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache .grimp_cache
