@@ -37,10 +37,11 @@ from distserve_worker.engine.scheduler import PrefillBatcher
 from distserve_worker.kvtransfer.buffer import BufferTooSmall, KVBuffer
 from distserve_worker.kvtransfer.prepared import prepare
 from distserve_worker.metrics import RuntimeMetrics
-from distserve_worker.pp.chain import StageChain, StageChainBroken
+from distserve_worker.peers import RankGroupBroken, StageChainBroken
+from distserve_worker.pp.chain import StageChain
 from distserve_worker.pp.pieces import layer_spans
 from distserve_worker.settings import DecodeSettings, PrefillSettings
-from distserve_worker.tp.group import RankGroup, RankGroupBroken
+from distserve_worker.tp.group import RankGroup
 from distserve_worker.tp.heads import prepared_by, rank_heads
 from distserve_worker.tp.topology import broken_reason, topology
 

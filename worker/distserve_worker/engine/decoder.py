@@ -20,7 +20,7 @@ import asyncio
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,11 +33,13 @@ from distserve_worker.engine.runner import ModelRunner
 from distserve_worker.engine.sampling import SamplingParams, sample, sampling_to_proto
 from distserve_worker.engine.scheduler import DecodeScheduler
 from distserve_worker.engine.sequence import Finish, SeqStatus, Sequence
-from distserve_worker.kvtransfer.source import KVSource
-from distserve_worker.kvtransfer.transport import KVPullError
 from distserve_worker.metrics import RuntimeMetrics
-from distserve_worker.pp.chain import StageChain, StageChainBroken
-from distserve_worker.tp.group import RankGroup, RankGroupBroken
+from distserve_worker.peers import KVPullError, RankGroupBroken, StageChainBroken
+
+if TYPE_CHECKING:  # annotations only: the engine itself needs no gRPC
+    from distserve_worker.kvtransfer.source import KVSource
+    from distserve_worker.pp.chain import StageChain
+    from distserve_worker.tp.group import RankGroup
 
 FINISH_PROTO = {Finish.STOP: gen.FINISH_REASON_STOP, Finish.LENGTH: gen.FINISH_REASON_LENGTH}
 

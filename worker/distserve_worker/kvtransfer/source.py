@@ -20,7 +20,8 @@ from distserve_worker.engine.runner import KVLayout
 from distserve_worker.engine.sequence import Sequence
 from distserve_worker.kvtransfer.buffer import KVBuffer
 from distserve_worker.kvtransfer.reshard import pull_kv_pieces
-from distserve_worker.kvtransfer.transport import KVPuller, KVPullError
+from distserve_worker.kvtransfer.transport import KVPuller
+from distserve_worker.peers import KVPullError
 from distserve_worker.pp.chain import StageChain
 from distserve_worker.pp.partial import StageSpan
 from distserve_worker.pp.pieces import SourceStage, pieces_to_pull

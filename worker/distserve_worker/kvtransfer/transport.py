@@ -27,11 +27,7 @@ from distserve_worker.kvtransfer.codec import (
     encode_wire,
 )
 from distserve_worker.kvtransfer.prepared import PreparedKV
-
-
-class KVPullError(RuntimeError):
-    """The cache could not be pulled (instance gone, cache expired, corrupt data)."""
-
+from distserve_worker.peers import KVPullError
 
 SERVICE = "distserve.kvtransfer.v1.KVTransferService"
 PULL_METHOD = f"/{SERVICE}/Pull"

@@ -31,6 +31,7 @@ from distserve_protos.generation.v1 import generation_pb2 as gen
 from distserve_protos.rank.v1 import rank_pb2 as rank_pb
 from distserve_protos.stage.v1 import stage_pb2 as pb
 from distserve_protos.stage.v1 import stage_pb2_grpc as pb_grpc
+from distserve_worker.peers import KVPullError, StageChainBroken
 from distserve_worker.pp.wire import forward_messages
 
 WATCH_SECONDS = 0.5
@@ -39,10 +40,6 @@ LEAVE_TIMEOUT = 1.0
 FORWARD_TIMEOUT = 120.0
 # Hidden states between stages: a prefill batch's are up to budget x hidden x dtype bytes.
 MAX_FORWARD_BYTES = 1 << 31
-
-
-class StageChainBroken(RuntimeError):
-    """A stage of this instance is gone or failed; the instance cannot serve until it is whole."""
 
 
 def stage_channel(address: str, max_chunk_bytes: int) -> grpc.aio.Channel:
@@ -186,8 +183,6 @@ class StageChain:
             return result
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.ABORTED:  # that request's pull failed; the stage is fine
-                from distserve_worker.kvtransfer.transport import KVPullError
-
                 raise KVPullError(f"pipeline stage {stage}: {exc.details()}") from exc
             raise self._failed(f"pull at stage {stage} ({self.addresses[stage]})", exc) from exc
 

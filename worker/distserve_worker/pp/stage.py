@@ -47,7 +47,8 @@ from distserve_worker.engine.sampling import SamplingParams, sample, sampling_fr
 from distserve_worker.kvtransfer.buffer import KVBuffer
 from distserve_worker.kvtransfer.prepared import prepare
 from distserve_worker.kvtransfer.reshard import pull_kv_pieces
-from distserve_worker.kvtransfer.transport import GrpcKVPuller, KVPullError
+from distserve_worker.kvtransfer.transport import GrpcKVPuller
+from distserve_worker.peers import KVPullError
 from distserve_worker.pp.chain import MAX_FORWARD_BYTES, WATCH_SECONDS, NextStage
 from distserve_worker.pp.pieces import SourceStage, layer_spans, pieces_to_pull
 from distserve_worker.pp.wire import StageWireError, read_forward

@@ -27,15 +27,12 @@ import grpc
 from distserve_protos.rank.v1 import rank_pb2 as pb
 from distserve_protos.rank.v1 import rank_pb2_grpc as pb_grpc
 from distserve_worker.kvtransfer.transport import channel_options
+from distserve_worker.peers import RankGroupBroken
 from distserve_worker.pp.pieces import KVPiece
 from distserve_worker.settings import DecodeSettings, PrefillSettings
 from distserve_worker.tp.ranks import RankPlace, host_store, join
 
 STEP_TIMEOUT = 120.0  # seconds; a collective that hangs fails sooner (ranks.COLLECTIVE_TIMEOUT)
-
-
-class RankGroupBroken(RuntimeError):
-    """A rank of this instance died or failed; the instance cannot serve until it is restarted."""
 
 
 def follower_config(role: str, settings: PrefillSettings | DecodeSettings, rank: int, store_port: int) -> str:
