@@ -10,8 +10,9 @@
    no per-phase cache). The colocated baseline is scored with the paper's vLLM profile too.
 2. OPT-66B, 4 nodes x 8 A100-80GB, High and Low node affinity.
 
-Reads ../shared/data/distserve-a100 (or $DISTSERVE_SHARED/data/distserve-a100); without it, the
-analytical model is used and the output says so.
+Latency: the DistServe paper's A100-80GB profiles that ship with the planner, as the examples name
+them (spec.planner.profile: opt-13b-a100-80gb-distserve, opt-66b-a100-80gb-distserve); the colocated
+baseline of case 1 with opt-13b-a100-80gb-vllm. No file outside the repository is read.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from distserve_planner import plan
 from distserve_planner.inputs import plan_input
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("DISTSERVE_SHARED", ROOT.parent / "shared")) / "data" / "distserve-a100"
+COLOCATED_PROFILE = "opt-13b-a100-80gb-vllm"  # the paper scores its colocated baseline with vLLM's
 PAPER_SEARCH_SECONDS = 24.0
 PAPER_GOODPUT_PER_GPU = 4.53
 PAPER_COLOCATED_PER_GPU = 3.44
@@ -60,18 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args(argv)
-    have = (SHARED / "profiler-a100-80g.distserve.json").is_file()
-    profile = SHARED / "profiler-a100-80g.distserve.json" if have else None
-    vllm = SHARED / "profiler-a100-80g.vllm.json" if have else None
     out: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, no GPU",
-        "latencyModel": "DistServe A100 profile" if have else "analytical (DistServe data not found)",
+        "latencyModel": "the DistServe paper's A100-80GB profiles, bundled (spec.planner.profile)",
     }
     print(f"machine: {out['machine']}; latency model: {out['latencyModel']}")
 
     # ---- 1. OPT-13B reference case
     spec = _spec("opt-13b-a100x4.yaml", affinity="High")
-    inp = plan_input(spec, profile=profile, colocated_profile=vllm)
+    inp = plan_input(spec, colocated_profile=COLOCATED_PROFILE)
     report, times = _timed(inp, args.repeats)
     p = report.plan
     paper_inp = replace(inp, method="paper")
@@ -132,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     out["opt66b"] = {}
     for affinity in ("High", "Low"):
         spec66 = _spec("opt-66b-a100-4x8-low.yaml", affinity=affinity)
-        inp66 = plan_input(spec66, profile=profile)
+        inp66 = plan_input(spec66)
         rep66, t66 = _timed(inp66, max(1, args.repeats // 2))
         q = rep66.plan
         out["opt66b"][affinity] = {
@@ -150,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['gpus']} GPUs) {r['goodputPerGPU']:.2f} req/s/GPU; search median {r['searchSecondsMedian']:.3f} s"
         )
     # The paper's method scales with pairs of configurations, ours with configurations.
-    inp66 = plan_input(_spec("opt-66b-a100-4x8-low.yaml", affinity="High"), profile=profile)
+    inp66 = plan_input(_spec("opt-66b-a100-4x8-low.yaml", affinity="High"))
     rep_paper66, t_paper66 = _timed(replace(inp66, method="paper"), 1)
     ours66 = out["opt66b"]["High"]["searchSecondsMedian"]
     out["opt66b"]["paperMethodSameRun"] = {

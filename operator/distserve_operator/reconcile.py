@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import kopf
 from pydantic import ValidationError
@@ -42,12 +39,16 @@ from .api import (
     Rollout,
     SpecError,
     WorkloadSnapshot,
+    format_errors,
     parse_spec,
 )
 from .api.resource import name_problem
 from .kube import Kube
 from .metrics import OperatorMetrics
 from .settings import OperatorSettings
+
+if TYPE_CHECKING:
+    from distserve_planner.profiles import Profile
 
 API_VERSION = "distserve.io/v1alpha1"
 KIND = "DistServeDeployment"
@@ -110,8 +111,15 @@ async def _event(rt: Runtime, body: Any, type_: str, reason: str, message: str) 
         kopf.event(body, type=type_, reason=reason, message=message[:1000])
 
 
-async def _profile_path(rt: Runtime, namespace: str, spec: DistServeDeploymentSpec) -> str | None:
-    """spec.planner.profileConfigMap's `profile.json`, written to a file for the planner."""
+class ProfileConfigMapError(ValueError):
+    """spec.planner.profileConfigMap's profile.json is there but is not a latency profile. The fix is
+    an edit of the ConfigMap, not of the spec, so the resync retries it (it does not fail the
+    generation the way a planner refusal does)."""
+
+
+async def _configmap_profile(rt: Runtime, namespace: str, spec: DistServeDeploymentSpec) -> Profile | None:
+    """spec.planner.profileConfigMap's `profile.json`, parsed into the planner's `Profile`. (A
+    bundled spec.planner.profile the planner finds itself, in its package data.)"""
     name = spec.planner.profile_config_map
     if not name:
         return None
@@ -123,17 +131,24 @@ async def _profile_path(rt: Runtime, namespace: str, spec: DistServeDeploymentSp
             "create it (distserve profile writes the file) or remove the field",
             delay=30,
         )
-    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"distserve-profile-{digest}.json"
-    if not path.exists():
-        path.write_text(text)
-    return str(path)
+    from distserve_planner import profiles  # imported on first use, as the planner itself
+
+    try:
+        profile = profiles.parse(text, spec.model.name)
+    except ValueError as exc:
+        detail = "; ".join(format_errors(exc, root="")) if isinstance(exc, ValidationError) else str(exc)
+        raise ProfileConfigMapError(
+            f"spec.planner.profileConfigMap: ConfigMap {namespace}/{name} key profile.json is not a latency "
+            f"profile ({detail}); fix: put a file written by `distserve profile` there, or remove the field"
+        ) from exc
+    where = f"ConfigMap {namespace}/{name}"
+    return profile.model_copy(update={"source": f"{where}: {profile.source}" if profile.source else where})
 
 
 async def _run_planner(
     rt: Runtime, spec: DistServeDeploymentSpec, reason: str, *, namespace: str, **kwargs: Any
 ) -> PlanStatus:
-    profile = await _profile_path(rt, namespace, spec)
+    profile = await _configmap_profile(rt, namespace, spec)
     if profile is not None:
         kwargs["profile"] = profile
     loop = asyncio.get_running_loop()
@@ -221,6 +236,9 @@ async def _reconcile_locked(
         budget = capacity.budget(_nominal_gpus(spec), found, spec.cluster.gpu.resource_name)
         try:
             plan = await _run_planner(rt, _within(spec, budget), reason, namespace=namespace)
+        except ProfileConfigMapError as exc:
+            await _not_planned(rt, live, status, "ProfileInvalid", str(exc), now, logger)
+            return  # not sticky: the resync reads the ConfigMap again
         except (SpecError, ValueError) as exc:
             if budget.planned_within < budget.nominal:
                 # Not the spec's fault: the cluster is full now. Not sticky: the resync retries.

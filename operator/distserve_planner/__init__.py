@@ -15,22 +15,25 @@ from pathlib import Path
 from distserve_operator import api
 
 from .core import PlanInput, WorkloadModel, plan
+from .profiles import Profile
 from .report import PlanReport
 
 
 def plan_deployment(
     dsd_or_spec: api.DistServeDeployment | api.DistServeDeploymentSpec,
     *,
-    profile: str | Path | None = None,
+    profile: Profile | str | Path | None = None,
     trace: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
     rate_override: float | None = None,
     workload_override: api.WorkloadSnapshot | None = None,
-    colocated_profile: str | Path | None = None,
+    colocated_profile: Profile | str | Path | None = None,
 ) -> PlanReport:
-    """Plan a deployment. ValueError names the spec field and the fix when it cannot be planned
-    (unknown architecture, unreadable profile or trace); an SLO no candidate meets is not an error:
-    the report has `feasible: false` and the closest candidate."""
+    """Plan a deployment. `profile` is a parsed `Profile`, a profile file or a bundled profile's name
+    and replaces spec.planner.profile; with neither the latency model is analytical. ValueError
+    names the spec field and the fix when it cannot be planned (unknown architecture, unreadable
+    profile or trace, a profile of another model); an SLO no candidate meets is not an error: the
+    report has `feasible: false` and the closest candidate."""
     from .inputs import plan_input
 
     spec = dsd_or_spec.spec if isinstance(dsd_or_spec, api.DistServeDeployment) else dsd_or_spec
@@ -65,4 +68,4 @@ def engine_limits(spec: api.DistServeDeploymentSpec, decode_tp: int, decode_pp: 
     )
 
 
-__all__ = ["PlanInput", "PlanReport", "WorkloadModel", "engine_limits", "plan", "plan_deployment"]
+__all__ = ["PlanInput", "PlanReport", "Profile", "WorkloadModel", "engine_limits", "plan", "plan_deployment"]

@@ -1,4 +1,4 @@
-"""`distserve plan -f MANIFEST [--profile FILE] [--trace CSV] [-o table|json]`.
+"""`distserve plan -f MANIFEST [--profile FILE|NAME] [--trace CSV] [-o table|json]`.
 
 Exit status: 0 when a report is printed, including an infeasible SLO (the report says so, with the
 closest candidate and the fix: it is an answer, not a failure); 2 when the input is bad (invalid
@@ -18,10 +18,13 @@ from distserve_operator import api
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-f", "--filename", required=True, help="manifest holding a DistServeDeployment")
     parser.add_argument(
-        "--profile", help="latency profile: distserve-profile/v1 or a DistServe profiler JSON"
+        "--profile",
+        help="latency profile, replacing spec.planner.profile: a distserve-profile/v1 file, a DistServe "
+        "profiler JSON, or a bundled profile's name (deploy/profiles/, e.g. opt-13b-a100-80gb-distserve)",
     )
     parser.add_argument(
-        "--colocated-profile", help="profile for the colocated baseline (e.g. the paper's vLLM profile)"
+        "--colocated-profile",
+        help="profile for the colocated baseline, file or bundled name (the paper's: opt-13b-a100-80gb-vllm)",
     )
     parser.add_argument("--trace", help="CSV with input_tokens,output_tokens columns: lengths to simulate")
     parser.add_argument("--rate", type=float, help="plan for this many requests/s instead of the manifest's")

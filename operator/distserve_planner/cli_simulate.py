@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode", help="decode TPxPP[:REPLICAS], e.g. 1x1:2")
     parser.add_argument("--colocated", help="one instance does both phases: TPxPP[:REPLICAS]")
     parser.add_argument("--rate", type=float, help="requests/s (default: the manifest's)")
-    parser.add_argument("--profile", help="latency profile (ours or a DistServe profiler JSON)")
+    parser.add_argument(
+        "--profile", help="latency profile replacing spec.planner.profile: a file or a bundled name"
+    )
     parser.add_argument("--trace", help="CSV with input_tokens,output_tokens columns")
     parser.add_argument("-o", "--output", choices=["table", "json"], default="table", help="output format")
 

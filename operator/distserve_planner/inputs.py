@@ -6,11 +6,35 @@ from pathlib import Path
 
 from distserve_operator import api
 
-from . import architecture, hardware, latency, profiles
+from . import architecture, bundled, hardware, latency, profiles
 from .core import PlanInput, WorkloadModel
 from .pin import PhaseChoice, Pin
 from .search import ClusterShape, SloTargets
 from .workload import Lengths, read_trace
+
+ProfileArg = profiles.Profile | str | Path | None
+
+
+def resolve_profile(
+    spec: api.DistServeDeploymentSpec, profile: ProfileArg, flag: str = "--profile"
+) -> tuple[profiles.Profile | None, str]:
+    """The profile to plan with and how to name it: the caller's (a parsed `Profile`, a file, or a
+    bundled name), else spec.planner.profile's bundled one; (None, "") for the analytical model."""
+    if isinstance(profile, profiles.Profile):
+        return profile, ""
+    if profile is not None:
+        path = Path(profile)
+        if not path.is_file() and str(profile) in bundled.names():
+            return bundled.load(str(profile), spec.model.name, flag), f"bundled profile {profile}"
+        if not path.exists():
+            raise ValueError(
+                f"{flag} {profile}: no such file, nor a bundled profile (bundled: {', '.join(bundled.names())})"
+            )
+        return profiles.load(path, spec.model.name), ""
+    if spec.planner.profile is not None:
+        name = spec.planner.profile.value
+        return bundled.load(name, spec.model.name), f"bundled profile {name}"
+    return None, ""
 
 
 def latency_model_for(
@@ -18,23 +42,27 @@ def latency_model_for(
     arch: architecture.ModelArchitecture,
     device: hardware.DeviceSpec,
     links: hardware.Links,
-    profile: str | Path | None,
-) -> latency.LatencyModel:
-    if profile is None:
-        return latency.analytical(arch, device, links.intra_node)
-    return profiles.latency_model(profiles.load(profile, spec.model.name))
+    profile: ProfileArg,
+) -> tuple[latency.LatencyModel, str]:
+    """The latency model and where it comes from (the plan's `latencySource` assumption)."""
+    chosen, label = resolve_profile(spec, profile)
+    if chosen is None:
+        return latency.analytical(arch, device, links.intra_node), "analytical"
+    source = label or ("profile" if isinstance(profile, profiles.Profile) else "profile file")
+    return profiles.latency_model(chosen, label), source
 
 
 def plan_input(
     spec: api.DistServeDeploymentSpec,
     *,
-    profile: str | Path | None = None,
+    profile: ProfileArg = None,
     trace: str | Path | None = None,
     rate_override: float | None = None,
     workload_override: api.WorkloadSnapshot | None = None,
-    colocated_profile: str | Path | None = None,
+    colocated_profile: ProfileArg = None,
 ) -> PlanInput:
-    """ValueError (naming the field and the fix) when the spec cannot be planned."""
+    """ValueError (naming the field and the fix) when the spec cannot be planned. `profile` (a
+    parsed `Profile`, a file or a bundled name) overrides spec.planner.profile; neither: analytical."""
     arch = architecture.resolve(spec.model)
     device = hardware.from_gpu_spec(spec.cluster.gpu)
     links = hardware.Links.from_spec(spec.cluster.interconnect)
@@ -52,17 +80,21 @@ def plan_input(
     if rate_override is not None:
         rate = rate_override
     rows = tuple(read_trace(trace)) if trace else None
-    model = latency_model_for(spec, arch, device, links, profile)
-    assumptions: dict[str, object] = {"latencySource": "profile file" if profile else "analytical"}
+    model, latency_source = latency_model_for(spec, arch, device, links, profile)
+    assumptions: dict[str, object] = {"latencySource": latency_source}
     if spec.planner.profile_config_map and profile is None:
         assumptions["profileConfigMap"] = (
             f"{spec.planner.profile_config_map} (not read offline: pass its profile.json with --profile)"
         )
+    if spec.planner.profile is not None and profile is not None:
+        assumptions["profile"] = f"{spec.planner.profile.value} (not used: the profile passed in replaces it)"
     if trace:
         assumptions["trace"] = str(trace)
     coloc_model = None
     if colocated_profile is not None:
-        coloc_model = profiles.latency_model(profiles.load(colocated_profile, spec.model.name))
+        coloc, coloc_label = resolve_profile(spec, colocated_profile, "--colocated-profile")
+        assert coloc is not None  # a profile was passed
+        coloc_model = profiles.latency_model(coloc, coloc_label)
         assumptions["colocatedLatency"] = coloc_model.describe
     cluster = spec.cluster
     return PlanInput(

@@ -2,6 +2,8 @@
 DistServe profiler's JSON (model -> TP -> {prefill, decoding_smallbs, decoding_largebs, threshold}).
 
 Both load into the same `Profile`; `latency_model()` turns one into the planner's `LatencyModel`.
+Profiles that ship with the package (the DistServe paper's A100-80GB ones, converted) are loaded by
+name from `bundled.py`; `inputs.resolve_profile` picks a parsed `Profile`, a file or a bundled name.
 """
 
 from __future__ import annotations
@@ -78,6 +80,27 @@ class ProfileEntry(BaseModel):
         )
 
 
+class Provenance(BaseModel):
+    """Where figures that were not measured here come from, precisely enough to fetch them again and
+    to honour their licence."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    repository: str = Field(..., min_length=1, description="URL of the repository the figures come from")
+    path: str = Field(..., min_length=1, description="the source file's path in that repository")
+    commit: str = Field(
+        "",
+        pattern=r"^([0-9a-f]{40})?$",
+        description="a commit at which the file had exactly the bytes converted (empty: not established)",
+    )
+    license: str = Field(..., min_length=1, description="SPDX identifier of the source's licence")
+    copyright: str = Field("", description="the source's copyright line")
+    sha256: str = Field(
+        "", pattern=r"^([0-9a-f]{64})?$", description="SHA-256 of the source file's bytes as converted"
+    )
+    converted_by: str = Field("", description="the script that wrote this profile from the source")
+    conversion: str = Field("", description="what was taken from the source and how it was mapped")
+
+
 class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     format: Literal["distserve-profile/v1"] = "distserve-profile/v1"
@@ -86,6 +109,9 @@ class Profile(BaseModel):
     device: str = Field(..., min_length=1)
     created: str = Field("", description="RFC 3339 time of the measurement or import")
     source: str = Field("", description="where the numbers come from (tool, file)")
+    provenance: Provenance | None = Field(
+        None, description="origin and licence of figures taken from elsewhere (none: measured here)"
+    )
     entries: list[ProfileEntry] = Field(default_factory=list)
 
     def entry(self, tp: int, pp: int) -> ProfileEntry | None:
@@ -98,13 +124,23 @@ def save(profile: Profile, path: str | Path) -> None:
 
 def load(path: str | Path, model: str | None = None) -> Profile:
     """Our format, or a DistServe profiler file (then `model` picks the model inside it)."""
-    data = json.loads(Path(path).read_text())
+    return parse(Path(path).read_text(), model, source=str(path))
+
+
+def parse(text: str, model: str | None = None, source: str = "") -> Profile:
+    """`load` for text already read (a ConfigMap's profile.json); `source` names it in errors.
+    ValueError (pydantic's ValidationError is one) when it is not a profile."""
+    where = f"{source}: " if source else ""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}not JSON ({exc}); fix: give a file written by `distserve profile`") from exc
     if isinstance(data, dict) and data.get("format") == FORMAT:
         return Profile.model_validate(data)
     if isinstance(data, dict) and data and all(_looks_distserve(v) for v in data.values()):
-        return import_distserve(data, model, source=str(path))
+        return import_distserve(data, model, source=source)
     raise ValueError(
-        f"{path}: neither a {FORMAT} profile (no 'format' key) nor a DistServe profiler file "
+        f"{where}neither a {FORMAT} profile (no 'format' key) nor a DistServe profiler file "
         "(model -> TP -> prefill/decoding_*); fix: pass a file written by `distserve profile`"
     )
 
@@ -142,6 +178,11 @@ def import_distserve(data: dict[str, Any], model: str | None, source: str = "") 
     )
 
 
+def matches_model(profile_model: str, model: str) -> bool:
+    """Whether a profile taken for `profile_model` is one of `model` (same catalogue entry or name)."""
+    return _match_model([profile_model], model) is not None
+
+
 def _match_model(names: list[str], model: str) -> str | None:
     if model in names:
         return model
@@ -149,11 +190,13 @@ def _match_model(names: list[str], model: str) -> str | None:
     return next((n for n in names if (catalogue_key(n) or n.lower().rsplit("/", 1)[-1]) == key), None)
 
 
-def latency_model(profile: Profile) -> LatencyModel:
+def latency_model(profile: Profile, label: str = "") -> LatencyModel:
+    """`label` (e.g. which bundled profile) leads the description the plan reports."""
     table = {(e.tp, e.pp): e.coefficients() for e in profile.entries}
     tps = sorted({e.tp for e in profile.entries})
+    origin = ": ".join(part for part in (label, profile.source) if part) or "profile"
     return LatencyModel(
         lambda tp, pp: table.get((tp, pp)),
-        f"{profile.source or 'profile'} ({profile.model} on {profile.device})",
+        f"{origin} ({profile.model} on {profile.device})",
         missing_reason=f"profile has no entry for this TP (has TP {', '.join(map(str, tps))})",
     )

@@ -367,3 +367,49 @@ async def test_a_pin_that_cannot_run_is_not_planned_and_names_the_field() -> Non
         # Fixing the pin deploys it.
         await env.patch_spec("llm", {"planner": {"pin": PIN}})
         await eventually(lambda: env.children(STS, "llm"), what="children after the fix")
+
+
+async def test_the_latency_profile_is_a_bundled_one_or_a_configmaps() -> None:
+    """spec.planner.profile names a profile shipped in the operator's package; profileConfigMap one
+    of the user's, read from the API and handed to the planner parsed. A ConfigMap holding no profile
+    is reported in Planned, naming the field, and planned with once it is fixed."""
+    root = Path(__file__).resolve().parents[2]
+    opt13 = {
+        "model": {"name": "facebook/opt-13b"},
+        "workload": {"requestsPerSecond": "10"},
+        "cluster": {"gpusPerNode": 4},
+    }
+    async with operator_env(plan_fn=plan_fn()) as env:
+        await env.start_operator()
+        await env.create(dsd("bundled", **opt13, planner={"profile": "opt-13b-a100-80gb-distserve"}))
+        mine = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "mine"},
+            "data": {"profile.json": "{not json"},
+        }
+        async with env.session.post(f"{env.url}/api/v1/namespaces/{NS}/configmaps", json=mine) as r:
+            assert r.status < 400, await r.text()
+        await env.create(dsd("own", **opt13, planner={"profileConfigMap": "mine"}))
+
+        plan = await eventually(lambda: env.status("bundled").get("plan"), what="the bundled profile's plan")
+        assert plan["profile"].startswith("bundled profile opt-13b-a100-80gb-distserve: DistServe profiler")
+        cond = await eventually(
+            lambda: (c := env.condition("own", "Planned")) and c["reason"] == "ProfileInvalid" and c,
+            what="Planned=False for the ConfigMap that holds no profile",
+        )
+        assert cond["status"] == "False" and "plan" not in env.status("own")
+        assert cond["message"].startswith(
+            f"spec.planner.profileConfigMap: ConfigMap {NS}/mine key profile.json"
+        )
+        assert "not JSON" in cond["message"] and "fix:" in cond["message"]
+
+        # Fixed (here with the bundled vLLM profile's text): the resync plans with it.
+        text = (root / "deploy" / "profiles" / "opt-13b-a100-80gb-vllm.json").read_text()
+        headers = {"Content-Type": "application/merge-patch+json"}
+        path = f"{env.url}/api/v1/namespaces/{NS}/configmaps/mine"
+        async with env.session.patch(path, json={"data": {"profile.json": text}}, headers=headers) as r:
+            assert r.status < 400, await r.text()
+        plan = await eventually(lambda: env.status("own").get("plan"), what="the ConfigMap profile's plan")
+        assert plan["profile"].startswith(f"ConfigMap {NS}/mine: DistServe profiler, vLLM")
+        assert env.condition("own", "Planned")["status"] == "True"

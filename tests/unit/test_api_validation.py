@@ -156,6 +156,12 @@ INVALID = [
         "spec",
         "model.maxContextTokens",
     ),
+    (_with("planner.profile", "opt-13b"), "spec.planner.profile", "opt-13b-a100-80gb-distserve"),
+    (
+        _with("planner", {"profile": "opt-13b-a100-80gb-distserve", "profileConfigMap": "mine"}),
+        "spec.planner",
+        "remove one",
+    ),
 ]
 
 
@@ -279,3 +285,22 @@ def test_colocated_mode_refuses_a_prefill_decode_pin_naming_both_fields() -> Non
     auto = _with("serving", {"mode": "Auto"})
     auto["planner"] = {"pin": pin}
     assert parse_spec(auto).planner.pin is not None  # Auto with a pin runs the pin
+
+
+def test_planner_profile_is_a_bundled_name_and_not_with_a_configmap() -> None:
+    assert parse_spec(_with("planner.profile", "opt-66b-a100-80gb-vllm")).planner.profile is not None
+    with pytest.raises(SpecError) as info:
+        parse_spec(_with("planner.profile", "opt-13b.json"))
+    (line,) = info.value.problems
+    # The field, every bundled name, and where a profile of one's own goes.
+    assert line.startswith("spec.planner.profile: not a bundled profile")
+    for name in ("opt-13b-a100-80gb-distserve", "opt-13b-a100-80gb-vllm", "opt-66b-a100-80gb-distserve"):
+        assert name in line
+    assert "profileConfigMap" in line
+    with pytest.raises(SpecError) as info:
+        parse_spec(_with("planner", {"profile": "opt-13b-a100-80gb-distserve", "profileConfigMap": "mine"}))
+    (line,) = info.value.problems
+    assert (
+        "planner.profile (opt-13b-a100-80gb-distserve)" in line and "planner.profileConfigMap (mine)" in line
+    )
+    assert "remove one" in line

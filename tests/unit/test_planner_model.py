@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from distserve_operator import api
-from distserve_planner import architecture, hardware, latency, memory, profiles
+from distserve_planner import architecture, bundled, hardware, latency, memory, profiles
 
 ROOT = Path(__file__).parents[2]
 SHARED = Path(os.environ.get("DISTSERVE_SHARED", ROOT.parent / "shared")) / "data" / "distserve-a100"
@@ -97,10 +97,10 @@ def test_kv_capacity_matches_distserve_max_num_tokens() -> None:
         assert ours == pytest.approx(int(r["max_num_tokens"]), rel=0.03), r
 
 
-@needs_shared
 def test_analytical_model_close_to_distserve_fit() -> None:
-    """Calibration: the roofline's OPT-13B prefill of 512 tokens is within 15% of the fitted profile."""
-    prof = profiles.load(SHARED / "profiler-a100-80g.distserve.json", "facebook/opt-13b")
+    """Calibration: the roofline's OPT-13B prefill of 512 tokens is within 15% of the fitted profile
+    (the paper's, bundled with the planner)."""
+    prof = bundled.load("opt-13b-a100-80gb-distserve", "facebook/opt-13b")
     ours = latency.analytical(architecture.CATALOGUE["opt-13b"], A100, 300e9)
     for tp in (1, 2, 4):
         fitted = prof.entry(tp, 1)

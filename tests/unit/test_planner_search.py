@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,6 @@ from distserve_planner.workload import Lengths
 
 ROOT = Path(__file__).parents[2]
 EXAMPLES = ROOT / "deploy" / "examples"
-SHARED = Path(os.environ.get("DISTSERVE_SHARED", ROOT.parent / "shared")) / "data" / "distserve-a100"
-DISTSERVE_PROFILE = SHARED / "profiler-a100-80g.distserve.json"
-needs_shared = pytest.mark.skipif(
-    not DISTSERVE_PROFILE.is_file(),
-    reason=f"DistServe profile not found under {SHARED} (set DISTSERVE_SHARED)",
-)
 
 
 def _toy_input(**overrides: Any) -> PlanInput:
@@ -93,12 +86,13 @@ def test_plan_status_and_json_contract() -> None:
     api.PlanStatus.model_validate(plan_json)
 
 
-@needs_shared
 def test_opt13b_reference_case_matches_the_paper() -> None:
     """The paper's own simulator: prefill TP2 (or PP2) + decode TP1 at 4.53 req/s per GPU. That plan
-    is among ours, tied with the one chosen (which has the lower TPOT p90)."""
+    is among ours, tied with the one chosen (which has the lower TPOT p90). The example names the
+    paper's profile, bundled with the planner: no file outside the repository."""
     dsd = api.load_manifest(EXAMPLES / "opt-13b-a100x4.yaml")
-    report = plan_deployment(dsd, profile=DISTSERVE_PROFILE)
+    report = plan_deployment(dsd)
+    assert "bundled profile opt-13b-a100-80gb-distserve" in report.plan.profile
     p = report.plan
     assert p.estimated.goodput_per_gpu == pytest.approx(4.53, rel=0.1)
     papers = [c for c in p.candidates if (c.prefill.tp * c.prefill.pp, c.decode.tp, c.decode.pp) == (2, 1, 1)]

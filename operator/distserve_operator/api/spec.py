@@ -693,11 +693,41 @@ class PlanPin(ApiModel):
     decode: PinnedPhase = Field(..., description="Decode parallelism and replicas.")
 
 
+class BundledProfile(StrEnum):
+    """Latency profiles that ship with the operator (package data of distserve_planner, the same files
+    as deploy/profiles/): the DistServe paper's A100-80GB profiles, converted with their provenance."""
+
+    OPT_13B_A100_80GB_DISTSERVE = "opt-13b-a100-80gb-distserve"
+    OPT_13B_A100_80GB_VLLM = "opt-13b-a100-80gb-vllm"
+    OPT_66B_A100_80GB_DISTSERVE = "opt-66b-a100-80gb-distserve"
+    OPT_66B_A100_80GB_VLLM = "opt-66b-a100-80gb-vllm"
+
+
+def _bundled_name(value: Any) -> Any:
+    if isinstance(value, str) and value not in {p.value for p in BundledProfile}:
+        raise ValueError(
+            f"not a bundled profile; bundled: {', '.join(p.value for p in BundledProfile)} "
+            "(a profile of your own goes in a ConfigMap named by planner.profileConfigMap)"
+        )
+    return value
+
+
 class PlannerSpec(ApiModel):
     """Planner knobs; defaults suit most deployments."""
 
+    profile: Annotated[BundledProfile | None, BeforeValidator(_bundled_name)] = Field(
+        None,
+        description=(
+            "A latency profile that ships with the operator, by name: the DistServe paper's A100-80GB "
+            "profiles of OPT-13B and OPT-66B, for its own engine (-distserve) or for vLLM (-vllm). It "
+            "must be for spec.model.name. Not with profileConfigMap. Neither: the analytical model."
+        ),
+    )
     profile_config_map: str | None = Field(
-        None, description="ConfigMap with key profile.json: fitted latency coefficients (distserve profile)."
+        None,
+        description=(
+            "ConfigMap with key profile.json: fitted latency coefficients (distserve profile). Not with profile."
+        ),
     )
     simulated_requests: int = Field(
         300, ge=50, le=100_000, description="Requests simulated per rate probe (more: steadier, slower)."
@@ -712,6 +742,16 @@ class PlannerSpec(ApiModel):
             "verdict, and refuses a pin that cannot run (Planned=False). Re-planning on traffic keeps it."
         ),
     )
+
+    @model_validator(mode="after")
+    def _one_profile(self) -> PlannerSpec:
+        if self.profile is not None and self.profile_config_map:
+            raise ValueError(
+                f"planner.profile ({self.profile.value}) and planner.profileConfigMap "
+                f"({self.profile_config_map}) are both set, and a plan uses one latency profile: remove "
+                "one (profile names a bundled profile, profileConfigMap a ConfigMap holding your own)"
+            )
+        return self
 
 
 class ServingMode(StrEnum):
