@@ -30,8 +30,8 @@ from fidelity_model import ModelSide, Predicted, goodput, interpolated_goodput
 from fidelity_stack import measure_rates
 
 from distserve_operator import api
-from distserve_planner import architecture
 from distserve_planner import simulator as sim
+from distserve_planner.loaders import architecture
 from distserve_planner.workload import Lengths, generate
 from distserve_worker.local.stack import StackConfig
 from distserve_worker.model_source import ModelSpec, load_tokenizer

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distserve_operator import api
-from distserve_planner import architecture, hardware, profiles, search
+from distserve_planner import hardware, profiles, search
 from distserve_planner import simulator as sim
 from distserve_planner.latency import InstanceTiming, kv_transfer_ms, stage_hop
+from distserve_planner.loaders import architecture, profile_files
 from distserve_planner.workload import Requests
 
 
@@ -71,7 +72,7 @@ class ModelSide:
         """With `decode_pp` > 1, decode as the planner prices PP stages on one node: its hop (the
         intra-node link, `stage_hop`) and its cost-balanced split for these `requests` at the
         engine's batch limit (`search.decode_stages`), the split the stack then runs."""
-        profile = profiles.load(profile_path, spec.model.name)
+        profile = profile_files.load(profile_path, spec.model.name)
         latency = profiles.latency_model(profile)
         timing = latency.instance(1, 1)
         if timing is None:

@@ -32,7 +32,7 @@ import yaml
 
 from distserve_operator import api
 from distserve_planner import plan
-from distserve_planner.inputs import plan_input
+from distserve_planner.loaders.spec import plan_input
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOCATED_PROFILE = "opt-13b-a100-80gb-vllm"  # the paper scores its colocated baseline with vLLM's

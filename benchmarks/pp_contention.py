@@ -36,6 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     from distserve_operator import api
     from distserve_planner import profiles
+    from distserve_planner.loaders import profile_files
     from distserve_planner.workload import Lengths, generate
     from distserve_worker.local.stack import LocalStack, StackConfig
     from distserve_worker.model_source import ModelSpec
@@ -43,7 +44,7 @@ def main() -> None:
     from distserve_worker.testing.plans import write_contract
 
     spec = api.load_manifest(ROOT / "benchmarks/fidelity-smollm2.yaml").spec
-    profile = profiles.load(ROOT / "deploy/profiles/smollm2-135m-cpu.json", spec.model.name)
+    profile = profile_files.load(ROOT / "deploy/profiles/smollm2-135m-cpu.json", spec.model.name)
     timing = profiles.latency_model(profile).instance(1, 1)
     assert timing is not None
     w = spec.workload

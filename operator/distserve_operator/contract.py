@@ -29,7 +29,7 @@ from .api import (
 def model_shape(spec: DistServeDeploymentSpec) -> ModelShape:
     """Layers and heads as the planner resolved them (spec, GGUF, config.json or its catalogue):
     the shape the plan's tp and stages were chosen for. ValueError names the field to set."""
-    from distserve_planner.architecture import resolve
+    from distserve_planner.loaders.architecture import resolve
 
     arch = resolve(spec.model)
     return ModelShape(layers=arch.layers, heads=arch.heads, kv_heads=arch.kv_heads)

@@ -34,7 +34,7 @@ def plan_deployment(
     names the spec field and the fix when it cannot be planned (unknown architecture, unreadable
     profile or trace, a profile of another model); an SLO no candidate meets is not an error: the
     report has `feasible: false` and the closest candidate."""
-    from .inputs import plan_input
+    from .loaders.spec import plan_input
 
     spec = dsd_or_spec.spec if isinstance(dsd_or_spec, api.DistServeDeployment) else dsd_or_spec
     inp = plan_input(
@@ -55,8 +55,8 @@ def engine_limits(spec: api.DistServeDeploymentSpec, decode_tp: int, decode_pp: 
     recorded without them."""
     from distserve_operator.api.limits import MIN_DECODE_KV_TOKENS
 
-    from .architecture import resolve
     from .hardware import from_gpu_spec
+    from .loaders.architecture import resolve
     from .memory import check_fit
 
     device = from_gpu_spec(spec.cluster.gpu)

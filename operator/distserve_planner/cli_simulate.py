@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .core import simulate_configuration
-    from .inputs import plan_input
+    from .loaders.spec import plan_input
 
     try:
         dsd = api.load_manifest(args.filename)

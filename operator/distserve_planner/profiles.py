@@ -1,15 +1,15 @@
-"""Fitted latency coefficients on disk: our own `distserve-profile/v1` format, and import of the
+"""Fitted latency coefficients: our own `distserve-profile/v1` format, and import of the
 DistServe profiler's JSON (model -> TP -> {prefill, decoding_smallbs, decoding_largebs, threshold}).
 
 Both load into the same `Profile`; `latency_model()` turns one into the planner's `LatencyModel`.
 Profiles that ship with the package (the DistServe paper's A100-80GB ones, converted) are loaded by
-name from `bundled.py`; `inputs.resolve_profile` picks a parsed `Profile`, a file or a bundled name.
+name by `loaders/bundled.py`; files are read and written by `loaders/profile_files.py`, and
+`loaders.spec.resolve_profile` picks a parsed `Profile`, a file or a bundled name.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -118,17 +118,9 @@ class Profile(BaseModel):
         return next((e for e in self.entries if e.tp == tp and e.pp == pp), None)
 
 
-def save(profile: Profile, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(profile.model_dump(mode="json", exclude_none=True), indent=2) + "\n")
-
-
-def load(path: str | Path, model: str | None = None) -> Profile:
-    """Our format, or a DistServe profiler file (then `model` picks the model inside it)."""
-    return parse(Path(path).read_text(), model, source=str(path))
-
-
 def parse(text: str, model: str | None = None, source: str = "") -> Profile:
-    """`load` for text already read (a ConfigMap's profile.json); `source` names it in errors.
+    """Our format, or a DistServe profiler file (then `model` picks the model inside it), from its
+    text (a file's, a ConfigMap's profile.json); `source` names it in errors.
     ValueError (pydantic's ValidationError is one) when it is not a profile."""
     where = f"{source}: " if source else ""
     try:

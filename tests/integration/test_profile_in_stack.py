@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from distserve_operator import cli
-from distserve_planner import profiles
+from distserve_planner.loaders import profile_files
 from distserve_worker.testing.tiny import save_tiny_model
 
 
@@ -56,7 +56,7 @@ def test_in_stack_profile_comes_from_the_running_workers(
     stderr = capsys.readouterr().err
     assert code == 0, stderr
     assert "starting the local stack" in stderr and "requests answered" in stderr
-    profile = profiles.load(out)
+    profile = profile_files.load(out)
     assert profile.model == "tiny-llama"
     entry = profile.entry(1, 1)
     assert entry is not None and entry.batching == "padded"

@@ -24,6 +24,20 @@ PLANTED = {
             "distserve_planner.memory -> distserve_operator.kube",
         ),
     ],
+    "planner-core-takes-data": [
+        (
+            "operator/distserve_planner/core.py",
+            "from distserve_planner.loaders import traces",
+            "distserve_planner.core -> distserve_planner.loaders.traces",
+        ),
+    ],
+    "report-formats": [
+        (
+            "operator/distserve_planner/report.py",
+            "from distserve_planner import core",
+            "distserve_planner.report -> distserve_planner.core",
+        ),
+    ],
     "api-standalone": [
         (
             "operator/distserve_operator/api/spec.py",

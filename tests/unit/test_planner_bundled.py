@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from distserve_operator import api, cli
-from distserve_planner import bundled, plan_deployment, profiles
+from distserve_planner import plan_deployment, profiles
+from distserve_planner.loaders import bundled, profile_files
 
 ROOT = Path(__file__).parents[2]
 EXAMPLES = ROOT / "deploy" / "examples"
@@ -85,7 +86,7 @@ def test_bundled_profiles_hold_the_distserve_figures_unchanged() -> None:
             assert e.batching == "packed" and e.decode_ranges is None
         # And the planner reads it as it reads the original through the importer.
         assert profiles.latency_model(p).coefficients(1 if "13b" in name else 2, 1) == profiles.latency_model(
-            profiles.load(SHARED / filename, model)
+            profile_files.load(SHARED / filename, model)
         ).coefficients(1 if "13b" in name else 2, 1)
 
 

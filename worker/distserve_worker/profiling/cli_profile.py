@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from distserve_planner import profiles
+    from distserve_planner.loaders import profile_files
     from distserve_worker.engine.runner import ModelRunner
     from distserve_worker.profiling import fit, measure
 
@@ -173,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
         ],
     )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    profiles.save(profile, args.output)
+    profile_files.save(profile, args.output)
     if args.samples:
         Path(args.samples).write_text(
             json.dumps(

@@ -14,13 +14,13 @@ from functools import cache
 from importlib import resources
 from importlib.resources.abc import Traversable
 
-from . import profiles
+from .. import profiles
 
 DIRECTORY = "bundled_profiles"
 
 
 def _folder() -> Traversable:
-    return resources.files(__package__) / DIRECTORY
+    return resources.files("distserve_planner") / DIRECTORY
 
 
 @cache

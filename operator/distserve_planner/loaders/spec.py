@@ -6,11 +6,14 @@ from pathlib import Path
 
 from distserve_operator import api
 
-from . import architecture, bundled, hardware, latency, profiles
-from .core import PlanInput, WorkloadModel
-from .pin import PhaseChoice, Pin
-from .search import ClusterShape, SloTargets
-from .workload import Lengths, read_trace
+from .. import hardware, latency, profiles
+from ..architecture import ModelArchitecture
+from ..core import PlanInput, WorkloadModel
+from ..pin import PhaseChoice, Pin
+from ..search import ClusterShape, SloTargets
+from ..workload import Lengths
+from . import architecture, bundled, profile_files
+from .traces import read_trace
 
 ProfileArg = profiles.Profile | str | Path | None
 
@@ -30,7 +33,7 @@ def resolve_profile(
             raise ValueError(
                 f"{flag} {profile}: no such file, nor a bundled profile (bundled: {', '.join(bundled.names())})"
             )
-        return profiles.load(path, spec.model.name), ""
+        return profile_files.load(path, spec.model.name), ""
     if spec.planner.profile is not None:
         name = spec.planner.profile.value
         return bundled.load(name, spec.model.name), f"bundled profile {name}"
@@ -39,7 +42,7 @@ def resolve_profile(
 
 def latency_model_for(
     spec: api.DistServeDeploymentSpec,
-    arch: architecture.ModelArchitecture,
+    arch: ModelArchitecture,
     device: hardware.DeviceSpec,
     links: hardware.Links,
     profile: ProfileArg,
