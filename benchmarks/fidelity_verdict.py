@@ -46,6 +46,9 @@ ROOT = Path(__file__).resolve().parents[1]
 #   and 217 in the next. At 300 ms: 4.24/5.77, 3.46/5.09, 2.90/4.53.
 # - 256/4 at TTFT 5 s: 2.15/1.88, 1.87/1.69, 1.58/1.50, within 10% and measured 3-4% apart either
 #   way in two runs. At 8 s: 2.41/1.88, 2.12/1.69, 1.89/1.50.
+# Those colocated figures assumed a prefill-first engine. Modelled as our colocated worker runs
+# (issue 15: one FIFO forward thread), at the chosen SLOs: 16/64 4.24/14.06, 3.46/7.61, 2.90/5.68;
+# 256/4 2.41/2.14, 2.12/1.86, 1.89/1.60. Both verdicts still hold across the 10%.
 # With the manifest's loose 800 ms TPOT, 100 short-prompt requests pass even as a single burst
 # (waiting for a decode slot spreads over 63 tokens), so that goodput has no upper end to measure.
 WORKLOADS = {

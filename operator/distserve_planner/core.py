@@ -315,6 +315,7 @@ def colocated_outcome(
     reqs: Requests,
     budget: int,
     max_batch: int,
+    scheduling: sim.ColocatedScheduling = sim.ColocatedScheduling.WORKER,
 ) -> sim.Outcome:
     """`replicas` colocated instances taking the requests in turn (the router's round robin)."""
     first_all, last_all = [0.0] * len(reqs), [0.0] * len(reqs)
@@ -328,6 +329,7 @@ def colocated_outcome(
             kv_tokens,
             budget,
             max_batch,
+            scheduling,
         )
         for i, a, b in zip(idx, f, la, strict=True):
             first_all[i], last_all[i] = a, b
@@ -348,7 +350,14 @@ def simulate_colocated_plan(
     assert timing is not None  # the search scored this shape
     arrivals = [t * 1e3 for t in reqs.arrivals(rate)]
     return colocated_outcome(
-        timing, r.fit.kv_tokens, replicas, arrivals, reqs, ctx.token_budget, ctx.max_batch
+        timing,
+        r.fit.kv_tokens,
+        replicas,
+        arrivals,
+        reqs,
+        ctx.token_budget,
+        ctx.max_batch,
+        colocated_scheduling(inp),
     )
 
 
@@ -373,10 +382,23 @@ def _paper_report(
     )
 
 
+def colocated_scheduling(inp: PlanInput) -> sim.ColocatedScheduling:
+    """How the colocated baseline orders prefills and decode steps. Ours by default: mode Auto and
+    Colocated deploy `distserve worker colocated`, so the planner must assume what that worker does
+    (one FIFO forward thread). Scored on another engine's profile (`--colocated-profile`, the
+    paper's vLLM baseline) the baseline is that engine, latencies and scheduler alike: vLLM's
+    prefill-first, as the paper's simulator scores it."""
+    if inp.colocated_latency is None:
+        return sim.ColocatedScheduling.WORKER
+    return sim.ColocatedScheduling.PREFILL_FIRST
+
+
 def _colocated_context(inp: PlanInput, ctx: Context) -> Context:
     if inp.colocated_latency is None:
         return ctx
-    other = replace(ctx, latency=inp.colocated_latency, cache={})
+    other = replace(
+        ctx, latency=inp.colocated_latency, cache={}, colocated_scheduling=colocated_scheduling(inp)
+    )
     other.probes = 0
     return other
 
@@ -409,7 +431,9 @@ def simulate_configuration(
     if colocated_choice is not None:
         timing, fit = instance(colocated_choice, inp.colocated_latency or inp.latency)
         n = colocated_choice.replicas
-        outcome = colocated_outcome(timing, fit.kv_tokens, n, arrivals, reqs, budget, max_batch)
+        outcome = colocated_outcome(
+            timing, fit.kv_tokens, n, arrivals, reqs, budget, max_batch, colocated_scheduling(inp)
+        )
         gpus = colocated_choice.tp * colocated_choice.pp * n
         config = f"colocated TP{colocated_choice.tp}xPP{colocated_choice.pp} ×{n}"
     else:

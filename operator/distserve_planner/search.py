@@ -98,6 +98,9 @@ class Context:
     probes: int = 0
     max_batch: int = MAX_DECODE_BATCH  # sequences per decode step
     skipped: dict[int, str] = field(default_factory=dict)  # TP -> why the model cannot shard over it
+    # How a colocated instance orders its forwards: our worker's, unless the baseline is scored as
+    # another engine (core.colocated_scheduling).
+    colocated_scheduling: sim.ColocatedScheduling = sim.ColocatedScheduling.WORKER
 
     def say(self, message: str) -> None:
         if self.progress is not None:
@@ -468,6 +471,7 @@ def colocated_rate(ctx: Context, tp: int, pp: int, stage_bw: float) -> PhaseResu
                     fit.kv_tokens,
                     ctx.token_budget,
                     ctx.max_batch,
+                    ctx.colocated_scheduling,
                 )
                 ttft = [f - a for f, a in zip(first, arrivals, strict=True)]
                 tpots = sim.tpot(first, last, reqs.outputs)

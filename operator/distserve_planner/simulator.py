@@ -4,7 +4,8 @@ Lifecycle of a request: arrives -> waits FCFS for a prefill batch (up to a token
 token at the end of its batch (TTFT) -> waits in the prefill instance's memory until a decode
 instance has KV room for prompt+output -> KV is pulled (transfer time from the link) -> one token
 per decode step of a continuously batched decode instance -> done. TPOT = (last token - first
-token) / (output tokens - 1).
+token) / (output tokens - 1). A colocated instance runs both phases on one device, in the order
+its engine gives them (`ColocatedScheduling`): ours alternates them on one forward thread.
 
 Events are arrivals, batch ends and completions. Decode steps between two events are advanced
 in closed form: with a constant batch B the context grows by B each step, so k steps take
@@ -18,8 +19,10 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 from .latency import InstanceTiming
 
@@ -185,6 +188,25 @@ def simulate_decode(
     return DecodeResult(last, memory_bound, admitted)
 
 
+class ColocatedScheduling(Enum):
+    """How one colocated instance orders its prefill and decode forwards."""
+
+    # `distserve worker colocated` (worker/distserve_worker/colocated.py), what the operator
+    # deploys: the prefill half and the decode engine share ONE forward thread, FIFO, each with at
+    # most one forward submitted at a time, so under load they alternate. A prefill batch is taken
+    # when it is submitted (the batch loop takes the queued prompts when the first one arrives, or
+    # when the previous prefill ended), so a prompt arriving while it waits for the running decode
+    # step is not in it; it goes into the next one. The prefill half knows nothing of decode
+    # slots: a prompt is prefilled (first token out) even when the decode batch is full, and its
+    # wait for a slot falls into TPOT. A decode step's rows are fixed when it is submitted (at the
+    # end of the previous step): a sequence ready by then joins it, one admitted then (a slot just
+    # freed) is fetched during it and joins the next.
+    WORKER = "worker"
+    # vLLM's scheduler (the paper's colocated baseline, scored with vLLM's own profile): a waiting
+    # request that has a batch slot and KV room is prefilled before the next decode step.
+    PREFILL_FIRST = "prefill-first"
+
+
 def simulate_colocated(
     timing: InstanceTiming,
     arrivals: Sequence[float],
@@ -193,9 +215,125 @@ def simulate_colocated(
     kv_capacity: int,
     token_budget: int,
     max_batch: int = 1 << 30,
+    scheduling: ColocatedScheduling = ColocatedScheduling.WORKER,
 ) -> tuple[list[float], list[float]]:
-    """(first token, last token) on one instance doing both phases, prefill first (vLLM-style):
-    whenever a request is waiting and fits, the next iteration is a prefill and decoding stalls."""
+    """(first token, last token) of each request on one instance doing both phases (arrivals
+    sorted). The default models the colocated worker we deploy (what the planner assumes, the
+    runtime obeys); PREFILL_FIRST stays for a baseline scored as another engine runs it."""
+    if scheduling is ColocatedScheduling.PREFILL_FIRST:
+        return _prefill_first(timing, arrivals, inputs, outputs, kv_capacity, token_budget, max_batch)
+    return _one_forward_thread(timing, arrivals, inputs, outputs, kv_capacity, token_budget, max_batch)
+
+
+def _one_forward_thread(
+    timing: InstanceTiming,
+    arrivals: Sequence[float],
+    inputs: Sequence[int],
+    outputs: Sequence[int],
+    kv_capacity: int,
+    token_budget: int,
+    max_batch: int,
+) -> tuple[list[float], list[float]]:
+    """ColocatedScheduling.WORKER. The thread runs what was submitted in submission order; the
+    next prefill batch is formed at `formed` (its first prompt's arrival, or the end of the last
+    prefill if prompts were already queued then), the next decode step at `step_submitted`. Runs
+    of decode steps with nothing submitted between them advance in closed form, as in
+    `simulate_decode`."""
+    n = len(arrivals)
+    first, last = [INF] * n, [INF] * n
+    running: list[tuple[int, int]] = []  # (step at which it finishes, request): the decode batch
+    longest = _Longest()
+    waiting: deque[int] = deque()  # prefilled, waiting for a slot and KV room (cache held by prefill)
+    joining: list[int] = []  # admitted: rows of the next decode step submitted
+    t, step, ctx, used, q = 0.0, 0, 0, 0, 0  # arrivals[q:] are in no prefill batch yet
+    prefilled = -INF  # when the last prefill forward ended
+    step_submitted: float | None = None  # a decode step waits for the thread (submitted then)
+
+    def admit() -> None:  # the decode scheduler's FIFO admission: a slot and KV room
+        nonlocal used
+        while waiting and len(running) + len(joining) < max_batch:
+            need = inputs[waiting[0]] + outputs[waiting[0]]
+            if used + need > kv_capacity:
+                break
+            used += need
+            joining.append(waiting.popleft())
+
+    def submit() -> bool:
+        """The decode lane submits its next step: the sequences ready join it; those admitted now
+        are fetched during it and join the next one. False: nothing to run (the lane sleeps)."""
+        nonlocal ctx
+        while True:
+            for r in joining:
+                heapq.heappush(running, (step + outputs[r] - 1, r))
+                longest.add(r, inputs[r] + 1, step)
+                ctx += inputs[r] + 1
+            joining.clear()
+            admit()
+            if running or not joining:
+                return bool(running)
+            # Nothing running yet: the lane sleeps until these fetches wake it, at once.
+
+    while q < n or step_submitted is not None:
+        formed = max(arrivals[q], prefilled) if q < n else INF
+        if step_submitted is None or formed <= step_submitted:  # a prefill forward
+            t = max(t, formed)
+            j, tokens, sq, widest = q, 0, 0, 0
+            while (
+                j < n
+                and arrivals[j] <= formed
+                and (j == q or _within_budget(timing, j - q, tokens, widest, inputs[j], token_budget))
+            ):
+                tokens += inputs[j]
+                sq += inputs[j] * inputs[j]
+                widest = max(widest, inputs[j])
+                j += 1
+            t += timing.prefill(*_prefill_paid(timing, j - q, widest, tokens, sq))[0]
+            prefilled = t
+            for r in range(q, j):
+                first[r] = t
+                if outputs[r] <= 1:
+                    last[r] = t
+                elif inputs[r] + outputs[r] <= kv_capacity:  # else decode refuses it: a miss
+                    waiting.append(r)
+            q = j
+            admit()
+            if step_submitted is None and submit():
+                step_submitted = t  # after the next prefill batch, if prompts are queued already
+            continue
+        # Decode steps: k of them, until a finish, a sequence joining, or a prefill submitted.
+        t = max(t, step_submitted)
+        batch = len(running)
+        a, b, c = timing.decode_abc(batch)
+        alpha = a + c * batch
+        paid = _step_context(timing, ctx, batch, longest, step)
+        k = 1 if joining or formed <= t else running[0][0] - step
+        if k > 1 and formed < INF:  # the step during which the next prefill is submitted is the last
+            k = min(k, _steps_until(formed - t, alpha, b, paid, batch))
+        t += _advance(k, alpha, b, paid, batch)
+        step += k
+        ctx += k * batch
+        while running and running[0][0] == step:
+            _, r = heapq.heappop(running)
+            longest.remove(r)
+            last[r] = t
+            used -= inputs[r] + outputs[r]
+            ctx -= inputs[r] + outputs[r]
+        step_submitted = t if submit() else None
+    return first, last
+
+
+def _prefill_first(
+    timing: InstanceTiming,
+    arrivals: Sequence[float],
+    inputs: Sequence[int],
+    outputs: Sequence[int],
+    kv_capacity: int,
+    token_budget: int,
+    max_batch: int,
+) -> tuple[list[float], list[float]]:
+    """ColocatedScheduling.PREFILL_FIRST: whenever a request is waiting and fits (a batch slot and
+    KV room for prompt+output), the next iteration is a prefill and decoding stalls; a request that
+    does not fit is not prefilled (its TTFT waits for the slot). It joins the very next step."""
     n = len(arrivals)
     first, last = [INF] * n, [INF] * n
     running: list[tuple[int, int]] = []
