@@ -14,6 +14,7 @@ from distserve_planner import profiles, workload
 from distserve_planner import simulator as sim
 from distserve_planner.core import colocated_outcome
 from distserve_planner.latency import InstanceTiming, PhaseCoefficients
+from distserve_planner.loaders import profile_files
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = sim.ColocatedScheduling.WORKER
@@ -213,7 +214,7 @@ def test_short_prompts_have_no_rate_independent_miss_floor() -> None:
     full decode batch (32) wait for a slot before its prefill: 36 of 100 missed TTFT at any rate
     where the batch filled, while the stack met the SLO for 99-100% up to 9.6 req/s. The worker
     prefills them at once and spreads the wait over their 63 tokens."""
-    profile = profiles.load(
+    profile = profile_files.load(
         ROOT / "deploy/profiles/smollm2-135m-cpu.json", "HuggingFaceTB/SmolLM2-135M-Instruct"
     )
     timing = profiles.latency_model(profile).instance(1, 1)
