@@ -29,6 +29,13 @@ class OperatorMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.plan_cache_total = Counter(
+            "distserve_operator_plan_cache_lookups_total",
+            "Plan lookups by result: hit (a finished plan reused), shared (joined an identical plan in "
+            "progress), miss (the planner ran).",
+            ["result"],
+            registry=self.registry,
+        )
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import kopf
 from pydantic import ValidationError
 
-from . import capacity, children, conditions, drift, observe, rollout, scaling
+from . import capacity, children, conditions, drift, observe, plan_cache, rollout, scaling
 from . import labels as L
 from .api import (
     AutoscalingMode,
@@ -47,6 +47,7 @@ from .api import (
 from .api.resource import name_problem
 from .kube import Kube
 from .metrics import OperatorMetrics
+from .plan_pool import PlannerPool
 from .settings import OperatorSettings
 
 API_VERSION = "distserve.io/v1alpha1"
@@ -78,6 +79,8 @@ class Runtime:
     metrics: OperatorMetrics
     executor: ThreadPoolExecutor
     plan_fn: PlanFn
+    plans: plan_cache.PlanCache[PlanStatus]
+    pool: PlannerPool | None = None  # the default planner's processes; None: plan_fn in a thread
 
 
 def _lock(memo: Any) -> asyncio.Lock:
@@ -136,14 +139,27 @@ async def _run_planner(
     profile = await _profile_path(rt, namespace, spec)
     if profile is not None:
         kwargs["profile"] = profile
-    loop = asyncio.get_running_loop()
+    # Identical planning inputs (spec fields the planner reads, overrides, profile content) are
+    # planned once, and once only while in progress: 100 identical deployments make one plan.
+    status, lookup = await rt.plans.get(
+        plan_cache.planning_key(spec, kwargs), lambda: _plan(rt, spec, kwargs)
+    )
+    rt.metrics.plan_cache_total.labels(result=lookup).inc()
+    rt.metrics.replans_total.labels(reason=reason).inc()
+    return status
+
+
+async def _plan(rt: Runtime, spec: DistServeDeploymentSpec, kwargs: dict[str, Any]) -> PlanStatus:
+    """One planner run: in the planner processes when there are (the default planner), else a thread."""
     started = time.perf_counter()
     try:
+        if rt.pool is not None:
+            return await rt.pool.plan(spec, kwargs)
+        loop = asyncio.get_running_loop()
         report = await loop.run_in_executor(rt.executor, functools.partial(rt.plan_fn, spec, **kwargs))
+        return report.status
     finally:
         rt.metrics.plan_seconds.observe(time.perf_counter() - started)
-    rt.metrics.replans_total.labels(reason=reason).inc()
-    return report.status
 
 
 async def _write_status(
@@ -458,7 +474,9 @@ async def _converge(
     for obj in objs:
         kopf.adopt(obj, owner=owner)  # type: ignore[arg-type]  # a raw body works as the owner
         applied = await rt.kube.apply(
-            obj, preserve_replicas=not children.scaled_by_operator(obj, spec.autoscaling.mode)
+            obj,
+            preserve_replicas=not children.scaled_by_operator(obj, spec.autoscaling.mode),
+            create_first=not prune,  # a first plan: none of its children can exist yet
         )
         if obj["kind"] in ("StatefulSet", "Deployment"):
             ready[obj["metadata"]["name"]] = int((applied.obj.get("status") or {}).get("readyReplicas") or 0)
@@ -592,11 +610,15 @@ async def _finish(
 
 @dataclass
 class Observer:
-    """Per-deployment observer state (in the object's memo): the previous router scrape."""
+    """Per-deployment observer state (in the object's memo): the previous router scrape, when
+    the next observation and rollout step are due."""
 
     last_scrape: observe.RouterScrape | None = None
     next_due: float = 0.0
     next_rollout_step: float = 0.0
+    # The daemon's reading of spec.autoscaling (interval seconds, active) and its generation.
+    observing: tuple[float, bool] = (60.0, False)
+    spec_generation: int | None = None
 
 
 def observer_state(memo: Any) -> Observer:
