@@ -90,12 +90,17 @@ def register(
             ),
             plan_fn=plan_fn or R.default_plan_fn(),
             plans=PlanCache(op_settings.plan_cache_size),
+            apply_slots=asyncio.Semaphore(op_settings.apply_concurrency),
             pool=_planner_pool(op_settings) if plan_fn is None else None,
         )
         memo["runtime"] = runtime
         if runtime.pool is not None:
-            runtime.pool.warm()  # the processes import the planner now, not at the first plan
-            logger.info(f"Planning in {runtime.pool.processes} processes")
+            # Before kopf lists anything: the processes import the planner now, not at the first plan.
+            try:
+                await runtime.pool.start()
+                logger.info(f"Planning in {runtime.pool.processes} processes")
+            except Exception as exc:  # not fatal: a pool that broke is replaced at the first plan
+                logger.warning(f"planner processes did not start: {exc!r}")
         if op_settings.metrics_port is not None:
             port = await metrics.start(op_settings.metrics_host, op_settings.metrics_port)
             logger.info(f"Operator metrics on :{port}/metrics")

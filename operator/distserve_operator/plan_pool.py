@@ -8,8 +8,8 @@ naming the field) comes back as JSON and is raised here as ValueError with the s
 the reconcile's handling of planner errors is the same in a process or a thread.
 
 Processes are spawned, not forked: no kopf or asyncio state goes with them, and this module
-imports no kopf. Each imports the planner when it starts (`PlannerPool.warm` at operator start),
-so the first plan does not pay for the import. A pool whose process died (BrokenProcessPool: an
+imports no kopf. Each imports the planner when it starts (`PlannerPool.start`, awaited at operator
+start), so the first plan does not pay for the import. A pool whose process died (BrokenProcessPool: an
 OOM kill, a crash) is replaced and the plan tried once more on the fresh one.
 """
 
@@ -140,6 +140,10 @@ class PlannerPool:
     def warm(self) -> list[Future[int]]:
         """Start every process now (each imports the planner); returns futures of their pids."""
         return [self._executor.submit(_ready) for _ in range(self.processes)]
+
+    async def start(self, timeout: float = 120.0) -> None:
+        """Start every process and wait until each has imported the planner."""
+        await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(f) for f in self.warm())), timeout)
 
     async def plan(self, spec: DistServeDeploymentSpec, kwargs: dict[str, Any]) -> PlanStatus:
         """The default planner's status for `spec`; ValueError as the planner raised it."""

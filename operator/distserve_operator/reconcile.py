@@ -80,6 +80,10 @@ class Runtime:
     executor: ThreadPoolExecutor
     plan_fn: PlanFn
     plans: plan_cache.PlanCache[PlanStatus]
+    # Deployments applying their children at once (settings.apply_concurrency). A plan is recorded
+    # before its children are applied: with many new deployments, each is planned without
+    # queueing behind the others' child writes, and the API server sees a bounded burst.
+    apply_slots: asyncio.Semaphore
     pool: PlannerPool | None = None  # the default planner's processes; None: plan_fn in a thread
 
 
@@ -287,7 +291,10 @@ async def _reconcile_locked(
         old_raw = planned_status.to_wire()
 
     assert plan is not None
-    converged = await _converge(rt, live, spec, plan, status, prune=not first_plan, now=now, logger=logger)
+    async with rt.apply_slots:  # the plan is recorded: its children wait for a slot (Runtime)
+        converged = await _converge(
+            rt, live, spec, plan, status, prune=not first_plan, now=now, logger=logger
+        )
     status = converged.status
     if converged.waiting.pods and found is None:  # a pod went Pending since the first look
         found = await _allocatable(rt, spec, name, namespace)
@@ -784,7 +791,8 @@ async def _on_observation(
     await _write_status(rt, namespace, name, old_raw, new)
     if "plan" in update:
         # The plan is recorded first: if applying fails now, the resync applies it from status.
-        converged = await _converge(rt, live, spec, plan, new, prune=True, now=now, logger=logger)
+        async with rt.apply_slots:
+            converged = await _converge(rt, live, spec, plan, new, prune=True, now=now, logger=logger)
         if converged.waiting.pods and found is None:
             found = await _allocatable(rt, spec, name, namespace)
         final = converged.status.model_copy(

@@ -56,6 +56,16 @@ class OperatorSettings(BaseModel):
             "0 keeps none (identical plans in progress are still computed once)."
         ),
     )
+    apply_concurrency: int = Field(
+        4,
+        ge=1,
+        le=1000,
+        description=(
+            "Deployments whose children are applied at the same time. Each plan is recorded first, so "
+            "when many deployments arrive at once they are all planned without waiting for the others' "
+            "child writes, and the API server sees a bounded burst."
+        ),
+    )
     resync_seconds: float = Field(
         60.0,
         gt=0,

@@ -157,6 +157,7 @@ def test_reconcile_plans_identical_inputs_once() -> None:
         executor=ThreadPoolExecutor(max_workers=2),
         plan_fn=planner,
         plans=PlanCache(8),
+        apply_slots=asyncio.Semaphore(1),
     )
     with_profile = spec(planner={"profileConfigMap": "prof"})
 
