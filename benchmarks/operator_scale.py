@@ -8,8 +8,10 @@ memory (VmHWM):
 - distinct: N variants with different rates and SLOs (no two alike: N planner runs).
 
 Same-run baselines: the planner's wall time for the manifest in this process (median of 5), the
-create->plan time of a single CR, and the sequential floor of the distinct run: the N distinct
-specs planned one after another in this process, one core.
+create->plan time of a single CR, the sequential floor of the distinct run (the N distinct specs
+planned one after another in this process, one core), and the same specs planned all at once
+through the operator's planner processes with no operator or emulator around. CPU seconds of the
+operator, its planner processes and this process (emulator and driver) are reported per run.
 
 The operator runs as a real `distserve operator` subprocess (kopf, standalone, all namespaces;
 planner processes as its settings choose, `--planner-processes` to force) pointed at the emulator
@@ -44,6 +46,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from operator_support.emulator import ApiServerEmulator  # noqa: E402
 
+from distserve_operator import plan_pool  # noqa: E402
 from distserve_operator.api import parse_spec  # noqa: E402
 from distserve_planner import plan_deployment  # noqa: E402
 
@@ -233,6 +236,26 @@ def sequential_floor(bodies: list[dict[str, Any]]) -> float:
     return time.perf_counter() - started
 
 
+def pool_wall(bodies: list[dict[str, Any]], processes: int) -> float:
+    """Wall time of planning every body at once through the operator's planner processes, with
+    no operator or emulator around (0 when the operator would plan in threads)."""
+    if processes < 1:
+        return 0.0
+    specs = [parse_spec(b["spec"]) for b in bodies]
+    pool = plan_pool.PlannerPool(processes)
+
+    async def plan_all() -> float:
+        await pool.start()
+        started = time.perf_counter()
+        await asyncio.gather(*(pool.plan(spec, {}) for spec in specs))
+        return time.perf_counter() - started
+
+    try:
+        return asyncio.run(plan_all())
+    finally:
+        pool.shutdown()
+
+
 def _line(label: str, r: dict[str, Any]) -> str:
     cpu = r["cpu_s"]
     return (
@@ -264,6 +287,8 @@ def main() -> int:
     varied = asyncio.run(run_once(distinct, "bench-varied", args.timeout, op_args))
     plan_s = planner_wall(manifest)
     floor_s = sequential_floor(distinct)
+    processes = plan_pool.processes_for(args.planner_processes)
+    pool_s = pool_wall(distinct, processes)
     result = {
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "load_average_before_after": [load_before, os.getloadavg()],
@@ -273,6 +298,8 @@ def main() -> int:
         "operator_args": op_args,
         "planner_wall_one_cr_s": plan_s,
         "sequential_floor_distinct_s": floor_s,
+        "planner_processes": processes,
+        "pool_alone_distinct_s": pool_s,
         "one_cr": single,
         "identical_crs": same,
         "distinct_crs": varied,
@@ -288,6 +315,11 @@ def main() -> int:
         print(f"operator flags: {' '.join(op_args) or '(defaults)'}")
         print(f"planner wall time, one CR (median of 5): {plan_s * 1000:.0f} ms")
         print(f"sequential floor, the {args.count} distinct specs planned one by one here: {floor_s:.1f} s")
+        if processes:
+            print(
+                f"the same specs at once through {processes} planner processes, no operator: {pool_s:.1f} s "
+                f"({pool_s / floor_s:.2f}x the floor)"
+            )
         print(
             f"1 CR: create -> status.plan {single['median_s']:.3f} s; operator peak RSS {single['operator_peak_rss_mib']:.0f} MiB"
         )

@@ -53,13 +53,18 @@ def usable_cpus() -> int:
     return max(1, cpus)
 
 
+# Auto never starts more: each process holds ~40 MiB, and an operator pod without a CPU limit on a
+# large node sees every core of it (the chart's memory limit is 1 GiB).
+MAX_AUTO_PROCESSES = 4
+
+
 def processes_for(setting: int | None) -> int:
-    """Planner processes for the `planner_processes` setting: None is one per usable CPU when
-    there are two or more, else 0 (threads); an explicit number is taken as it is."""
+    """Planner processes for the `planner_processes` setting: None is one per usable CPU (at most
+    MAX_AUTO_PROCESSES) when there are two or more, else 0 (threads); a number is taken as it is."""
     if setting is not None:
         return setting
     cpus = usable_cpus()
-    return cpus if cpus > 1 else 0
+    return min(cpus, MAX_AUTO_PROCESSES) if cpus > 1 else 0
 
 
 # ---------------------------------------------------------------------------- the JSON codec

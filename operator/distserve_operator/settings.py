@@ -43,8 +43,8 @@ class OperatorSettings(BaseModel):
         le=64,
         description=(
             "Processes running the default planner, so that many deployments are planned on every core; "
-            "None: one per usable CPU (affinity mask and cgroup CPU limit) when there are two or more, "
-            "threads otherwise; 0: threads only."
+            "None: one per usable CPU (affinity mask and cgroup CPU limit), at most 4, when there are two "
+            "or more, threads otherwise; 0: threads only."
         ),
     )
     plan_cache_size: int = Field(
