@@ -25,7 +25,7 @@ class OperatorMetrics:
         )
         self.replans_total = Counter(
             "distserve_operator_replans_total",
-            "Plans computed, by reason (Spec, RateDrift, LengthDrift, ...).",
+            "Plans made for a deployment (computed or reused from an identical input), by reason (Created, RateDrift, ...).",
             ["reason"],
             registry=self.registry,
         )
