@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--metrics-port", type=int, help=fields["metrics_port"].description)
     parser.add_argument("--planner-workers", type=int, help=fields["planner_workers"].description)
+    parser.add_argument("--planner-processes", type=int, help=fields["planner_processes"].description)
+    parser.add_argument("--plan-cache-size", type=int, help=fields["plan_cache_size"].description)
     parser.add_argument("--resync-seconds", type=float, help=fields["resync_seconds"].description)
     parser.add_argument("--router-metrics-url", help=fields["router_metrics_url"].description)
     parser.add_argument("--api-server", help=fields["api_server"].description)
@@ -28,7 +30,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
     overrides: dict[str, Any] = {
         name: getattr(args, name, None)
-        for name in ("metrics_port", "planner_workers", "resync_seconds", "router_metrics_url", "api_server")
+        for name in (
+            "metrics_port",
+            "planner_workers",
+            "planner_processes",
+            "plan_cache_size",
+            "resync_seconds",
+            "router_metrics_url",
+            "api_server",
+        )
     }
     return OperatorSettings.from_env(**overrides)
 

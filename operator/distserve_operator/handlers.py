@@ -19,6 +19,8 @@ from . import reconcile as R
 from .api import GROUP, PLURAL, VERSION, AutoscalingMode, SpecError, parse_spec
 from .kube import Kube
 from .metrics import OperatorMetrics
+from .plan_cache import PlanCache
+from .plan_pool import PlannerPool, processes_for
 from .settings import OperatorSettings
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
@@ -44,6 +46,27 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.watching.client_timeout = 330
 
 
+def _planner_pool(settings: OperatorSettings) -> PlannerPool | None:
+    processes = processes_for(settings.planner_processes)
+    return PlannerPool(processes) if processes > 0 else None
+
+
+def _observing(body: kopf.Body, state: R.Observer) -> tuple[float, bool]:
+    """spec.autoscaling's interval and whether traffic is observed, parsed once per generation."""
+    generation = (body.get("metadata") or {}).get("generation")
+    if generation is None or state.spec_generation != generation:
+        try:
+            spec = parse_spec(body.get("spec"))
+            state.observing = (
+                float(spec.autoscaling.interval_seconds),
+                spec.autoscaling.mode is not AutoscalingMode.OFF,
+            )
+        except SpecError:
+            state.observing = (60.0, False)
+        state.spec_generation = generation
+    return state.observing
+
+
 def register(
     registry: kopf.OperatorRegistry,
     settings: OperatorSettings,
@@ -66,8 +89,18 @@ def register(
                 max_workers=op_settings.planner_workers, thread_name_prefix="planner"
             ),
             plan_fn=plan_fn or R.default_plan_fn(),
+            plans=PlanCache(op_settings.plan_cache_size),
+            apply_slots=asyncio.Semaphore(op_settings.apply_concurrency),
+            pool=_planner_pool(op_settings) if plan_fn is None else None,
         )
         memo["runtime"] = runtime
+        if runtime.pool is not None:
+            # Before kopf lists anything: the processes import the planner now, not at the first plan.
+            try:
+                await runtime.pool.start()
+                logger.info(f"Planning in {runtime.pool.processes} processes")
+            except Exception as exc:  # not fatal: a pool that broke is replaced at the first plan
+                logger.warning(f"planner processes did not start: {exc!r}")
         if op_settings.metrics_port is not None:
             port = await metrics.start(op_settings.metrics_host, op_settings.metrics_port)
             logger.info(f"Operator metrics on :{port}/metrics")
@@ -79,6 +112,8 @@ def register(
             await runtime.metrics.stop()
             await runtime.kube.close_all()
             runtime.executor.shutdown(wait=False, cancel_futures=True)
+            if runtime.pool is not None:
+                runtime.pool.shutdown()
 
     @kopf.on.login(registry=registry, id="login")
     def login(memo: Any, logger: Logger, **kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -136,14 +171,10 @@ def register(
         runtime: R.Runtime = memo["runtime"]
         state = R.observer_state(memo)
         while not stopped:
-            try:
-                spec = parse_spec(body.get("spec"))
-                interval = float(spec.autoscaling.interval_seconds)
-                active = spec.autoscaling.mode is not AutoscalingMode.OFF
-            except SpecError:
-                interval, active = 60.0, False
+            interval, active = _observing(body, state)
+            rolling = bool((body.get("status") or {}).get("rollout"))
             now = time.monotonic()
-            if (body.get("status") or {}).get("rollout") and now >= state.next_rollout_step:
+            if rolling and now >= state.next_rollout_step:
                 # A staged rollout moves on readiness, which no event of ours announces: look often.
                 state.next_rollout_step = now + op_settings.rollout_poll_seconds
                 try:
@@ -161,13 +192,12 @@ def register(
                 except Exception:
                     # One bad interval (a planner error on odd traffic) must not end observation.
                     logger.exception("traffic observation failed; retrying next interval")
+            # Wake for what is due (at most a tick away, so a new rollout or mode is seen), never
+            # sooner than needed: one daemon per deployment, hundreds of them share the event loop.
+            due = [t for t, on in ((state.next_due, active), (state.next_rollout_step, rolling)) if on]
+            wait = min([op_settings.observe_tick_seconds, *(t - time.monotonic() for t in due)])
             # A plain sleep, not `stopped.wait(timeout)`: on Python 3.11 a cancellation racing that
             # timeout surfaces as TimeoutError and kopf reports the daemon as failed.
-            await asyncio.sleep(
-                min(
-                    op_settings.observe_tick_seconds,
-                    max(0.05, min(state.next_due, state.next_rollout_step) - time.monotonic()),
-                )
-            )
+            await asyncio.sleep(max(0.05, wait))
 
     return registry

@@ -293,14 +293,20 @@ class Kube:
             if exc.status != 404:
                 raise self._map(exc, f"delete {kind} {name}") from exc
 
-    async def apply(self, obj: dict[str, Any], *, preserve_replicas: bool = False) -> Applied:
+    async def apply(
+        self, obj: dict[str, Any], *, preserve_replicas: bool = False, create_first: bool = False
+    ) -> Applied:
         """Create the object or bring the live one to it; harmless to repeat.
 
-        `preserve_replicas`: leave `spec.replicas` of a live object alone (an HPA owns it)."""
+        `preserve_replicas`: leave `spec.replicas` of a live object alone (an HPA owns it).
+        `create_first`: the object most likely does not exist yet (a new deployment's children):
+        try to create it before looking (one request, not two); if it exists, patch it as usual."""
         api_version, kind, meta = obj["apiVersion"], obj["kind"], obj["metadata"]
         namespace, name = meta.get("namespace"), meta["name"]
-        for _ in range(3):
-            live = await self.get(api_version, kind, namespace, name)
+        for attempt in range(3):
+            live = (
+                None if create_first and attempt == 0 else await self.get(api_version, kind, namespace, name)
+            )
             if live is None:
                 try:
                     return Applied("created", await self.create(obj))

@@ -25,8 +25,15 @@ class OperatorMetrics:
         )
         self.replans_total = Counter(
             "distserve_operator_replans_total",
-            "Plans computed, by reason (Spec, RateDrift, LengthDrift, ...).",
+            "Plans made for a deployment (computed or reused from an identical input), by reason (Created, RateDrift, ...).",
             ["reason"],
+            registry=self.registry,
+        )
+        self.plan_cache_total = Counter(
+            "distserve_operator_plan_cache_lookups_total",
+            "Plan lookups by result: hit (a finished plan reused), shared (joined an identical plan in "
+            "progress), miss (the planner ran).",
+            ["result"],
             registry=self.registry,
         )
         self._runner: web.AppRunner | None = None

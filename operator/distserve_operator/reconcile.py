@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import kopf
 from pydantic import ValidationError
 
-from . import capacity, children, conditions, drift, observe, rollout, scaling
+from . import capacity, children, conditions, drift, observe, plan_cache, rollout, scaling
 from . import labels as L
 from .api import (
     AutoscalingMode,
@@ -45,6 +45,7 @@ from .api import (
 from .api.resource import name_problem
 from .kube import Kube
 from .metrics import OperatorMetrics
+from .plan_pool import PlannerPool
 from .settings import OperatorSettings
 
 if TYPE_CHECKING:
@@ -79,6 +80,12 @@ class Runtime:
     metrics: OperatorMetrics
     executor: ThreadPoolExecutor
     plan_fn: PlanFn
+    plans: plan_cache.PlanCache[PlanStatus]
+    # Deployments applying their children at once (settings.apply_concurrency). A plan is recorded
+    # before its children are applied: with many new deployments, each is planned without
+    # queueing behind the others' child writes, and the API server sees a bounded burst.
+    apply_slots: asyncio.Semaphore
+    pool: PlannerPool | None = None  # the default planner's processes; None: plan_fn in a thread
 
 
 def _lock(memo: Any) -> asyncio.Lock:
@@ -151,14 +158,27 @@ async def _run_planner(
     profile = await _configmap_profile(rt, namespace, spec)
     if profile is not None:
         kwargs["profile"] = profile
-    loop = asyncio.get_running_loop()
+    # Identical planning inputs (spec fields the planner reads, overrides, profile content) are
+    # planned once, and once only while in progress: 100 identical deployments make one plan.
+    status, lookup = await rt.plans.get(
+        plan_cache.planning_key(spec, kwargs), lambda: _plan(rt, spec, kwargs)
+    )
+    rt.metrics.plan_cache_total.labels(result=lookup).inc()
+    rt.metrics.replans_total.labels(reason=reason).inc()
+    return status
+
+
+async def _plan(rt: Runtime, spec: DistServeDeploymentSpec, kwargs: dict[str, Any]) -> PlanStatus:
+    """One planner run: in the planner processes when there are (the default planner), else a thread."""
     started = time.perf_counter()
     try:
+        if rt.pool is not None:
+            return await rt.pool.plan(spec, kwargs)
+        loop = asyncio.get_running_loop()
         report = await loop.run_in_executor(rt.executor, functools.partial(rt.plan_fn, spec, **kwargs))
+        return report.status
     finally:
         rt.metrics.plan_seconds.observe(time.perf_counter() - started)
-    rt.metrics.replans_total.labels(reason=reason).inc()
-    return report.status
 
 
 async def _write_status(
@@ -289,7 +309,10 @@ async def _reconcile_locked(
         old_raw = planned_status.to_wire()
 
     assert plan is not None
-    converged = await _converge(rt, live, spec, plan, status, prune=not first_plan, now=now, logger=logger)
+    async with rt.apply_slots:  # the plan is recorded: its children wait for a slot (Runtime)
+        converged = await _converge(
+            rt, live, spec, plan, status, prune=not first_plan, now=now, logger=logger
+        )
     status = converged.status
     if converged.waiting.pods and found is None:  # a pod went Pending since the first look
         found = await _allocatable(rt, spec, name, namespace)
@@ -476,7 +499,9 @@ async def _converge(
     for obj in objs:
         kopf.adopt(obj, owner=owner)  # type: ignore[arg-type]  # a raw body works as the owner
         applied = await rt.kube.apply(
-            obj, preserve_replicas=not children.scaled_by_operator(obj, spec.autoscaling.mode)
+            obj,
+            preserve_replicas=not children.scaled_by_operator(obj, spec.autoscaling.mode),
+            create_first=not prune,  # a first plan: none of its children can exist yet
         )
         if obj["kind"] in ("StatefulSet", "Deployment"):
             ready[obj["metadata"]["name"]] = int((applied.obj.get("status") or {}).get("readyReplicas") or 0)
@@ -610,11 +635,15 @@ async def _finish(
 
 @dataclass
 class Observer:
-    """Per-deployment observer state (in the object's memo): the previous router scrape."""
+    """Per-deployment observer state (in the object's memo): the previous router scrape, when
+    the next observation and rollout step are due."""
 
     last_scrape: observe.RouterScrape | None = None
     next_due: float = 0.0
     next_rollout_step: float = 0.0
+    # The daemon's reading of spec.autoscaling (interval seconds, active) and its generation.
+    observing: tuple[float, bool] = (60.0, False)
+    spec_generation: int | None = None
 
 
 def observer_state(memo: Any) -> Observer:
@@ -780,7 +809,8 @@ async def _on_observation(
     await _write_status(rt, namespace, name, old_raw, new)
     if "plan" in update:
         # The plan is recorded first: if applying fails now, the resync applies it from status.
-        converged = await _converge(rt, live, spec, plan, new, prune=True, now=now, logger=logger)
+        async with rt.apply_slots:
+            converged = await _converge(rt, live, spec, plan, new, prune=True, now=now, logger=logger)
         if converged.waiting.pods and found is None:
             found = await _allocatable(rt, spec, name, namespace)
         final = converged.status.model_copy(

@@ -14,6 +14,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 ENV_PREFIX = "DISTSERVE_OPERATOR_"
+# Settings whose None is spelled with a word in the environment.
+_NONE_WORDS = {"metrics_port": ("", "none", "off"), "planner_processes": ("", "none", "auto")}
 
 
 class OperatorSettings(BaseModel):
@@ -27,7 +29,42 @@ class OperatorSettings(BaseModel):
     )
     metrics_host: str = Field("0.0.0.0", description="Address the metrics server listens on.")
     planner_workers: int = Field(
-        2, ge=1, le=64, description="Threads running the CPU-bound planner off the event loop."
+        2,
+        ge=1,
+        le=64,
+        description=(
+            "Threads running the CPU-bound planner off the event loop (a planner passed in by code, or "
+            "plannerProcesses 0)."
+        ),
+    )
+    planner_processes: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description=(
+            "Processes running the default planner, so that many deployments are planned on every core; "
+            "None: one per usable CPU (affinity mask and cgroup CPU limit), at most 4, when there are two "
+            "or more, threads otherwise; 0: threads only."
+        ),
+    )
+    plan_cache_size: int = Field(
+        256,
+        ge=0,
+        le=100_000,
+        description=(
+            "Plans kept by planning input (LRU): identical specs, overrides and profile are planned once. "
+            "0 keeps none (identical plans in progress are still computed once)."
+        ),
+    )
+    apply_concurrency: int = Field(
+        4,
+        ge=1,
+        le=1000,
+        description=(
+            "Deployments whose children are applied at the same time. Each plan is recorded first, so "
+            "when many deployments arrive at once they are all planned without waiting for the others' "
+            "child writes, and the API server sees a bounded burst."
+        ),
     )
     resync_seconds: float = Field(
         60.0,
@@ -95,6 +132,6 @@ class OperatorSettings(BaseModel):
         for name in cls.model_fields:
             raw = env.get(ENV_PREFIX + name.upper())
             if raw is not None:
-                values[name] = None if raw.lower() in ("", "none", "off") and name == "metrics_port" else raw
+                values[name] = None if raw.lower() in _NONE_WORDS.get(name, ()) else raw
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(values)

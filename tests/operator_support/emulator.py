@@ -73,6 +73,18 @@ class ApiServerEmulator(KubernetesEmulator):
                 self._on_update(request)
         return await super()._handle(request)
 
+    def _KubernetesEmulator__check(  # overrides kmock's private (name-mangled) matcher
+        self, request: Any, resource: Any, namespace: str | None, name: str, strict: bool
+    ) -> bool:
+        # kmock tests every stored object against each request, resource first (a costly fuzzy
+        # comparison): with thousands of objects that dominated the benchmark's emulator time.
+        # Same answer, the plain string comparisons first.
+        if request.name is not None and name != request.name:
+            return False
+        if (strict or request.namespace is not None) and namespace != request.namespace:
+            return False
+        return bool(resource == request.resource)
+
     def _on_create(self, request: Any) -> None:
         meta = request.data.setdefault("metadata", {})
         if request.namespace and not meta.get("namespace"):

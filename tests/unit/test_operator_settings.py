@@ -21,6 +21,10 @@ def test_settings_from_env_and_flags() -> None:
     assert s.metrics_port is None and s.planner_workers == 4
     with pytest.raises(ValidationError):
         OperatorSettings.from_env({"DISTSERVE_OPERATOR_PLANNER_WORKERS": "0"})
+    s = OperatorSettings.from_env({"DISTSERVE_OPERATOR_PLANNER_PROCESSES": "auto"})
+    assert s.planner_processes is None and s.plan_cache_size == 256 and s.apply_concurrency == 4
+    s = OperatorSettings.from_env({"DISTSERVE_OPERATOR_PLANNER_PROCESSES": "0"}, plan_cache_size=0)
+    assert (s.planner_processes, s.plan_cache_size) == (0, 0)
 
 
 def test_cli_flags_become_settings() -> None:
