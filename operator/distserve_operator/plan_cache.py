@@ -24,7 +24,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
-# Spec fields (python names) that `distserve_planner.inputs.plan_input` does not read: a section
+# Spec fields (python names) that `distserve_planner.loaders.spec.plan_input` does not read: a section
 # name maps to None (the whole section) or to the sub-fields to drop. A deny list, not an allow
 # list: a field the planner learns to read later misses the cache instead of serving a stale plan.
 NOT_PLANNING: dict[str, frozenset[str] | None] = {

@@ -2,7 +2,7 @@
 
 The planner is CPU-bound pure Python: in threads it uses one core (the GIL). Only JSON text crosses
 the process boundary (nothing of ours is ever unpickled): the spec as its wire JSON, keyword
-arguments as plain JSON values (`workload_override` as its wire JSON), and the plan as the
+arguments as plain JSON values (`workload_override` and a parsed `profile` as their JSON), and the plan as the
 PlanStatus's wire JSON, validated again on this side. A planner ValueError (a spec it cannot plan,
 naming the field) comes back as JSON and is raised here as ValueError with the same message, so
 the reconcile's handling of planner errors is the same in a process or a thread.
@@ -27,10 +27,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from distserve_planner.profiles import Profile
+
 from .api import DistServeDeploymentSpec, PlanStatus, WorkloadSnapshot
 
-# Keyword arguments that are API models: sent as wire JSON, validated again in the process.
-_MODEL_ARGUMENTS: dict[str, type[BaseModel]] = {"workload_override": WorkloadSnapshot}
+# Keyword arguments that may be models: sent as their JSON, validated again in the process (a
+# `profile` may also be a file or a bundled profile's name: a string, sent as it is).
+_MODEL_ARGUMENTS: dict[str, type[BaseModel]] = {"workload_override": WorkloadSnapshot, "profile": Profile}
 
 
 class PlannerProcessError(RuntimeError):
@@ -73,7 +76,7 @@ def processes_for(setting: int | None) -> int:
 def encode_kwargs(kwargs: dict[str, Any]) -> str:
     out: dict[str, Any] = {}
     for key, value in kwargs.items():
-        if key in _MODEL_ARGUMENTS and value is not None:
+        if key in _MODEL_ARGUMENTS and isinstance(value, _MODEL_ARGUMENTS[key]):
             value = value.model_dump(mode="json", by_alias=True)
         elif isinstance(value, PurePath):
             value = str(value)
@@ -89,7 +92,7 @@ def encode_kwargs(kwargs: dict[str, Any]) -> str:
 def decode_kwargs(text: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = json.loads(text)
     for key, model in _MODEL_ARGUMENTS.items():
-        if kwargs.get(key) is not None:
+        if isinstance(kwargs.get(key), dict):
             kwargs[key] = model.model_validate(kwargs[key])
     return kwargs
 

@@ -27,6 +27,9 @@ from distserve_operator.metrics import OperatorMetrics
 from distserve_operator.plan_cache import NOT_PLANNING, Lookup, PlanCache, planning_key
 from distserve_operator.settings import OperatorSettings
 from distserve_planner import plan_deployment
+from distserve_planner.loaders import profile_files
+
+ROOT = Path(__file__).parents[2]
 
 # Plans in ~10 ms: the pool tests pay for process start-up, not for planning.
 TINY = {
@@ -124,9 +127,12 @@ def test_lru_and_single_flight() -> None:
 # ---------------------------------------------------------------------------- through the reconcile
 
 
+CPU_PROFILE = ROOT / "deploy/profiles/smollm2-135m-cpu.json"
+
+
 class FakeKube:
     def __init__(self) -> None:
-        self.profile = '{"format": 1}'
+        self.profile = CPU_PROFILE.read_text()
 
     async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any]:
         return {"data": {"profile.json": self.profile}}
@@ -173,7 +179,9 @@ def test_reconcile_plans_identical_inputs_once() -> None:
         await R._run_planner(rt, with_profile, "Created", namespace="ns")
         await R._run_planner(rt, with_profile, "Created", namespace="ns")
         assert len(planner.calls) == 3
-        kube.profile = '{"format": 2}'  # the ConfigMap changed: plan again
+        kube.profile = CPU_PROFILE.read_text().replace(  # the ConfigMap changed: plan again
+            '"source": "', '"source": "re-measured ', 1
+        )
         await R._run_planner(rt, with_profile, "Created", namespace="ns")
         assert len(planner.calls) == 4
         assert planner.calls[2]["profile"] != planner.calls[3]["profile"]
@@ -206,6 +214,17 @@ def test_pool_plans_like_the_planner(pool: plan_pool.PlannerPool) -> None:
     override = WorkloadSnapshot(requests_per_second=300.0, input_tokens_mean=400.0)
     got = asyncio.run(pool.plan(s, {"workload_override": override}))
     assert _without_time(got) == _without_time(plan_deployment(s, workload_override=override).status)
+
+
+def test_pool_plans_with_a_parsed_profile(pool: plan_pool.PlannerPool) -> None:
+    """A profileConfigMap's profile reaches the planner process as its JSON, not pickled."""
+    s = spec()
+    profile = profile_files.load(ROOT / "deploy/profiles/smollm2-135m-cpu.json")
+    got = asyncio.run(pool.plan(s, {"profile": profile}))
+    assert _without_time(got) == _without_time(plan_deployment(s, profile=profile).status)
+    assert (
+        got.profile == plan_deployment(s, profile=profile).status.profile != plan_deployment(s).status.profile
+    )
 
 
 def test_pool_raises_the_planners_value_error(pool: plan_pool.PlannerPool) -> None:
