@@ -201,21 +201,24 @@ def select(inp: PlanInput, outcomes: Outcomes, plans: list[Placement], rate: flo
 
 
 class Outcomes:
-    """Whole-plan simulations at the workload's rate, each run once: the tie between plans, the
-    joint check and the report's candidates ask for the same ones."""
+    """Whole-plan simulations, each run once: at the workload's rate (what a plan will see: the
+    joint check, the report's candidates) and at a plan's own goodput (the tie between plans)."""
 
     def __init__(self, inp: PlanInput, ctx: Context, rate: float) -> None:
         self.inp, self.ctx, self.rate = inp, ctx, rate
         self.cache: dict[tuple[object, ...], sim.Outcome] = {}
 
-    def of(self, p: Placement) -> sim.Outcome:
-        key = (*p.shape, p.affinity, p.transfer_bw, p.prefill.stage_bw, p.decode.stage_bw)
+    def of(self, p: Placement, rate: float | None = None) -> sim.Outcome:
+        rate = self.rate if rate is None else rate
+        key = (*p.shape, p.affinity, p.transfer_bw, p.prefill.stage_bw, p.decode.stage_bw, rate)
         if key not in self.cache:
-            self.cache[key] = simulate_plan(self.inp, self.ctx, p, self.rate)
+            self.cache[key] = simulate_plan(self.inp, self.ctx, p, rate)
         return self.cache[key]
 
     def tpot_p90(self, p: Placement) -> float:
-        return sim.percentile(self.of(p).tpot, 90)
+        """TPOT p90 at the plan's own goodput: plans compared at the load each is rated for, so a
+        larger one does not win a tie by running emptier at the workload's rate."""
+        return sim.percentile(self.of(p, p.goodput).tpot, 90)
 
     def meets(self, p: Placement) -> bool:
         """Whether the plan meets the attainment target as a whole, without backpressure."""

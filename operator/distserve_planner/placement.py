@@ -10,15 +10,17 @@ The space searched (the tests enumerate it by brute force and hold the search to
   each phase has its own TP and its own intra-node depth k (an instance has node_span x k stages),
   and a node holds n_p prefill and n_d decode segments that need not fill it. A deployment is some
   number of such node groups, all alike.
-- **Replicas, jointly with the pair.** A deployment that serves the workload's rate has no replica
-  it could do without (each phase has exactly as many as the rate needs, Algorithm 1; as many node
-  groups as needed and no removable segment in them, Algorithm 2). When the budget cannot serve the
-  rate, every split of the budget between the two phases counts, not only the largest: the best
-  goodput per GPU often comes from a smaller, better-balanced deployment.
+- **Replicas, jointly with the pair.** Goodput per GPU peaks where the two phases balance, which
+  is not always at the fewest replicas the rate needs: one fast prefill instance may feed three
+  decode instances, and that 1:3 unit beats 1:1 per GPU even when one decode instance would serve
+  the rate. So every balanced unit of a pair (Algorithm 1) and every mix of segments on a node
+  (Algorithm 2) is a candidate, in as many copies (node groups) as serve the rate, or as the
+  budget holds when it cannot.
 
 The objective is the paper's, goodput per GPU, after serving the rate: `rank_key`. Plans within
 5% of the best count as equal (the simulator is not more precise than that) and `choose` breaks
-the tie, saying why in words.
+the tie, saying why in words: the lower TPOT p90 predicted at each plan's own goodput (at the
+load it is rated for, so that a larger plan does not win by running emptier), then fewer GPUs.
 """
 
 from __future__ import annotations
@@ -134,18 +136,30 @@ def replica_options(
     rate: float, rp: float, rd: float, gp: int, gd: int, budget: int
 ) -> Iterator[tuple[int, int]]:
     """Prefill and decode replicas of one pair (per-instance rates rp, rd; GPUs gp, gd) worth
-    scoring: the fewest that serve `rate` when the budget holds them; otherwise, for every prefill
-    count, the decode counts that balance it best within the budget (more decode than that adds GPUs
-    and no goodput, fewer leaves prefill idle: goodput per GPU peaks at one of the two)."""
-    np_, nd = needed(rate, rp), needed(rate, rd)
-    if np_ * gp + nd * gd <= budget:
-        yield np_, nd
-        return
-    for n in range(1, (budget - gd) // gp + 1):
-        room = (budget - n * gp) // gd
-        balance = n * rp / rd
-        for m in {max(1, min(room, math.floor(balance))), max(1, min(room, math.ceil(balance)))}:
-            yield n, m
+    scoring. Goodput per GPU, min(n rp, m rd) / (n gp + m gd), peaks where the phases balance:
+    for n prefill instances, at m = floor or ceil of n rp / rd decode ones (more decode adds GPUs
+    and no goodput, fewer leaves prefill idle), and likewise the other way round. Every such
+    balanced unit within the budget is a candidate, as many copies of it as serve `rate` (all the
+    budget holds when that is fewer), and so is the fewest of each phase that serves `rate`."""
+    seen: set[tuple[int, int]] = set()
+
+    def deployed(n: int, m: int) -> tuple[int, int] | None:
+        gpus, goodput = n * gp + m * gd, min(n * rp, m * rd)
+        if n < 1 or m < 1 or gpus > budget:
+            return None
+        copies = min(needed(rate, goodput), budget // gpus)
+        return n * copies, m * copies
+
+    units = [(needed(rate, rp), needed(rate, rd))]
+    for n in range(1, budget // gp + 1):
+        units += [(n, math.floor(n * rp / rd)), (n, math.ceil(n * rp / rd))]
+    for m in range(1, budget // gd + 1):
+        units += [(math.floor(m * rd / rp), m), (math.ceil(m * rd / rp), m)]
+    for n, m in units:
+        plan = deployed(n, m)
+        if plan is not None and plan not in seen:
+            seen.add(plan)
+            yield plan
 
 
 # ---------------------------------------------------------------------------- the two algorithms
@@ -209,23 +223,13 @@ def node_contents(
     g: int, fp: int, fd: int, rp: float, rd: float, rate: float, groups: Callable[[int], int]
 ) -> Iterator[tuple[int, int, int]]:
     """(prefill segments, decode segments, node groups) for nodes of `g` GPUs holding segments of
-    `fp` and `fd` GPUs: every mix that fits a node, with as many groups as serve `rate`, or all
-    `groups(gpus per node)` allows when that is fewer. A mix with a segment the rate does not need
-    is skipped (the mix without it is scored too)."""
+    `fp` and `fd` GPUs: every mix that fits a node, in as many groups as serve `rate` (all that
+    `groups(gpus per node)` allows when that is fewer)."""
     for a in range(1, (g - fd) // fp + 1):
         for b in range(1, (g - a * fp) // fd + 1):
             most = groups(a * fp + b * fd)
-            if most < 1:
-                continue
-            per_group = min(a * rp, b * rd)
-            use = needed(rate, per_group)
-            if use > most:
-                yield a, b, most  # the budget cannot serve the rate: as much of it as it can
-                continue
-            spare_p = a > 1 and min((a - 1) * rp, b * rd) * use >= rate * 0.999
-            spare_d = b > 1 and min(a * rp, (b - 1) * rd) * use >= rate * 0.999
-            if not (spare_p or spare_d):
-                yield a, b, use
+            if most >= 1:
+                yield a, b, min(most, needed(rate, min(a * rp, b * rd)))
 
 
 def low_affinity(ctx: Context, shape: ClusterShape, rate: float) -> tuple[list[Placement], list[PhaseResult]]:

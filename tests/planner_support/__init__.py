@@ -1,0 +1,1 @@
+"""Helpers for planner tests and benchmarks (brute force over the placement space)."""
