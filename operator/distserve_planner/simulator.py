@@ -94,6 +94,44 @@ def _advance(k: int, alpha: float, beta: float, ctx: float, batch: int) -> float
     return k * alpha + beta * (k * ctx + batch * k * (k - 1) / 2)
 
 
+def _finish(
+    step: int,
+    t: float,
+    running: list[tuple[int, int]],
+    longest: _Longest,
+    last: list[float],
+    inputs: Sequence[int],
+    outputs: Sequence[int],
+) -> int:
+    """The requests whose last token is step `step`'s (at `t`) leave the batch: the KV tokens they free."""
+    freed = 0
+    while running and running[0][0] == step:
+        _, r = heapq.heappop(running)
+        longest.remove(r)
+        last[r] = t
+        freed += inputs[r] + outputs[r]
+    return freed
+
+
+def _prefill_batch(
+    timing: InstanceTiming, arrivals: Sequence[float], inputs: Sequence[int], i: int, by: float, budget: int
+) -> tuple[int, int, int, int]:
+    """The prompts from `i` on that arrived by `by`, in order, while the batch stays within the
+    token budget (at least one): (end index, tokens, sum of squared lengths, longest)."""
+    n = len(arrivals)
+    j, tokens, sq, longest = i, 0, 0, 0
+    while (
+        j < n
+        and arrivals[j] <= by
+        and (j == i or _within_budget(timing, j - i, tokens, longest, inputs[j], budget))
+    ):
+        tokens += inputs[j]
+        sq += inputs[j] * inputs[j]
+        longest = max(longest, inputs[j])
+        j += 1
+    return j, tokens, sq, longest
+
+
 def simulate_prefill(
     timing: InstanceTiming, arrivals: Sequence[float], inputs: Sequence[int], token_budget: int
 ) -> list[float]:
@@ -103,17 +141,7 @@ def simulate_prefill(
     free, i = 0.0, 0
     while i < n:
         start = max(free, arrivals[i])
-        j, tokens, sq, longest = i, 0, 0, 0
-        # Batch everything already waiting, in order, while the batch stays within the budget.
-        while (
-            j < n
-            and arrivals[j] <= start
-            and (j == i or _within_budget(timing, j - i, tokens, longest, inputs[j], token_budget))
-        ):
-            tokens += inputs[j]
-            sq += inputs[j] * inputs[j]
-            longest = max(longest, inputs[j])
-            j += 1
+        j, tokens, sq, longest = _prefill_batch(timing, arrivals, inputs, i, start, token_budget)
         latency, busy = timing.prefill(*_prefill_paid(timing, j - i, longest, tokens, sq))
         for k in range(i, j):
             done[k] = start + latency
@@ -179,12 +207,8 @@ def simulate_decode(
         t += _advance(k, alpha, b, paid, batch)
         step += k
         ctx += k * batch
-        while running and running[0][0] == step:
-            _, r = heapq.heappop(running)
-            longest.remove(r)
-            last[r] = t
-            used -= inputs[r] + outputs[r]
-            ctx -= inputs[r] + outputs[r]
+        freed = _finish(step, t, running, longest, last, inputs, outputs)
+        used, ctx = used - freed, ctx - freed
     return DecodeResult(last, memory_bound, admitted)
 
 
@@ -277,16 +301,7 @@ def _one_forward_thread(
         formed = max(arrivals[q], prefilled) if q < n else INF
         if step_submitted is None or formed <= step_submitted:  # a prefill forward
             t = max(t, formed)
-            j, tokens, sq, widest = q, 0, 0, 0
-            while (
-                j < n
-                and arrivals[j] <= formed
-                and (j == q or _within_budget(timing, j - q, tokens, widest, inputs[j], token_budget))
-            ):
-                tokens += inputs[j]
-                sq += inputs[j] * inputs[j]
-                widest = max(widest, inputs[j])
-                j += 1
+            j, tokens, sq, widest = _prefill_batch(timing, arrivals, inputs, q, formed, token_budget)
             t += timing.prefill(*_prefill_paid(timing, j - q, widest, tokens, sq))[0]
             prefilled = t
             for r in range(q, j):
@@ -312,12 +327,8 @@ def _one_forward_thread(
         t += _advance(k, alpha, b, paid, batch)
         step += k
         ctx += k * batch
-        while running and running[0][0] == step:
-            _, r = heapq.heappop(running)
-            longest.remove(r)
-            last[r] = t
-            used -= inputs[r] + outputs[r]
-            ctx -= inputs[r] + outputs[r]
+        freed = _finish(step, t, running, longest, last, inputs, outputs)
+        used, ctx = used - freed, ctx - freed
         step_submitted = t if submit() else None
     return first, last
 
@@ -387,12 +398,8 @@ def _prefill_first(
         t += _advance(k, alpha, b, paid, batch)
         step += k
         ctx += k * batch
-        while running and running[0][0] == step:
-            _, r = heapq.heappop(running)
-            longest.remove(r)
-            last[r] = t
-            used -= inputs[r] + outputs[r]
-            ctx -= inputs[r] + outputs[r]
+        freed = _finish(step, t, running, longest, last, inputs, outputs)
+        used, ctx = used - freed, ctx - freed
     return first, last
 
 
