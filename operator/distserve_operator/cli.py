@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("distserve_worker.local.cli_demo", "start the local stack on SmolLM2, send requests, stop"),
     "profile": ("distserve_worker.profiling.cli_profile", "profile real workers and fit the latency model"),
     "operator": ("distserve_operator.cli_operator", "run the kopf operator (extra flags go to `kopf run`)"),
+    "cache": ("distserve_worker.cli_cache", "list or prune the de-quantized model copies in the cache"),
     "worker": ("distserve_worker.cli_worker", "run one worker or router process (used inside pods)"),
 }
 

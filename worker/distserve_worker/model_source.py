@@ -11,21 +11,21 @@
 `Path` and `PVC` directories holding a GGUF file name it with `ggufFile`.
 
 De-quantizing a GGUF file takes a while on a CPU, so the first load of one saves the result as
-safetensors under the distserve cache directory and later loads (every other worker process, the
-next run) read that copy instead.
+safetensors in the model cache (model_cache.py: keyed by the file's content and the dtype, bounded)
+and later loads (every other worker process, the next run, another checkout) read that copy instead.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from distserve_worker import model_cache
 
 log = logging.getLogger(__name__)
 
@@ -107,18 +107,10 @@ def resolve_model_source(spec: ModelSpec) -> ModelLoad:
     raise ValueError(f"unknown model source kind {spec.kind!r} (one of {', '.join(SOURCE_KINDS)})")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("DISTSERVE_CACHE_DIR") or Path.home() / ".cache" / "distserve")
-
-
 def _converted_dir(load: ModelLoad, dtype: str) -> Path:
     assert load.gguf_file is not None
     gguf = Path(load.pretrained) / load.gguf_file
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}".encode()).hexdigest()[
-        :16
-    ]
-    return cache_dir() / "gguf" / f"{gguf.stem}-{dtype}-{key}"
+    return model_cache.gguf_root() / model_cache.entry_key(model_cache.file_digest(gguf), dtype)
 
 
 def _effective(spec: ModelSpec) -> ModelLoad:
@@ -126,7 +118,8 @@ def _effective(spec: ModelSpec) -> ModelLoad:
     load = resolve_model_source(spec)
     if load.gguf_file:
         converted = _converted_dir(load, spec.dtype)
-        if (converted / "config.json").is_file():
+        if model_cache.is_complete(converted):
+            model_cache.touch(converted)
             return ModelLoad(str(converted))
     return load
 
@@ -164,7 +157,8 @@ def load_model(spec: ModelSpec, device: Any = None) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(load.pretrained, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(load.pretrained, dtype=dtype, **kwargs)
     if load.gguf_file:
-        _save_converted(model, tokenizer, _converted_dir(load, spec.dtype))
+        gguf = Path(load.pretrained) / load.gguf_file
+        _save_converted(model, tokenizer, _converted_dir(load, spec.dtype), gguf, spec.dtype)
     if device is None and torch.cuda.is_available():
         device = "cuda"
     if device is not None and str(device) != "cpu":
@@ -174,13 +168,10 @@ def load_model(spec: ModelSpec, device: Any = None) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _save_converted(model: Any, tokenizer: Any, target: Path) -> None:
-    """Save a de-quantized GGUF model; written to a temp dir and renamed, so concurrent workers are safe."""
-    if target.exists():
-        return
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    try:
-        # The GGUF quantization marker would make the copy look quantized; it is plain weights now.
+def _save_converted(model: Any, tokenizer: Any, target: Path, gguf: Path, dtype: str) -> None:
+    """Save a de-quantized GGUF model as the cache entry `target` (atomically, see model_cache)."""
+
+    def write(tmp: Path) -> None:
         # GGUF weights are de-quantized on load, so the model is plain; transformers only remembers the
         # quantizer and then refuses to save. Drop both markers for the save and put them back.
         quant = getattr(model.config, "quantization_config", None)
@@ -195,12 +186,16 @@ def _save_converted(model: Any, tokenizer: Any, target: Path) -> None:
             model.hf_quantizer = quantizer
             if quant is not None:
                 model.config.quantization_config = quant
-        tmp.rename(target)
+
+    if model_cache.is_complete(target):
+        model_cache.touch(target)
+        return
+    meta = {"model": gguf.name, "dtype": dtype, "digest": model_cache.file_digest(gguf), "source": str(gguf)}
+    try:
+        model_cache.publish(target, write, meta)
         print(f"[distserve] saved a de-quantized copy to {target} for faster loads", flush=True)
-    except OSError as exc:
+    except Exception as exc:  # the copy only speeds up later loads; this one has its model already
         log.warning("could not cache the converted model at %s: %s", target, exc)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
