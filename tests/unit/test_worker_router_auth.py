@@ -69,6 +69,25 @@ def test_a_rotated_file_takes_effect_once_its_mtime_changes_checked_once_a_secon
     assert keys.allows(f"Bearer {OTHER}")
 
 
+def test_a_secret_volume_update_is_seen_through_the_kubelets_symlink_swap(tmp_path):
+    """The kubelet writes a new timestamped directory and swaps the `..data` symlink to it; the
+    mounted `keys` is a symlink through `..data`."""
+
+    def version(name, key):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "keys").write_text(key + "\n")
+        (tmp_path / "..data_tmp").symlink_to(name)
+        os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+
+    version("ts1", KEY)
+    (tmp_path / "keys").symlink_to("..data/keys")
+    clock = Clock()
+    keys = ApiKeys(tmp_path / "keys", clock=clock)
+    version("ts2", OTHER)
+    clock.now += 1.0
+    assert keys.allows(f"Bearer {OTHER}") and not keys.allows(f"Bearer {KEY}")
+
+
 def test_every_key_is_compared_in_constant_time(tmp_path, monkeypatch):
     calls = []
 

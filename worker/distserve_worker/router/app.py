@@ -56,6 +56,10 @@ from distserve_worker.router.topology import apply_status, instances_document
 from distserve_worker.settings import RouterSettings
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+# json.loads (or a check of what it gave) past Python's recursion limit: the client's doing, a 400.
+TOO_DEEP = (
+    "the request body nests too deeply (arrays or objects within each other, about 1000 levels or more)"
+)
 
 
 class WorkerError(RuntimeError):
@@ -436,14 +440,14 @@ def build_app(router: Router) -> web.Application:
             return _json_error(400, "the request body is not valid JSON")
         except RecursionError:
             router.metrics.request("bad_request")
-            return _json_error(400, "the request body nests too deeply (arrays or objects within each other)")
+            return _json_error(400, TOO_DEEP)
         try:
             req = parse_request(body, chat, router.settings.model.name)
             prompt = router.prompt_ids(req)
             max_tokens = router.check_lengths(req, prompt)
         except RecursionError:
             router.metrics.request("bad_request")
-            return _json_error(400, "the request body nests too deeply (arrays or objects within each other)")
+            return _json_error(400, TOO_DEEP)
         except BadRequest as exc:
             router.metrics.request("bad_request")
             return _json_error(exc.status, str(exc), param=exc.param, code=exc.code)

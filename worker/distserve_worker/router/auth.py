@@ -23,6 +23,12 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrape
 CHECK_EVERY_SECONDS = 1.0
 
 
+def _signature(path: Path) -> tuple[int, int, int]:
+    """What changes when the file does: the kubelet writes a new file and swaps a symlink to it."""
+    st = os.stat(path)
+    return (st.st_mtime_ns, st.st_ino, st.st_size)
+
+
 def read_keys(path: Path) -> tuple[bytes, ...]:
     """The keys in the file: one a line, surrounding whitespace and blank lines dropped."""
     lines = path.read_bytes().decode("utf-8").splitlines()
@@ -35,7 +41,7 @@ class ApiKeys:
     def __init__(self, path: Path | str, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = Path(path)
         self.clock = clock
-        self._mtime = os.stat(self.path).st_mtime_ns  # OSError at start-up: the router does not start
+        self._seen = _signature(self.path)  # OSError at start-up: the router does not start
         self._keys = read_keys(self.path)
         self._checked = clock()
 
@@ -44,14 +50,15 @@ class ApiKeys:
         return len(self._keys)
 
     def keys(self) -> tuple[bytes, ...]:
-        """The current keys, re-read if the file's mtime changed (looked at once a second at most)."""
+        """The current keys, re-read if the file changed (its mtime, inode or size; looked at once a
+        second at most)."""
         now = self.clock()
         if now - self._checked >= CHECK_EVERY_SECONDS:
             self._checked = now
             try:
-                mtime = os.stat(self.path).st_mtime_ns
-                if mtime != self._mtime:
-                    self._keys, self._mtime = read_keys(self.path), mtime
+                seen = _signature(self.path)
+                if seen != self._seen:
+                    self._keys, self._seen = read_keys(self.path), seen
             except (OSError, UnicodeDecodeError) as exc:  # mid-update: keep the last keys, retry next time
                 print(
                     f"[distserve] router: cannot read the API key file {self.path}: {exc.__class__.__name__}"
