@@ -57,6 +57,10 @@ from .contract import runtime_contract
 
 PLAN_DIR = "/etc/distserve"
 PLAN_FILE = f"{PLAN_DIR}/plan.json"
+# spec.router.auth: the API keys Secret's key, mounted as a file the router re-reads when the kubelet
+# updates it (hence a directory mount: a subPath mount is never updated).
+API_KEYS_DIR = "/etc/distserve-api-keys"
+API_KEYS_FILE = f"{API_KEYS_DIR}/keys"
 PLAN_KEY = "plan.json"
 MODEL_DIR = "/models"
 RUN_AS_USER = 10001
@@ -714,6 +718,24 @@ def render_router(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus) ->
             {"name": "tmp", "mountPath": "/tmp"},
         ],
     }
+    volumes: list[Obj] = [
+        {"name": "plan", "configMap": {"name": plan_configmap_name(name)}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    ref = spec.router.auth.api_key_secret_ref
+    if ref is not None:
+        container["command"] += ["--api-key-file", API_KEYS_FILE]
+        container["volumeMounts"].append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
+        volumes.append(
+            {
+                "name": "api-keys",
+                "secret": {
+                    "secretName": ref.name,
+                    "items": [{"key": ref.key, "path": API_KEYS_FILE.rsplit("/", 1)[1]}],
+                    "defaultMode": 0o440,
+                },
+            }
+        )
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -726,10 +748,7 @@ def render_router(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus) ->
                 "spec": {
                     "securityContext": _pod_security_context(),
                     "containers": [container],
-                    "volumes": [
-                        {"name": "plan", "configMap": {"name": plan_configmap_name(name)}},
-                        {"name": "tmp", "emptyDir": {}},
-                    ],
+                    "volumes": volumes,
                     "enableServiceLinks": False,
                 },
             },

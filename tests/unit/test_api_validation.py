@@ -158,6 +158,16 @@ INVALID = [
     ),
     (_with("planner.profile", "opt-13b"), "spec.planner.profile", "opt-13b-a100-80gb-distserve"),
     (
+        _with("router.auth", {"apiKeySecretRef": {"name": "", "key": "keys"}}),
+        "spec.router.auth.apiKeySecretRef.name",
+        "non-empty",
+    ),
+    (
+        _with("router.auth", {"apiKeySecretRef": {"name": "llm-keys", "key": ""}}),
+        "spec.router.auth.apiKeySecretRef.key",
+        "non-empty",
+    ),
+    (
         _with("planner", {"profile": "opt-13b-a100-80gb-distserve", "profileConfigMap": "mine"}),
         "spec.planner",
         "remove one",

@@ -528,6 +528,29 @@ def test_router_overload_settings_reach_the_router_command() -> None:
     assert flags(_spec(router={"maxQueue": 0, "queueTimeoutSeconds": 5})) == ("0", "5")
 
 
+def test_router_api_keys_are_a_mounted_secret_the_router_reads_as_a_file() -> None:
+    """spec.router.auth.apiKeySecretRef: the Secret's key is mounted (a directory, so the kubelet's
+    updates reach it) and the router gets --api-key-file; the operator never reads the Secret."""
+    ref = {"name": "llm-keys", "key": "api-keys"}
+    objs = _by_name(
+        children.render_all("llm", _spec(router={"auth": {"apiKeySecretRef": ref}}), _plan(), namespace=NS)
+    )
+    pod = objs["Deployment/llm-router"]["spec"]["template"]["spec"]
+    cmd = pod["containers"][0]["command"]
+    assert cmd[cmd.index("--api-key-file") + 1] == children.API_KEYS_FILE
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "api-keys")
+    assert mount == {"name": "api-keys", "mountPath": children.API_KEYS_DIR, "readOnly": True}
+    assert "subPath" not in mount
+    volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+    assert volume["secret"]["secretName"] == "llm-keys"
+    assert volume["secret"]["items"] == [{"key": "api-keys", "path": "keys"}]
+
+    plain = _by_name(children.render_all("llm", _spec(), _plan(), namespace=NS))["Deployment/llm-router"]
+    plain_pod = plain["spec"]["template"]["spec"]
+    assert "--api-key-file" not in plain_pod["containers"][0]["command"]
+    assert [v["name"] for v in plain_pod["volumes"]] == ["plan", "tmp"]
+
+
 def test_worker_pods_drain_within_their_grace_period() -> None:
     """spec.worker.terminationGracePeriodSeconds is the pod's; the worker drains for less, so it
     exits by itself (finishing what it holds) before the kubelet's SIGKILL."""

@@ -83,6 +83,21 @@ def test_up_writes_the_plan_as_a_contract_and_every_process_obeys_it(tmp_path, t
             assert (settings.tp, settings.layers, settings.rank_port_base) == (1, (0, 2), 0)
 
 
+def test_up_passes_the_api_key_file_to_the_router_only(tmp_path, tiny_llama):
+    keys = tmp_path / "keys"
+    keys.write_text("sk-local\n")
+    plan = plan_manifest(manifest(tmp_path, tiny_llama))
+    stack = start_stack(
+        plan, port=0, max_replicas=1, threads=1, log_dir=str(tmp_path / "logs"), api_key_file=str(keys)
+    )
+    router = stack.proc("router").args
+    assert router[router.index("--api-key-file") + 1] == str(keys.resolve())
+    assert settings_of(router).api_key_file == str(keys.resolve())
+    assert all("--api-key-file" not in p.args for p in stack.procs if p.name != "router")
+    with pytest.raises(OSError, match="no such file"):
+        start_stack(plan, port=0, max_replicas=1, threads=1, api_key_file=str(tmp_path / "absent"))
+
+
 def test_the_plans_tp_runs_and_replicas_are_capped(tmp_path, tiny_llama, capsys):
     plan = local_plan(tiny_llama, prefill=(2, 1, 3), decode=(1, 1, 2))
     stack = start_stack(plan, port=0, max_replicas=2, threads=1, log_dir=str(tmp_path))
@@ -131,7 +146,9 @@ def test_a_tp_that_does_not_divide_the_heads_is_refused(tiny_llama):
 
 def test_up_stops_with_the_reason_when_the_plan_cannot_run(tmp_path, tiny_llama, monkeypatch, capsys):
     monkeypatch.setattr(cli_up, "plan_manifest", lambda _: local_plan(tiny_llama, prefill=(1, 4, 1)))
-    args = argparse.Namespace(file="x.yaml", port=0, max_replicas=1, threads=1, log_dir=str(tmp_path))
+    args = argparse.Namespace(
+        file="x.yaml", port=0, max_replicas=1, threads=1, log_dir=str(tmp_path), api_key_file=""
+    )
     assert cli_up.run(args) == 2
     err = capsys.readouterr().err
     assert err.startswith(

@@ -232,6 +232,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="longest a request waits for an instance of one role before a 503 with Retry-After "
         "(default %(default)s) [DISTSERVE_QUEUE_TIMEOUT_SECONDS]",
     )
+    r.add_argument(
+        "--api-key-file",
+        default=_env("API_KEY_FILE", ""),
+        help="clients must send 'Authorization: Bearer KEY' with a key from this file (one a line; re-read "
+        "when it changes); /healthz, /readyz and /metrics stay open (default: no key) [DISTSERVE_API_KEY_FILE]",
+    )
 
 
 def _at_least(low: int) -> Any:
@@ -456,6 +462,7 @@ def build_settings(
         slo_tpot_seconds=tpot / 1000 if tpot else None,
         max_queue=args.max_queue,
         queue_timeout_seconds=float(args.queue_timeout_seconds),
+        api_key_file=args.api_key_file,
     )
 
 

@@ -91,3 +91,5 @@ class RouterSettings:
     max_tokens_default: int = 256
     slo_ttft_seconds: float | None = None
     slo_tpot_seconds: float | None = None
+    # The API keys clients must send (router/auth.py): a file, one key a line; "" = no keys needed.
+    api_key_file: str = ""

@@ -626,6 +626,40 @@ class ServiceType(StrEnum):
     LOAD_BALANCER = "LoadBalancer"
 
 
+class SecretKeyRef(ApiModel):
+    """One key of a Secret in the deployment's namespace."""
+
+    name: str = Field(
+        ...,
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Name of the Secret.",
+    )
+    key: str = Field(
+        ...,
+        min_length=1,
+        max_length=253,
+        pattern=r"^[-._a-zA-Z0-9]+$",
+        description="Key within the Secret.",
+    )
+
+
+class RouterAuth(ApiModel):
+    """Who may call the router's OpenAI-compatible API."""
+
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        None,
+        description=(
+            "The API keys clients must send as `Authorization: Bearer <key>`: this Secret key holds them, one "
+            "a line (blank lines ignored), so a rotation can overlap. Every `/v1/*` request without one of "
+            "them gets HTTP 401; `/healthz`, `/readyz` and `/metrics` stay open. The Secret is mounted into the "
+            "router pods (the operator never reads it) and a change to it takes effect within about a "
+            "minute, without restarting them. Unset: no key is asked for."
+        ),
+    )
+
+
 class RouterSpec(ApiModel):
     """The OpenAI-compatible router pods and the Service users call."""
 
@@ -652,6 +686,7 @@ class RouterSpec(ApiModel):
             "Retry-After. Keep it under the prefill KV TTL: a request waiting for decode holds its cache there."
         ),
     )
+    auth: RouterAuth = Field(default_factory=RouterAuth, description="API keys on the endpoint.")
 
 
 class EngineSpec(ApiModel):

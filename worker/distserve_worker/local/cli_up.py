@@ -146,14 +146,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=0, help="torch threads per worker (0 = half the cores)"
     )
     parser.add_argument("--log-dir", default="", help="where the processes' logs go (default: a temp dir)")
+    parser.add_argument(
+        "--api-key-file",
+        default="",
+        help="the router asks clients for 'Authorization: Bearer KEY' with a key from this file (one a line, "
+        "re-read when it changes; default: no key)",
+    )
 
 
-def start_stack(plan: LocalPlan, port: int, max_replicas: int, threads: int, log_dir: str = "") -> LocalStack:
+def start_stack(
+    plan: LocalPlan, port: int, max_replicas: int, threads: int, log_dir: str = "", api_key_file: str = ""
+) -> LocalStack:
     """The stack that runs `plan` (not started yet). With the manifest's model and the plan, it runs
     through a contract written to `<log dir>/plan.json`; a built-in plan runs from model flags.
-    PlanNotRunnable when the plan cannot run here."""
+    With `api_key_file`, the router asks for a key from it. PlanNotRunnable when the plan cannot run here."""
+    router_args = _api_key_args(api_key_file)
     if plan.colocated:
-        return _colocated_stack(plan, port, max_replicas, threads, log_dir)
+        return _colocated_stack(plan, port, max_replicas, threads, log_dir, router_args)
     prefill, decode = max(1, min(plan.prefill, max_replicas)), max(1, min(plan.decode, max_replicas))
     if (prefill, decode) != (plan.prefill, plan.decode):
         print(
@@ -167,6 +176,7 @@ def start_stack(plan: LocalPlan, port: int, max_replicas: int, threads: int, log
         "threads": threads,
         "router_port": port,
         "log_dir": directory,
+        "router_args": router_args,
     }
     if plan.api_model is None or plan.api_slo is None:
         return LocalStack(StackConfig(plan.model, slo_millis=plan.slo_millis, **common))
@@ -174,7 +184,19 @@ def start_stack(plan: LocalPlan, port: int, max_replicas: int, threads: int, log
     return LocalStack(StackConfig(plan.model, plan_file=plan_file, **common))
 
 
-def _colocated_stack(plan: LocalPlan, port: int, max_replicas: int, threads: int, log_dir: str) -> LocalStack:
+def _api_key_args(api_key_file: str) -> list[str]:
+    """The router's flag for the key file, checked here so a wrong path fails before anything starts."""
+    if not api_key_file:
+        return []
+    path = Path(api_key_file).resolve()
+    if not path.is_file():
+        raise OSError(f"--api-key-file {api_key_file}: no such file")
+    return ["--api-key-file", str(path)]
+
+
+def _colocated_stack(
+    plan: LocalPlan, port: int, max_replicas: int, threads: int, log_dir: str, router_args: list[str]
+) -> LocalStack:
     """Mode Colocated: colocated processes (each both phases) through the plan's contract."""
     n = max(1, min(plan.colocated, max_replicas))
     if n != plan.colocated:
@@ -184,7 +206,13 @@ def _colocated_stack(plan: LocalPlan, port: int, max_replicas: int, threads: int
     directory = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="distserve-"))
     plan_file = write_plan(build_contract(plan, n, n, colocated=n), directory)
     config = StackConfig(
-        plan.model, colocated=n, threads=threads, router_port=port, log_dir=directory, plan_file=plan_file
+        plan.model,
+        colocated=n,
+        threads=threads,
+        router_port=port,
+        log_dir=directory,
+        plan_file=plan_file,
+        router_args=router_args,
     )
     return LocalStack(config)
 
@@ -208,10 +236,14 @@ def wait_for_interrupt() -> None:
     stop.wait()
 
 
-def print_topology(stack: LocalStack, timeout: float = 30.0) -> None:
+def print_topology(stack: LocalStack, timeout: float = 30.0, api_key_file: str = "") -> None:
     expect = stack.config.colocated or stack.config.prefill + stack.config.decode
     try:
-        print(format_topology(fetch_topology(stack.url, expect=expect, timeout=timeout)))
+        # The first key in the file, if the router asks for one.
+        lines = Path(api_key_file).read_text().splitlines() if api_key_file else []
+        keys = [line.strip() for line in lines if line.strip()]
+        doc = fetch_topology(stack.url, expect=expect, timeout=timeout, api_key=keys[0] if keys else "")
+        print(format_topology(doc))
     except OSError as exc:
         print(f"(topology unavailable: {exc})")
 
@@ -229,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(plan.summary)
     try:
-        stack = start_stack(plan, args.port, args.max_replicas, args.threads, args.log_dir)
+        stack = start_stack(plan, args.port, args.max_replicas, args.threads, args.log_dir, args.api_key_file)
     except (PlanNotRunnable, OSError) as exc:
         print(f"distserve up: {exc}", file=sys.stderr)
         return 2
@@ -238,13 +270,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         stack.wait_ready(timeout=600)
         print(f"\n{plan.name} is up:")
-        print_topology(stack)
+        print_topology(stack, api_key_file=args.api_key_file)
         print(f"\n{plan.name} is serving {plan.model.name} at {stack.url}  (OpenAI API: {stack.url}/v1)")
+        auth = " -H 'Authorization: Bearer <a key from the key file>'" if args.api_key_file else ""
         print(
-            f"  try: curl {stack.url}/v1/chat/completions -H 'Content-Type: application/json' "
+            f"  try: curl {stack.url}/v1/chat/completions{auth} -H 'Content-Type: application/json' "
             f'-d \'{{"model": "{plan.model.name}", "messages": [{{"role": "user", "content": "Hi"}}]}}\''
         )
-        print(f"  topology: curl {stack.url}/v1/distserve/instances")
+        print(f"  topology: curl{auth} {stack.url}/v1/distserve/instances")
         print("  Ctrl-C stops it.", flush=True)
         wait_for_interrupt()
         print("\nstopping ...")

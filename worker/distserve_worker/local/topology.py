@@ -12,16 +12,18 @@ from typing import Any
 INSTANCES_PATH = "/v1/distserve/instances"
 
 
-def fetch_topology(url: str, expect: int = 0, timeout: float = 30.0) -> dict[str, Any]:
+def fetch_topology(url: str, expect: int = 0, timeout: float = 30.0, api_key: str = "") -> dict[str, Any]:
     """The router's instance list; waits (up to `timeout`) until it lists `expect` instances, all
     ready, so that a freshly started stack is shown once every instance has answered a poll.
     Returns the last answer either way; raises OSError when the router never answered."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     deadline = time.monotonic() + timeout
     last: dict[str, Any] | None = None
     error: Exception | None = None
     while True:
         try:
-            with urllib.request.urlopen(url.rstrip("/") + INSTANCES_PATH, timeout=5.0) as response:
+            request = urllib.request.Request(url.rstrip("/") + INSTANCES_PATH, headers=headers)
+            with urllib.request.urlopen(request, timeout=5.0) as response:
                 last = json.loads(response.read())
             listed = last.get("instances", [])
             if len(listed) >= expect and all(i.get("ready") for i in listed):

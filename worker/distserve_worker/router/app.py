@@ -1,6 +1,8 @@
 """The router process: OpenAI-compatible HTTP in front of prefill and decode instances.
 
 Lifecycle of a request:
+0. With `--api-key-file`, every path but /healthz, /readyz and /metrics needs
+   `Authorization: Bearer <key>` (401 otherwise; auth.py).
 1. Parse and validate the JSON (400 with the reason otherwise), tokenize (chat template for chat),
    check prompt and max_tokens against the model's context (reported by the instances).
    Past the overload bound (`--max-queue`, see `Router.refusal`): 503 with Retry-After, at once.
@@ -37,6 +39,7 @@ from distserve_protos.generation.v1 import generation_pb2_grpc as gen_grpc
 from distserve_worker.drain import refused_draining
 from distserve_worker.metrics import RuntimeMetrics
 from distserve_worker.router.admission import Admission, QueueTimeout
+from distserve_worker.router.auth import ApiKeys, auth_middleware
 from distserve_worker.router.discovery import DnsDiscovery, StaticDiscovery
 from distserve_worker.router.openai import (
     BadRequest,
@@ -53,6 +56,10 @@ from distserve_worker.router.topology import apply_status, instances_document
 from distserve_worker.settings import RouterSettings
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+# json.loads (or a check of what it gave) past Python's recursion limit: the client's doing, a 400.
+TOO_DEEP = (
+    "the request body nests too deeply (arrays or objects within each other, about 1000 levels or more)"
+)
 
 
 class WorkerError(RuntimeError):
@@ -431,10 +438,16 @@ def build_app(router: Router) -> web.Application:
         except (json.JSONDecodeError, UnicodeDecodeError):
             router.metrics.request("bad_request")
             return _json_error(400, "the request body is not valid JSON")
+        except RecursionError:
+            router.metrics.request("bad_request")
+            return _json_error(400, TOO_DEEP)
         try:
             req = parse_request(body, chat, router.settings.model.name)
             prompt = router.prompt_ids(req)
             max_tokens = router.check_lengths(req, prompt)
+        except RecursionError:
+            router.metrics.request("bad_request")
+            return _json_error(400, TOO_DEEP)
         except BadRequest as exc:
             router.metrics.request("bad_request")
             return _json_error(exc.status, str(exc), param=exc.param, code=exc.code)
@@ -492,7 +505,12 @@ def build_app(router: Router) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=router.metrics.exposition(), content_type="text/plain", charset="utf-8")
 
-    app = web.Application(client_max_size=8 * 1024 * 1024)
+    middlewares = []
+    if router.settings.api_key_file:
+        keys = ApiKeys(router.settings.api_key_file)
+        print(f"[distserve] router: API keys required ({keys.count} allowed, from a file)", flush=True)
+        middlewares.append(auth_middleware(keys, lambda: router.metrics.request("unauthorized")))
+    app = web.Application(client_max_size=8 * 1024 * 1024, middlewares=middlewares)
     app.add_routes(
         [
             web.post("/v1/completions", completions_handler),

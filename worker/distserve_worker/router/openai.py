@@ -11,6 +11,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+# Roles a chat message may have: what the models' chat templates render. Tool calls are not served,
+# so neither are `tool` messages.
+CHAT_ROLES = ("system", "user", "assistant")
+
 
 class BadRequest(ValueError):
     def __init__(
@@ -81,6 +85,11 @@ def parse_request(body: Any, chat: bool, served_model: str) -> GenerationRequest
                 or not isinstance(m.get("content"), str)
             ):
                 raise BadRequest("each message needs a string 'role' and a string 'content'", "messages")
+            if m["role"] not in CHAT_ROLES:
+                raise BadRequest(
+                    f"message role {m['role'][:40]!r} is not supported: use one of {', '.join(CHAT_ROLES)}",
+                    "messages",
+                )
         req.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     else:
         prompt = body.get("prompt")
