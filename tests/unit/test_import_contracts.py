@@ -45,6 +45,19 @@ PLANTED = {
             "distserve_operator.api.spec -> distserve_operator.reconcile",
         ),
     ],
+    "operator-no-worker-deps": [
+        (
+            "operator/distserve_operator/children.py",
+            "import numpy",
+            "distserve_operator.children -> numpy",
+        ),
+        # Indirect: through the worker package to torch.
+        (
+            "operator/distserve_planner/latency.py",
+            "from distserve_worker import engine",
+            "distserve_planner.latency -> distserve_worker.engine",
+        ),
+    ],
     "engine-no-grpc": [
         (
             "worker/distserve_worker/engine/sequence.py",
