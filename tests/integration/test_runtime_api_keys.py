@@ -8,38 +8,18 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import grpc
 import pytest
 
-from distserve_protos.generation.v1 import generation_pb2 as gen
 from distserve_protos.generation.v1 import generation_pb2_grpc as gen_grpc
 from distserve_worker.local.stack import free_port
 from distserve_worker.testing.tiny import byte_tokenizer
 
-
-class FakePrefill(gen_grpc.PrefillServiceServicer):
-    async def Status(self, request, context):
-        return gen.WorkerStatus(role="prefill", free_slots=4, max_context=512, ready=True)
-
-    async def Prefill(self, request, context):
-        return gen.PrefillResponse(
-            request_id=request.request_id,
-            first_token_id=7,
-            prompt_tokens=len(request.prompt_token_ids),
-            kv_address="127.0.0.1:1",
-        )
-
-
-class FakeDecode(gen_grpc.DecodeServiceServicer):
-    async def Status(self, request, context):
-        return gen.WorkerStatus(role="decode", free_slots=4, max_context=512, ready=True)
-
-    async def Decode(self, request, context):
-        yield gen.TokenEvent(
-            request_id=request.request_id, token_id=request.first_token_id, text="x", index=0, finish_reason=1
-        )
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for operator_support
+from operator_support.fake_workers import FakeDecode, FakePrefill
 
 
 @pytest.fixture

@@ -2,12 +2,13 @@
 a 400 that names the problem: a body nested too deeply, a chat message with an unknown role."""
 
 import os
+import sys
+from pathlib import Path
 
 import grpc
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from distserve_protos.generation.v1 import generation_pb2 as gen
 from distserve_protos.generation.v1 import generation_pb2_grpc as gen_grpc
 from distserve_worker.metrics import RuntimeMetrics
 from distserve_worker.model_source import ModelSpec
@@ -16,6 +17,9 @@ from distserve_worker.router.app import Router, build_app
 from distserve_worker.router.auth import ApiKeys
 from distserve_worker.router.openai import BadRequest, parse_request
 from distserve_worker.settings import RouterSettings
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for operator_support
+from operator_support.fake_workers import FakeDecode, FakePrefill
 
 KEY, OTHER = "sk-test-0123456789", "sk-other-abcdef"
 
@@ -116,29 +120,6 @@ def test_a_chat_message_with_an_unknown_role_is_refused_naming_the_allowed_ones(
 
 
 # ---------------------------------------------------------------------------------- the router app
-
-
-class FakePrefill(gen_grpc.PrefillServiceServicer):
-    async def Status(self, request, context):
-        return gen.WorkerStatus(role="prefill", free_slots=4, max_context=512, ready=True)
-
-    async def Prefill(self, request, context):
-        return gen.PrefillResponse(
-            request_id=request.request_id,
-            first_token_id=7,
-            prompt_tokens=len(request.prompt_token_ids),
-            kv_address="127.0.0.1:1",
-        )
-
-
-class FakeDecode(gen_grpc.DecodeServiceServicer):
-    async def Status(self, request, context):
-        return gen.WorkerStatus(role="decode", free_slots=4, max_context=512, ready=True)
-
-    async def Decode(self, request, context):
-        yield gen.TokenEvent(
-            request_id=request.request_id, token_id=request.first_token_id, text="x", index=0, finish_reason=1
-        )
 
 
 class Vocab:
