@@ -83,7 +83,11 @@ def register(
         metrics = OperatorMetrics()
         runtime = R.Runtime(
             settings=op_settings,
-            kube=Kube(field_manager=op_settings.field_manager),
+            kube=Kube(
+                field_manager=op_settings.field_manager,
+                api_server=op_settings.api_server,
+                threads=max(4, op_settings.apply_concurrency),
+            ),
             metrics=metrics,
             executor=ThreadPoolExecutor(
                 max_workers=op_settings.planner_workers, thread_name_prefix="planner"
@@ -125,8 +129,6 @@ def register(
             info = kopf.login_with_service_account(**kwargs)
         else:
             info = kopf.login_with_kubeconfig(**kwargs)
-        if info is not None and "runtime" in memo:
-            memo["runtime"].kube.connect(info)
         return info
 
     async def on_change(body: kopf.Body, memo: Any, logger: Logger, **_: Any) -> None:

@@ -1,35 +1,45 @@
 """Every Kubernetes API call the operator makes (besides kopf's own watching and patching).
 
-An aiohttp client over the same credentials kopf logged in with. Children are applied
-idempotently: GET, then CREATE when absent or a JSON merge PATCH when the live object differs
-from the rendered one; a CREATE that loses a race (409) falls back to the PATCH. Objects are
-adopted (ownerReferences) so Kubernetes' garbage collector removes them with their owner.
-API errors become kopf's vocabulary: `TemporaryError` to retry later, `PermanentError` to stop.
+The `kubernetes` library's API client does the transport: TLS, client certificates, kubeconfig
+exec plugins, and the in-cluster service-account token, which it re-reads as the token rotates.
+That client blocks, so its calls run in a small thread pool and kopf's event loop never waits
+on the network. Resource paths come from `PLURALS`, the table of every kind the operator touches
+(the chart's RBAC follows it); the operator needs no discovery round trips.
+
+Children are written with **server-side apply** under the field manager `distserve-operator`
+(settings.field_manager): one PATCH per child, no GET and compare. The API server merges what we
+render into the live object and records which manager owns which field, so a field the operator
+stops rendering is removed while fields others own stay: a user's label, or, with autoscaling
+mode External, the replica count an HPA or KEDA sets. Objects are adopted (ownerReferences) so
+the garbage collector removes them with their owner.
+
+API errors become kopf's vocabulary: `TemporaryError` to retry later.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
+import functools
+import json
 import logging
-import os
-import ssl
-import tempfile
-import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 import aiohttp
 import kopf
+import urllib3
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
 
 from . import labels as L
 
 logger = logging.getLogger(__name__)
 
-SA_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
-
-# (apiVersion, kind) -> plural. Every kind the operator writes; RBAC in docs/operator.md follows it.
+# (apiVersion, kind) -> plural. Every kind the operator reads or writes; the chart's RBAC follows it.
 PLURALS: dict[tuple[str, str], str] = {
     ("v1", "ConfigMap"): "configmaps",
     ("v1", "Service"): "services",
@@ -52,6 +62,13 @@ PRUNABLE = [
     ("networking.k8s.io/v1", "NetworkPolicy"),
     ("scheduling.x-k8s.io/v1alpha1", "PodGroup"),
 ]
+APPLY = "application/apply-patch+yaml"  # JSON is YAML: the body goes as JSON
+MERGE = "application/merge-patch+json"
+# With autoscaling mode External the operator sets a new StatefulSet's replicas once, under this
+# second manager, and never again: the HPA takes the field over when it first scales. Were the
+# operator's own manager to set it and later drop it, the server would remove the field and the
+# StatefulSet would fall back to 1 replica.
+INITIAL_REPLICAS_SUFFIX = "-initial-replicas"
 
 
 class ApiError(Exception):
@@ -60,10 +77,6 @@ class ApiError(Exception):
         self.body = body
         message = body.get("message") if isinstance(body, dict) else str(body)[:300]
         super().__init__(f"HTTP {status}: {message}")
-
-
-def _temporary(exc: Exception, what: str) -> kopf.TemporaryError:
-    return kopf.TemporaryError(f"{what}: {exc}", delay=5)
 
 
 def collection_path(api_version: str, kind: str, namespace: str | None) -> str:
@@ -76,119 +89,101 @@ def object_path(api_version: str, kind: str, namespace: str | None, name: str) -
     return f"{collection_path(api_version, kind, namespace)}/{quote(name)}"
 
 
-def is_subset(desired: Any, live: Any) -> bool:
-    """Whether `live` already has every field of `desired` (servers add defaults, never remove)."""
-    if isinstance(desired, Mapping):
-        return isinstance(live, Mapping) and all(
-            k in live and is_subset(v, live[k]) for k, v in desired.items()
-        )
-    if isinstance(desired, list):
-        return (
-            isinstance(live, list)
-            and len(desired) == len(live)
-            and all(is_subset(d, x) for d, x in zip(desired, live, strict=True))
-        )
-    return bool(desired == live) or (isinstance(desired, int | float) and str(desired) == str(live))
+def load_configuration(api_server: str | None) -> k8s.Configuration:
+    """The client's credentials: `api_server` (plain, no auth: an emulator), else the pod's
+    service account (its token re-read as it rotates), else the kubeconfig."""
+    configuration = k8s.Configuration()
+    if api_server:
+        configuration.host = api_server.rstrip("/")
+        configuration.verify_ssl = False
+        return configuration
+    try:
+        k8s_config.load_incluster_config(client_configuration=configuration, try_refresh_token=True)
+    except k8s_config.ConfigException:
+        k8s_config.load_kube_config(client_configuration=configuration, persist_config=False)
+    return configuration
 
 
 @dataclass
 class Applied:
-    action: str  # created | patched | unchanged
+    action: str  # created | applied
     obj: dict[str, Any]
 
 
-class Kube:
-    """The API client; one per operator (in `memo`), connected by the login handler."""
+def without_replicas(obj: dict[str, Any]) -> dict[str, Any]:
+    return {**obj, "spec": {k: v for k, v in obj["spec"].items() if k != "replicas"}}
 
-    def __init__(self, *, field_manager: str, timeout: float = 30.0) -> None:
+
+class Kube:
+    """The API client; one per operator (in `memo`)."""
+
+    def __init__(
+        self,
+        *,
+        field_manager: str,
+        api_server: str | None = None,
+        timeout: float = 30.0,
+        threads: int = 8,
+        configure: Callable[[str | None], k8s.Configuration] = load_configuration,
+    ) -> None:
         self.field_manager = field_manager
         self.timeout = timeout
-        self._info: kopf.ConnectionInfo | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self._token: str | None = None
-        self._token_read = 0.0
-        self._tmp: list[str] = []
-        self._retired: list[aiohttp.ClientSession] = []
+        self._api_server = api_server
+        self._configure = configure
+        self._threads = threads
+        self._executor: ThreadPoolExecutor | None = None
+        self._client: k8s.ApiClient | None = None
         self._closed = False
+        self._plain_session: aiohttp.ClientSession | None = None
 
-    # ------------------------------------------------------------------ connection
+    # ------------------------------------------------------------------ transport
 
-    def connect(self, info: kopf.ConnectionInfo) -> None:
-        """Use these credentials (called again on re-login; the next request reconnects)."""
-        if self._info != info:
-            self._info = info
-            if self._session is not None:
-                self._retired.append(self._session)  # closed at shutdown; requests in flight finish
-            self._session = None
+    def _api(self) -> k8s.ApiClient:
+        if self._client is None:
+            configuration = self._configure(self._api_server)
+            # One pooled connection per thread, so no request waits for a connection.
+            configuration.connection_pool_maxsize = self._threads
+            self._client = k8s.ApiClient(configuration)
+        return self._client
 
-    @property
-    def server(self) -> str:
-        if self._info is None:
-            raise kopf.TemporaryError("not logged in to the Kubernetes API yet", delay=1)
-        return self._info.server.rstrip("/")
+    def _reload(self) -> None:
+        """New credentials after a 401 (an expired kubeconfig exec token, a replaced secret)."""
+        stale, self._client = self._client, None
+        if stale is not None:
+            stale.close()
 
-    def _ssl(self, info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
-        if not info.server.startswith("https"):
-            return False
-        if info.insecure:
-            return False
-        ctx = ssl.create_default_context(
-            cafile=os.fspath(info.ca_path) if info.ca_path else None,
-            cadata=info.ca_data.decode() if isinstance(info.ca_data, bytes) else info.ca_data,
-        )
-        cert, key = info.certificate_path, info.private_key_path
-        if info.certificate_data and info.private_key_data:
-            cert, key = self._write_tmp(info.certificate_data), self._write_tmp(info.private_key_data)
-        if cert and key:
-            ctx.load_cert_chain(os.fspath(cert), os.fspath(key))
-        return ctx
-
-    def _write_tmp(self, data: str | bytes) -> str:
-        fd, path = tempfile.mkstemp(prefix="distserve-kube-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        self._tmp.append(path)
-        return path
-
-    def _auth_header(self) -> dict[str, str]:
-        info = self._info
-        if info is None:
-            return {}
-        token = info.token
-        # A projected service-account token rotates under us: re-read it every minute.
-        if token and os.path.exists(SA_TOKEN) and time.monotonic() - self._token_read > 60:
-            with open(SA_TOKEN, encoding="utf-8") as f:
-                self._token = f.read().strip() or token
-            self._token_read = time.monotonic()
-        token = self._token or token
-        if token:
-            return {"Authorization": f"{info.scheme or 'Bearer'} {token}"}
-        if info.username and info.password:
-            return {"Authorization": aiohttp.BasicAuth(info.username, info.password).encode()}
-        return {}
-
-    async def _sess(self) -> aiohttp.ClientSession:
-        if self._closed:
-            raise kopf.TemporaryError("the operator is shutting down", delay=1)
-        if self._session is None or self._session.closed:
-            if self._info is None:
-                raise kopf.TemporaryError("not logged in to the Kubernetes API yet", delay=1)
-            connector = aiohttp.TCPConnector(ssl=self._ssl(self._info), limit=20)
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout)
+    def _send(
+        self, method: str, path: str, body: Any, query: list[tuple[str, str]], content_type: str
+    ) -> tuple[int, Any]:
+        """One request, in a worker thread: (status, decoded JSON body); ApiError on >= 400."""
+        for attempt in (0, 1):
+            api = self._api()
+            headers = {"Accept": "application/json"}
+            if body is not None:
+                headers["Content-Type"] = content_type
+            method_, url, headers, body_, _ = api.param_serialize(
+                method,
+                path,
+                query_params=query,
+                header_params=headers,
+                body=body,
+                auth_settings=["BearerToken"],
             )
-        return self._session
-
-    async def close(self) -> None:
-        self._closed = True
-        for session in [*self._retired, *([self._session] if self._session else [])]:
-            await session.close()
-        self._session = None
-        self._retired.clear()
-        for path in self._tmp:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        self._tmp.clear()
+            response = api.call_api(
+                method_, url, header_params=headers, body=body_, _request_timeout=self.timeout
+            )
+            raw = response.read()
+            try:
+                data = json.loads(raw) if raw else None
+            except ValueError:
+                data = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+            if response.status == 401 and attempt == 0:
+                self._reload()
+                continue
+            if response.status >= 400:
+                raise ApiError(response.status, data)
+            return response.status, data
+        raise AssertionError("unreachable")
 
     async def request(
         self,
@@ -198,23 +193,18 @@ class Kube:
         body: Any = None,
         params: Mapping[str, str] | None = None,
         content_type: str = "application/json",
-    ) -> Any:
-        url = self.server + path + (f"?{urlencode(params)}" if params else "")
-        headers = {"Accept": "application/json", **self._auth_header()}
-        if body is not None:
-            headers["Content-Type"] = content_type
-        session = await self._sess()
+    ) -> tuple[int, Any]:
+        if self._closed:
+            raise kopf.TemporaryError("the operator is shutting down", delay=1)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="kube")
+        call = functools.partial(self._send, method, path, body, list((params or {}).items()), content_type)
         try:
-            async with session.request(method, url, json=body, headers=headers) as resp:
-                try:
-                    data = await resp.json(content_type=None)
-                except ValueError:
-                    data = await resp.text()
-                if resp.status >= 400:
-                    raise ApiError(resp.status, data)
-                return data
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise _temporary(exc, f"{method} {path}") from exc
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except ApiError:
+            raise
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise kopf.TemporaryError(f"{method} {path}: {exc}", delay=5) from exc
 
     # ------------------------------------------------------------------ objects
 
@@ -222,21 +212,19 @@ class Kube:
         self, api_version: str, kind: str, namespace: str | None, name: str
     ) -> dict[str, Any] | None:
         try:
-            result: dict[str, Any] = await self.request(
-                "GET", object_path(api_version, kind, namespace, name)
-            )
+            _, result = await self.request("GET", object_path(api_version, kind, namespace, name))
         except ApiError as exc:
             if exc.status == 404:
                 return None
             raise self._map(exc, f"get {kind} {name}") from exc
-        return result
+        return result  # type: ignore[no-any-return]
 
     async def list_objects(
         self, api_version: str, kind: str, namespace: str | None, selector: Mapping[str, str]
     ) -> list[dict[str, Any]]:
         params = {"labelSelector": ",".join(f"{k}={v}" for k, v in selector.items())}
         try:
-            data = await self.request("GET", collection_path(api_version, kind, namespace), params=params)
+            _, data = await self.request("GET", collection_path(api_version, kind, namespace), params=params)
         except ApiError as exc:
             if exc.status == 404:  # the kind is not served (e.g. no scheduler-plugins CRDs)
                 return []
@@ -249,16 +237,6 @@ class Kube:
             if all((i.get("metadata", {}).get("labels") or {}).get(k) == v for k, v in selector.items())
         ]
 
-    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
-        meta = obj["metadata"]
-        result: dict[str, Any] = await self.request(
-            "POST",
-            collection_path(obj["apiVersion"], obj["kind"], meta.get("namespace")),
-            body=obj,
-            params={"fieldManager": self.field_manager},
-        )
-        return result
-
     async def patch(
         self,
         api_version: str,
@@ -269,18 +247,15 @@ class Kube:
         *,
         subresource: str = "",
     ) -> dict[str, Any]:
+        """A JSON merge patch of a few fields (a scale-down of an old revision, a pod's gates)."""
         path = object_path(api_version, kind, namespace, name) + (f"/{subresource}" if subresource else "")
         try:
-            result: dict[str, Any] = await self.request(
-                "PATCH",
-                path,
-                body=patch,
-                content_type="application/merge-patch+json",
-                params={"fieldManager": self.field_manager},
+            _, result = await self.request(
+                "PATCH", path, body=patch, content_type=MERGE, params={"fieldManager": self.field_manager}
             )
         except ApiError as exc:
             raise self._map(exc, f"patch {kind} {name}") from exc
-        return result
+        return result  # type: ignore[no-any-return]
 
     async def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> None:
         try:
@@ -293,34 +268,63 @@ class Kube:
             if exc.status != 404:
                 raise self._map(exc, f"delete {kind} {name}") from exc
 
-    async def apply(
-        self, obj: dict[str, Any], *, preserve_replicas: bool = False, create_first: bool = False
-    ) -> Applied:
-        """Create the object or bring the live one to it; harmless to repeat.
+    async def _server_side_apply(
+        self, obj: dict[str, Any], manager: str, *, force: bool
+    ) -> tuple[int, dict[str, Any]]:
+        meta = obj["metadata"]
+        status, result = await self.request(
+            "PATCH",
+            object_path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"]),
+            body=obj,
+            content_type=APPLY,
+            params={"fieldManager": manager, "force": "true" if force else "false"},
+        )
+        return status, result
 
-        `preserve_replicas`: leave `spec.replicas` of a live object alone (an HPA owns it).
-        `create_first`: the object most likely does not exist yet (a new deployment's children):
-        try to create it before looking (one request, not two); if it exists, patch it as usual."""
-        api_version, kind, meta = obj["apiVersion"], obj["kind"], obj["metadata"]
-        namespace, name = meta.get("namespace"), meta["name"]
-        for attempt in range(3):
-            live = (
-                None if create_first and attempt == 0 else await self.get(api_version, kind, namespace, name)
+    async def apply(self, obj: dict[str, Any], *, preserve_replicas: bool = False) -> Applied:
+        """Server-side apply: create the object or bring the fields the operator owns to `obj`.
+
+        `force`: the operator's rendering wins over a manager that changed one of its fields
+        (a hand edit of a worker's image); fields the operator does not render stay as they are.
+        `preserve_replicas`: the operator does not own `spec.replicas` (an HPA does); a new
+        object gets `obj`'s count once, under the hand-over manager (INITIAL_REPLICAS_SUFFIX)."""
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        hand_over = preserve_replicas and "replicas" in (obj.get("spec") or {})
+        try:
+            status, result = await self._server_side_apply(
+                without_replicas(obj) if hand_over else obj, self.field_manager, force=True
             )
-            if live is None:
+            if hand_over and status == 201:
+                replicas = {
+                    "apiVersion": obj["apiVersion"],
+                    "kind": kind,
+                    "metadata": {"name": name, "namespace": obj["metadata"].get("namespace")},
+                    "spec": {"replicas": obj["spec"]["replicas"]},
+                }
                 try:
-                    return Applied("created", await self.create(obj))
+                    _, result = await self._server_side_apply(
+                        replicas, self.field_manager + INITIAL_REPLICAS_SUFFIX, force=False
+                    )
                 except ApiError as exc:
-                    if exc.status == 409:
-                        continue  # created meanwhile (a concurrent reconcile): patch it instead
-                    raise self._map(exc, f"create {kind} {name}") from exc
-            desired = obj
-            if preserve_replicas and "replicas" in (live.get("spec") or {}):
-                desired = {**obj, "spec": {k: v for k, v in obj["spec"].items() if k != "replicas"}}
-            if is_subset(desired, live):
-                return Applied("unchanged", live)
-            return Applied("patched", await self.patch(api_version, kind, namespace, name, desired))
-        raise kopf.TemporaryError(f"{kind} {name} keeps changing under the operator; retrying", delay=2)
+                    if exc.status != 409:  # 409: an autoscaler set it first, and it wins
+                        raise
+        except ApiError as exc:
+            raise self._map(exc, f"apply {kind} {name}") from exc
+        return Applied("created" if status == 201 else "applied", result)
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """POST a new object (an Event); children go through `apply`."""
+        meta = obj["metadata"]
+        try:
+            _, result = await self.request(
+                "POST",
+                collection_path(obj["apiVersion"], obj["kind"], meta.get("namespace")),
+                body=obj,
+                params={"fieldManager": self.field_manager},
+            )
+        except ApiError as exc:
+            raise self._map(exc, f"create {obj['kind']} {meta.get('name', '')}") from exc
+        return result  # type: ignore[no-any-return]
 
     async def try_list(
         self, api_version: str, kind: str, namespace: str | None, selector: Mapping[str, str]
@@ -341,12 +345,17 @@ class Kube:
         keep: Iterable[tuple[str, str, str]],
         *,
         keep_if: Callable[[dict[str, Any]], bool] | None = None,
+        pod_groups: bool = True,
     ) -> list[str]:
         """Delete children of this owner that are no longer rendered (and `keep_if` does not keep:
-        the groups of a rollout's old revision); returns 'Kind/name' deleted."""
+        the groups of a rollout's old revision); returns 'Kind/name' deleted. `pod_groups`: the
+        operator may have made PodGroups (settings.gang_scheduling; the chart grants RBAC on them
+        only then, so without it they are not even listed)."""
         keep_set = set(keep)
         deleted = []
         for api_version, kind in PRUNABLE:
+            if kind == "PodGroup" and not pod_groups:
+                continue
             for item in await self.list_objects(api_version, kind, namespace, L.owned_selector(instance)):
                 meta = item.get("metadata", {})
                 owners = [o.get("uid") for o in meta.get("ownerReferences") or []]
@@ -360,9 +369,9 @@ class Kube:
 
     @staticmethod
     def _map(exc: ApiError, what: str) -> Exception:
-        if exc.status in (400, 403, 422):
-            # A rejected object or missing RBAC: retrying quickly will not help, but a fixed
-            # Role or CRD will, so retry slowly instead of giving up for good.
+        if exc.status in (400, 403, 409, 422):
+            # A rejected object, missing RBAC, or a field another manager holds: retrying quickly
+            # will not help, but a fixed Role or CRD will, so retry slowly instead of giving up.
             return kopf.TemporaryError(f"{what}: {exc}", delay=60)
         return kopf.TemporaryError(f"{what}: {exc}", delay=5)
 
@@ -378,6 +387,8 @@ class Kube:
             subresource="status",
         )
 
+    # ------------------------------------------------------------------ not the API server
+
     async def get_text(self, url: str, timeout: float) -> str:
         """Plain HTTP GET (router /metrics); not through the API server."""
         session = await self._plain()
@@ -391,8 +402,6 @@ class Kube:
             resp.raise_for_status()
             return await resp.json(content_type=None)
 
-    _plain_session: aiohttp.ClientSession | None = None
-
     async def _plain(self) -> aiohttp.ClientSession:
         if self._closed:
             raise kopf.TemporaryError("the operator is shutting down", delay=1)
@@ -401,7 +410,14 @@ class Kube:
         return self._plain_session
 
     async def close_all(self) -> None:
-        await self.close()
+        self._closed = True
+        if self._executor is not None:
+            # Requests in flight finish (bounded by the timeout); nothing new starts.
+            await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
+            self._executor = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
         if self._plain_session is not None:
             await self._plain_session.close()
             self._plain_session = None

@@ -501,7 +501,6 @@ async def _converge(
         applied = await rt.kube.apply(
             obj,
             preserve_replicas=not children.scaled_by_operator(obj, spec.autoscaling.mode),
-            create_first=not prune,  # a first plan: none of its children can exist yet
         )
         if obj["kind"] in ("StatefulSet", "Deployment"):
             ready[obj["metadata"]["name"]] = int((applied.obj.get("status") or {}).get("readyReplicas") or 0)
@@ -525,6 +524,7 @@ async def _converge(
             meta["uid"],
             keep,
             keep_if=lambda item: _kept_by_rollout(item, kept, legacy_sets),
+            pod_groups=rt.settings.gang_scheduling,
         )
         if deleted:
             logger.info(f"pruned {', '.join(deleted)}")

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).parents[2]
+sys.path.insert(0, str(ROOT / "tests"))  # for operator_support
 HELM = ROOT / ".tools" / "helm"
 CHART = ROOT / "charts" / "distserve"
 K8S_VERSION = "1.35"
@@ -81,11 +82,12 @@ def _rules(doc: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
     return table
 
 
-CHILD_VERBS = {"get", "list", "create", "patch", "delete"}
+# Server-side apply (patch, and create when it creates), list to prune; no get.
+CHILD_VERBS = {"list", "create", "patch", "delete"}
 EXPECTED_RULES = {
     ("distserve.io", "distservedeployments"): {"get", "list", "watch", "patch"},
     ("distserve.io", "distservedeployments/status"): {"get", "patch"},
-    ("", "configmaps"): CHILD_VERBS,
+    ("", "configmaps"): CHILD_VERBS | {"get"},  # and the profile ConfigMap a deployment names
     ("", "services"): CHILD_VERBS,
     ("apps", "statefulsets"): CHILD_VERBS,
     ("apps", "deployments"): CHILD_VERBS,
@@ -225,3 +227,27 @@ def test_plain_manifests_are_rendered_from_the_chart_and_valid() -> None:
         for doc in yaml.safe_load_all(path.read_text()):
             if doc:
                 kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+async def test_the_default_role_allows_every_request_the_operator_makes() -> None:
+    """Least privilege both ways: the rules above grant nothing more, and this run of the real
+    operator (plan, re-plan and prune, delete) needs nothing the default ClusterRole lacks."""
+    from operator_support.harness import eventually, operator_env
+    from operator_support.manifests import dsd
+    from operator_support.planners import plan_fn
+
+    (role,) = kinds(template(), "ClusterRole")
+    allowed = _rules(role)
+    async with operator_env(plan_fn=plan_fn()) as env:
+        await env.start_operator()
+        await env.create(dsd("llm"))
+        await eventually(lambda: env.condition("llm", "Ready"), what="first reconcile")
+        await env.patch_spec("llm", {"slo": {"ttftMillis": 30, "tpotMillis": 5, "attainmentPercent": 90}})
+        await eventually(lambda: env.status("llm").get("observedGeneration") == 2, what="a re-plan")
+        await env.delete("llm")
+        await eventually(lambda: env.cr("llm") is None, what="the CR to be gone")
+        await env.stop_operator()
+        made = env.api.rbac_requests()
+    assert {("apps", "statefulsets", "patch"), ("apps", "statefulsets", "create")} <= made
+    missing = sorted((g, r, v) for g, r, v in made if v not in allowed.get((g, r), set()))
+    assert not missing, f"the chart's ClusterRole does not allow {missing}"

@@ -133,16 +133,29 @@ async def test_external_mode_leaves_replicas_to_the_autoscaler() -> None:
         name = next(iter(before))
         path = f"{env.url}/apis/apps/v1/namespaces/serving/statefulsets/{name}"
         async with env.session.patch(
-            path, json={"spec": {"replicas": 7}}, headers={"Content-Type": "application/merge-patch+json"}
+            path,
+            json={"spec": {"replicas": 7}},
+            params={"fieldManager": "kube-controller-manager"},
+            headers={"Content-Type": "application/merge-patch+json"},
         ) as r:
             assert r.status < 400
         router.set(Traffic(2 * RATE))
         await eventually(
             lambda: env.status("llm").get("observed"), timeout=3 * INTERVAL + 10, what="an observation"
         )
-        gets = env.api.count("GET", f"/statefulsets/{name}")
-        await eventually(lambda: env.api.count("GET", f"/statefulsets/{name}") >= gets + 2, what="resyncs")
+        applies = env.api.count("PATCH", f"/statefulsets/{name}?")
+        await eventually(
+            lambda: env.api.count("PATCH", f"/statefulsets/{name}?") >= applies + 2, what="resyncs"
+        )
         assert _replicas(env, "llm")[name] == 7
+        # The autoscaler owns the field now, the operator everything it renders but the count.
+        owners = env.api.managers("apps/v1/statefulsets", "serving", name)
+        assert "spec.replicas" in owners["kube-controller-manager"]
+        assert "spec.replicas" not in owners["distserve-operator"]
+        assert any(
+            p.startswith("spec.template.spec.containers.[name=") and p.endswith("].image")
+            for p in owners["distserve-operator"]
+        )
         roles = await eventually(
             lambda: [r for r in env.status("llm")["roles"] if r["replicas"] == 7], what="roles"
         )

@@ -189,11 +189,13 @@ async def test_restarted_operator_converges_without_duplicates_and_repairs_child
             lambda: any(o["metadata"]["name"] == "llm" for o in env.children("v1/services", "llm")),
             what="the deleted Service to come back",
         )
-        posts_before = env.api.count("POST", "/") - env.api.count("POST", "/events")
+        created_before = env.api.created()
         # Let a few resyncs pass: nothing more gets created.
-        gets = env.api.count("GET", "/deployments/llm-router")
-        await eventually(lambda: env.api.count("GET", "/deployments/llm-router") >= gets + 2, what="resyncs")
-        assert env.api.count("POST", "/") - env.api.count("POST", "/events") == posts_before
+        applies = env.api.count("PATCH", "/deployments/llm-router")
+        await eventually(
+            lambda: env.api.count("PATCH", "/deployments/llm-router") >= applies + 2, what="resyncs"
+        )
+        assert env.api.created() == created_before
         second = {k: sorted(o["metadata"]["uid"] for o in env.children(k, "llm")) for k in kinds}
         for k in kinds:
             if k != "v1/services":
@@ -413,3 +415,60 @@ async def test_the_latency_profile_is_a_bundled_one_or_a_configmaps() -> None:
         plan = await eventually(lambda: env.status("own").get("plan"), what="the ConfigMap profile's plan")
         assert plan["profile"].startswith(f"ConfigMap {NS}/mine: DistServe profiler, vLLM")
         assert env.condition("own", "Planned")["status"] == "True"
+
+
+async def test_children_are_server_side_applied_and_fields_others_own_survive() -> None:
+    async with operator_env(plan_fn=plan_fn()) as env:
+        await env.start_operator()
+        await env.create(dsd("llm"))
+        await eventually(lambda: env.condition("llm", "Ready"), what="first reconcile")
+        sts = env.children(STS, "llm")[0]
+        name = sts["metadata"]["name"]
+        # One server-side apply per child under the operator's field manager; no GET + compare.
+        child_writes = [
+            (m, url, ct)
+            for m, url, ct in env.api.log
+            if m in ("POST", "PUT", "PATCH") and "/events" not in url and "distservedeployments" not in url
+        ]
+        assert child_writes
+        for method, url, content_type in child_writes:
+            assert method == "PATCH", url
+            assert content_type in ("application/apply-patch+yaml", "create"), url
+            assert "fieldManager=distserve-operator" in url and "force=true" in url, url
+        assert env.api.count("GET", f"/statefulsets/{name}") == 0
+
+        # A user labels the StatefulSet and hand-edits the worker image.
+        path = f"{env.url}/apis/apps/v1/namespaces/{NS}/statefulsets/{name}"
+        merge = {"Content-Type": "application/merge-patch+json"}
+        label = {"metadata": {"labels": {"team": "search"}}}
+        async with env.session.patch(
+            path, json=label, params={"fieldManager": "kubectl-label"}, headers=merge
+        ) as r:
+            assert r.status < 400
+        containers = sts["spec"]["template"]["spec"]["containers"]
+        image = containers[0]["image"]
+        edited = [{**containers[0], "image": "registry.example/hacked:1"}, *containers[1:]]
+        edit = {"spec": {"template": {"spec": {"containers": edited}}}}
+        async with env.session.patch(
+            path, json=edit, params={"fieldManager": "kubectl-edit"}, headers=merge
+        ) as r:
+            assert r.status < 400
+        owners = env.api.managers(STS, NS, name)
+        assert "metadata.labels.team" in owners["kubectl-label"]
+        assert any(p.endswith("].image") for p in owners["kubectl-edit"])
+
+        # The next resyncs apply again: the operator's rendering wins where it owns the field
+        # (force), the label it never set survives.
+        applies = env.api.count("PATCH", f"/statefulsets/{name}?")
+        await eventually(
+            lambda: env.api.count("PATCH", f"/statefulsets/{name}?") >= applies + 2, what="resyncs"
+        )
+        live = env.api.fetch(STS, NS, name)
+        assert live is not None
+        assert live["metadata"]["labels"]["team"] == "search"
+        assert live["spec"]["template"]["spec"]["containers"][0]["image"] == image
+        owners = env.api.managers(STS, NS, name)
+        assert "metadata.labels.team" in owners["kubectl-label"]
+        assert not any(p.endswith("].image") for p in owners.get("kubectl-edit", set()))
+        managed = {(e["manager"], e["operation"]) for e in live["metadata"]["managedFields"]}
+        assert ("distserve-operator", "Apply") in managed

@@ -3,7 +3,8 @@
 The stock emulator stores JSON as sent. A real server also: assigns `uid`, `creationTimestamp`
 and the namespace from the URL on create; bumps `resourceVersion` on every write and `generation`
 when anything but metadata and status changes; ignores `status` in writes to the main resource
-and everything but `status` in writes to the `/status` subresource (status subresource enabled).
+and everything but `status` in writes to the `/status` subresource (status subresource enabled);
+and serves server-side apply, tracking which field manager owns which field (`ssa`).
 """
 
 from __future__ import annotations
@@ -14,10 +15,15 @@ import itertools
 import uuid
 from typing import Any
 
+import aiohttp.web
 import attrs
+import yarl
 from kmock import KubernetesEmulator, ResourceInfo, action
 from kmock._internal import dicts
 
+from . import ssa
+
+TEST_CLIENT = "distserve-tests"  # the User-Agent of the tests' own kubectl-like client
 VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
 
 # (group/version/plural, kind, namespaced, has status subresource)
@@ -46,7 +52,10 @@ def _now() -> str:
 class ApiServerEmulator(KubernetesEmulator):
     _rv: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
     _with_status: set[str] = attrs.field(factory=set, init=False)
-    _log: list[tuple[str, str]] = attrs.field(factory=list, init=False)
+    _log: list[tuple[str, str, str]] = attrs.field(factory=list, init=False)
+    _agents: list[str] = attrs.field(factory=list, init=False)  # User-Agent of each logged request
+    # (resource key, namespace, name) -> field ownership, as metadata.managedFields shows it.
+    _managed: dict[tuple[Any, str | None, str], ssa.Managers] = attrs.field(factory=dict, init=False)
 
     def register_resources(self) -> None:
         for key, kind, namespaced, status in RESOURCES:
@@ -60,17 +69,54 @@ class ApiServerEmulator(KubernetesEmulator):
         # kmock matches every reaction against its whole request history (by identity), which
         # makes each request O(history): keep only the current one there, and a light log here.
         del self._requests[:-1]
-        self._log.append(
-            (
-                str(request.method.value if hasattr(request.method, "value") else request.method),
-                str(request.url),
-            )
-        )
+        method = str(request.method.value if hasattr(request.method, "value") else request.method)
+        content_type = str(request.headers.get("Content-Type", "")).split(";")[0]
+        self._log.append((method, str(request.url), content_type))
+        self._agents.append(str(request.headers.get("User-Agent", "")))
         if request.resource is not None and isinstance(request.data, dict):
+            if method == "PATCH" and content_type == "application/apply-patch+yaml":
+                return await self._server_side_apply(request)
             if request.action == action.CREATE:
                 self._on_create(request)
             elif request.action == action.UPDATE and request.name is not None:
                 self._on_update(request)
+        return await super()._handle(request)
+
+    async def _server_side_apply(self, request: Any) -> Any:
+        manager = request.params.get("fieldManager")
+        if not manager or request.name is None:
+            return _status(400, "BadRequest", "fieldManager is required for apply requests")
+        config = request.data
+        if (config.get("metadata") or {}).get("name") != request.name:
+            return _status(400, "BadRequest", "the name of the object does not match the name in the URL")
+        key = (request.resource, request.namespace, request.name)
+        if self._has_status(request) and request.subresource != "status":
+            config.pop("status", None)
+        if key not in self.objects or self.objects[key].deleted:
+            self._managed[key] = {(manager, "Apply"): ssa.fields(config)}
+            config["metadata"]["managedFields"] = ssa.managed_fields(self._managed[key], config["apiVersion"])
+            self._on_create(request)
+            async with self._lock:
+                if key in self.objects:
+                    self.objects[key].create(config)
+                else:
+                    self.objects[key] = config
+                await self._buses[request.resource].put({"type": "ADDED", "object": config})
+            self._log[-1] = (*self._log[-1][:2], "create")  # an apply that created: RBAC "create"
+            return aiohttp.web.json_response(copy.deepcopy(config), status=201)
+        live = dict(self.objects[key].raw)
+        try:
+            new, managers = ssa.apply(
+                live, config, self._managed.get(key, {}), manager, force=request.params.get("force") == "true"
+            )
+        except ssa.Conflict as exc:
+            return _status(409, "Conflict", str(exc))
+        patch = ssa.merge_patch(live, new)
+        patch.setdefault("metadata", {})["managedFields"] = ssa.managed_fields(managers, config["apiVersion"])
+        self._managed[key] = managers
+        request.data.clear()
+        request.data.update(patch)
+        self._on_update(request, track=False)
         return await super()._handle(request)
 
     def _KubernetesEmulator__check(  # overrides kmock's private (name-mangled) matcher
@@ -98,8 +144,12 @@ class ApiServerEmulator(KubernetesEmulator):
         meta.pop("deletionTimestamp", None)
         if self._has_status(request):
             request.data.pop("status", None)
+        key = (request.resource, meta.get("namespace"), meta.get("name"))
+        if "managedFields" not in meta:  # a POST: its manager owns every field it set
+            self._managed[key] = ssa.update(None, request.data, {}, _manager(request))
+            meta["managedFields"] = ssa.managed_fields(self._managed[key], request.data.get("apiVersion", ""))
 
-    def _on_update(self, request: Any) -> None:
+    def _on_update(self, request: Any, *, track: bool = True) -> None:
         key = (request.resource, request.namespace, request.name)
         if key not in self.objects or self.objects[key].deleted:
             return  # the emulator answers 404
@@ -125,6 +175,11 @@ class ApiServerEmulator(KubernetesEmulator):
         if essence != before:
             meta["generation"] = int(current.get("metadata", {}).get("generation") or 1) + 1
         meta["resourceVersion"] = str(next(self._rv))
+        if track and request.subresource != "status":
+            managers = ssa.update(current, merged, self._managed.get(key, {}), _manager(request))
+            if managers != self._managed.get(key):
+                self._managed[key] = managers
+                meta["managedFields"] = ssa.managed_fields(managers, merged.get("apiVersion", ""))
 
     def _has_status(self, request: Any) -> bool:
         r = request.resource
@@ -134,12 +189,65 @@ class ApiServerEmulator(KubernetesEmulator):
     # ------------------------------------------------------------------ test helpers
 
     @property
-    def log(self) -> list[tuple[str, str]]:
-        """(method, url) of every request served so far."""
+    def log(self) -> list[tuple[str, str, str]]:
+        """(method, url, content type) of every request served so far ("create" as the content
+        type of an apply that created its object)."""
         return list(self._log)
 
     def count(self, method: str, path_part: str) -> int:
-        return sum(1 for m, url in self._log if m == method and path_part in url)
+        return sum(1 for m, url, _ in self._log if m == method and path_part in url)
+
+    def created(self) -> int:
+        """Objects created so far (POST, or an apply that created), Events aside."""
+        return sum(
+            1
+            for m, url, content_type in self._log
+            if (m == "POST" or content_type == "create") and "/events" not in url
+        )
+
+    def managers(self, key: str, namespace: str, name: str) -> dict[str, set[str]]:
+        """Field manager -> the fields it owns (dotted paths) on one stored object."""
+        out: dict[str, set[str]] = {}
+        for (res, ns, n), managers in self._managed.items():
+            if self._key(res) == key and ns == namespace and n == name:
+                for (manager, _), paths in managers.items():
+                    out.setdefault(manager, set()).update(ssa.render(p) for p in paths)
+        return out
+
+    def rbac_requests(self, *, not_from: str = TEST_CLIENT) -> set[tuple[str, str, str]]:
+        """(API group, resource[/subresource], verb) of every request served but the test's own
+        (User-Agent `not_from`): what the operator's RBAC must allow."""
+        out = set()
+        for (method, url, content_type), agent in zip(self._log, self._agents, strict=True):
+            if agent.startswith(not_from):
+                continue
+            parsed = yarl.URL(url)
+            parts = parsed.path.strip("/").split("/")
+            if parts[0] == "api":
+                group, rest = "", parts[2:]
+            elif parts[0] == "apis" and len(parts) > 3:
+                group, rest = parts[1], parts[3:]
+            else:
+                continue  # discovery
+            if rest[:1] == ["namespaces"] and len(rest) > 2:
+                rest = rest[2:]
+            if not rest or rest[0] == "namespaces":
+                continue
+            resource = rest[0] + (f"/{rest[2]}" if len(rest) > 2 else "")
+            named = len(rest) > 1
+            verb = {
+                "GET": (
+                    "get" if named else "watch" if parsed.query.get("watch") in ("true", "1") else "list"
+                ),
+                "POST": "create",
+                "PUT": "update",
+                "PATCH": "patch",
+                "DELETE": "delete",
+            }[method]
+            out.add((group, resource, verb))
+            if content_type == "create":
+                out.add((group, resource, "create"))
+        return out
 
     def fetch(self, key: str, namespace: str, name: str) -> dict[str, Any] | None:
         for (res, ns, n), obj in list(self.objects.items()):
@@ -157,3 +265,22 @@ class ApiServerEmulator(KubernetesEmulator):
     @staticmethod
     def _key(res: Any) -> str:
         return f"{res.group}/{res.version}/{res.plural}" if res.group else f"{res.version}/{res.plural}"
+
+
+def _manager(request: Any) -> str:
+    """The manager of a non-apply write: its fieldManager, else (as the real server derives it
+    from the user agent) the client's name."""
+    agent = str(request.headers.get("User-Agent", "unknown")).split("/")[0]
+    return str(request.params.get("fieldManager") or agent)
+
+
+def _status(code: int, reason: str, message: str) -> Any:
+    body = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+    return aiohttp.web.json_response(body, status=code)

@@ -24,7 +24,7 @@ from distserve_operator.handlers import register
 from distserve_operator.reconcile import PlanFn
 from distserve_operator.settings import OperatorSettings
 
-from .emulator import ApiServerEmulator
+from .emulator import TEST_CLIENT, ApiServerEmulator
 
 CR = "distserve.io/v1alpha1/distservedeployments"
 NS = "serving"
@@ -149,7 +149,11 @@ class OperatorEnv:
 
 @contextlib.asynccontextmanager
 async def operator_env(*, plan_fn: PlanFn | None = None, **settings: Any) -> AsyncIterator[OperatorEnv]:
-    async with ApiServerEmulator() as api, Server(api) as server, aiohttp.ClientSession() as session:
+    async with (
+        ApiServerEmulator() as api,
+        Server(api) as server,
+        aiohttp.ClientSession(headers={"User-Agent": TEST_CLIENT}) as session,
+    ):
         api.register_resources()
         url = str(server.url).rstrip("/")
         defaults: dict[str, Any] = {

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -42,19 +44,30 @@ def test_paths() -> None:
     assert kube.collection_path("v1", "ConfigMap", "ns") == "/api/v1/namespaces/ns/configmaps"
 
 
-def test_is_subset_ignores_server_defaults() -> None:
-    desired = {"spec": {"replicas": 2, "template": {"spec": {"containers": [{"name": "a"}]}}}}
-    live = {
-        "spec": {
-            "replicas": 2,
-            "revisionHistoryLimit": 10,
-            "template": {"spec": {"containers": [{"name": "a", "terminationMessagePath": "/dev/x"}]}},
-        }
+def test_the_client_logs_in_with_the_kubeconfig_outside_a_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kubeconfig = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {"name": "c", "cluster": {"server": "https://k8s.example:6443", "insecure-skip-tls-verify": True}}
+        ],
+        "users": [{"name": "u", "user": {"token": "s3cret"}}],
+        "contexts": [{"name": "ctx", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "ctx",
     }
-    assert kube.is_subset(desired, live)
-    assert not kube.is_subset({"spec": {"replicas": 3}}, live)
-    assert not kube.is_subset({"l": [1, 2]}, {"l": [1]})
-    assert kube.is_subset({"q": 2}, {"q": "2"})
+    path = tmp_path / "config"
+    path.write_text(json.dumps(kubeconfig))
+    # KUBECONFIG as the kubernetes library read it at import.
+    monkeypatch.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(path))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    configuration = kube.load_configuration(None)
+    assert configuration.host == "https://k8s.example:6443"
+    assert configuration.auth_settings()["BearerToken"]["value"] == "Bearer s3cret"
+    # --api-server (an emulator) wins over both, with no credentials.
+    emulator = kube.load_configuration("http://127.0.0.1:1234/")
+    assert (emulator.host, emulator.api_key) == ("http://127.0.0.1:1234", {})
 
 
 def test_metrics_names() -> None:

@@ -60,15 +60,20 @@ Least privilege: exactly the calls the operator makes (operator/distserve_operat
 - apiGroups: ["distserve.io"]
   resources: ["distservedeployments/status"]
   verbs: ["get", "patch"]
+# Children: server-side apply (patch; create when the apply creates), list to prune. No get:
+# an apply needs no read first. ConfigMaps also get: a profile a deployment names.
 - apiGroups: [""]
-  resources: ["configmaps", "services"]
+  resources: ["configmaps"]
   verbs: ["get", "list", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["list", "create", "patch", "delete"]
 - apiGroups: ["apps"]
   resources: ["statefulsets", "deployments"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["list", "create", "patch", "delete"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["list", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
@@ -82,7 +87,7 @@ Least privilege: exactly the calls the operator makes (operator/distserve_operat
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["scheduling.x-k8s.io"]
   resources: ["podgroups"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["list", "create", "patch", "delete"]
 {{- end }}
 {{- end -}}
 
