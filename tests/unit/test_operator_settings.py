@@ -59,11 +59,11 @@ def test_is_subset_ignores_server_defaults() -> None:
 
 def test_metrics_names() -> None:
     m = OperatorMetrics()
-    m.replans_total.labels(reason="RateDrift").inc()
+    m.replanned("ml", "llm", "RateDrift")
     m.reconcile_seconds.observe(0.1)
     m.plan_seconds.observe(0.2)
     text = m.render().decode()
-    assert 'distserve_operator_replans_total{reason="RateDrift"} 1.0' in text
+    assert 'distserve_operator_replans_total{deployment="llm",namespace="ml",reason="RateDrift"} 1.0' in text
     assert (
         "distserve_operator_reconcile_seconds_bucket" in text
         and "distserve_operator_plan_seconds_count" in text
