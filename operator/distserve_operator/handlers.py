@@ -172,34 +172,39 @@ def register(
     async def observe_traffic(body: kopf.Body, memo: Any, logger: Logger, stopped: Any, **_: Any) -> None:
         runtime: R.Runtime = memo["runtime"]
         state = R.observer_state(memo)
-        while not stopped:
-            interval, active = _observing(body, state)
-            rolling = bool((body.get("status") or {}).get("rollout"))
-            now = time.monotonic()
-            if rolling and now >= state.next_rollout_step:
-                # A staged rollout moves on readiness, which no event of ours announces: look often.
-                state.next_rollout_step = now + op_settings.rollout_poll_seconds
-                try:
-                    await R.reconcile(runtime, body, memo, logger)
-                except kopf.TemporaryError as exc:
-                    logger.warning(f"rollout step deferred: {exc}")
-            if active and now >= state.next_due:
-                state.next_due = now + interval
-                try:
-                    await R.observe_once(runtime, body, memo, logger)
-                except kopf.TemporaryError as exc:
-                    logger.warning(f"traffic observation deferred: {exc}")
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    # One bad interval (a planner error on odd traffic) must not end observation.
-                    logger.exception("traffic observation failed; retrying next interval")
-            # Wake for what is due (at most a tick away, so a new rollout or mode is seen), never
-            # sooner than needed: one daemon per deployment, hundreds of them share the event loop.
-            due = [t for t, on in ((state.next_due, active), (state.next_rollout_step, rolling)) if on]
-            wait = min([op_settings.observe_tick_seconds, *(t - time.monotonic() for t in due)])
-            # A plain sleep, not `stopped.wait(timeout)`: on Python 3.11 a cancellation racing that
-            # timeout surfaces as TimeoutError and kopf reports the daemon as failed.
-            await asyncio.sleep(max(0.05, wait))
+        try:
+            while not stopped:
+                interval, active = _observing(body, state)
+                rolling = bool((body.get("status") or {}).get("rollout"))
+                now = time.monotonic()
+                if rolling and now >= state.next_rollout_step:
+                    # A staged rollout moves on readiness, which no event of ours announces: look often.
+                    state.next_rollout_step = now + op_settings.rollout_poll_seconds
+                    try:
+                        await R.reconcile(runtime, body, memo, logger)
+                    except kopf.TemporaryError as exc:
+                        logger.warning(f"rollout step deferred: {exc}")
+                if active and now >= state.next_due:
+                    state.next_due = now + interval
+                    try:
+                        await R.observe_once(runtime, body, memo, logger)
+                    except kopf.TemporaryError as exc:
+                        logger.warning(f"traffic observation deferred: {exc}")
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:
+                        # One bad interval (a planner error on odd traffic) must not end observation.
+                        logger.exception("traffic observation failed; retrying next interval")
+                # Wake for what is due (at most a tick away, so a new rollout or mode is seen), never
+                # sooner than needed: one daemon per deployment, hundreds of them share the event loop.
+                due = [t for t, on in ((state.next_due, active), (state.next_rollout_step, rolling)) if on]
+                wait = min([op_settings.observe_tick_seconds, *(t - time.monotonic() for t in due)])
+                # A plain sleep, not `stopped.wait(timeout)`: on Python 3.11 a cancellation racing that
+                # timeout surfaces as TimeoutError and kopf reports the daemon as failed.
+                await asyncio.sleep(max(0.05, wait))
+        finally:
+            # The daemon ends when the deployment is deleted (or the operator stops): its gauges go.
+            meta = body.get("metadata") or {}
+            runtime.metrics.forget(meta.get("namespace", ""), meta.get("name", ""))
 
     return registry

@@ -153,7 +153,7 @@ async def _configmap_profile(rt: Runtime, namespace: str, spec: DistServeDeploym
 
 
 async def _run_planner(
-    rt: Runtime, spec: DistServeDeploymentSpec, reason: str, *, namespace: str, **kwargs: Any
+    rt: Runtime, spec: DistServeDeploymentSpec, reason: str, *, namespace: str, name: str, **kwargs: Any
 ) -> PlanStatus:
     profile = await _configmap_profile(rt, namespace, spec)
     if profile is not None:
@@ -164,7 +164,7 @@ async def _run_planner(
         plan_cache.planning_key(spec, kwargs), lambda: _plan(rt, spec, kwargs)
     )
     rt.metrics.plan_cache_total.labels(result=lookup).inc()
-    rt.metrics.replans_total.labels(reason=reason).inc()
+    rt.metrics.replanned(namespace, name, reason)
     return status
 
 
@@ -255,7 +255,7 @@ async def _reconcile_locked(
             found = await _allocatable(rt, spec, name, namespace)
         budget = capacity.budget(_nominal_gpus(spec), found, spec.cluster.gpu.resource_name)
         try:
-            plan = await _run_planner(rt, _within(spec, budget), reason, namespace=namespace)
+            plan = await _run_planner(rt, _within(spec, budget), reason, namespace=namespace, name=name)
         except ProfileConfigMapError as exc:
             await _not_planned(rt, live, status, "ProfileInvalid", str(exc), now, logger)
             return  # not sticky: the resync reads the ConfigMap again
@@ -306,6 +306,7 @@ async def _reconcile_locked(
         # Record the plan before touching children: a failure below is repaired from status.
         planned_status = status.model_copy(update={"observed_generation": generation})
         await _write_status(rt, namespace, name, old_raw, planned_status)
+        rt.metrics.plan_changed(namespace, name, reason)
         old_raw = planned_status.to_wire()
 
     assert plan is not None
@@ -331,6 +332,7 @@ async def _reconcile_locked(
         )
     new = status.model_copy(update={"observed_generation": generation, "conditions": conds})
     await _write_status(rt, namespace, name, old_raw, new)
+    rt.metrics.record(namespace, name, spec.slo, new)
     await _finish(rt, live, converged, logger)
 
 
@@ -761,7 +763,12 @@ async def _on_observation(
         found = await _allocatable(rt, spec, name, namespace)
         budget = capacity.budget(_nominal_gpus(spec), found, spec.cluster.gpu.resource_name)
         proposed = await _run_planner(
-            rt, _within(spec, budget), assessment.reason, namespace=namespace, workload_override=workload
+            rt,
+            _within(spec, budget),
+            assessment.reason,
+            namespace=namespace,
+            name=name,
+            workload_override=workload,
         )
         adoption = scaling.adopt(
             plan,
@@ -807,7 +814,9 @@ async def _on_observation(
             )
     new = status.model_copy(update=update)
     await _write_status(rt, namespace, name, old_raw, new)
+    rt.metrics.record(namespace, name, spec.slo, new)
     if "plan" in update:
+        rt.metrics.plan_changed(namespace, name, assessment.reason)
         # The plan is recorded first: if applying fails now, the resync applies it from status.
         async with rt.apply_slots:
             converged = await _converge(rt, live, spec, plan, new, prune=True, now=now, logger=logger)
@@ -828,6 +837,7 @@ async def _on_observation(
             }
         )
         await _write_status(rt, namespace, name, new.to_wire(), final)
+        rt.metrics.record(namespace, name, spec.slo, final)
         await _finish(rt, live, converged, logger)
 
 

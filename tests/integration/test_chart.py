@@ -7,6 +7,7 @@ against the Kubernetes 1.35 schemas with kubernetes-validate.
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -57,8 +58,9 @@ def test_helm_lint_strict() -> None:
         ("watch.scope=ReleaseNamespace",),
         ("watch.scope=Namespaces", "watch.namespaces={team-a,team-b}", "podGroups.enabled=true"),
         ("metrics.serviceMonitor.enabled=true", "logLevel=Debug"),
+        ("metrics.podMonitor.enabled=true", "grafana.dashboard.enabled=true"),
     ],
-    ids=["default", "release-namespace", "namespaces+podgroups", "servicemonitor"],
+    ids=["default", "release-namespace", "namespaces+podgroups", "servicemonitor", "podmonitor+dashboard"],
 )
 def test_every_rendered_manifest_validates(sets: tuple[str, ...]) -> None:
     import kubernetes_validate
@@ -68,7 +70,8 @@ def test_every_rendered_manifest_validates(sets: tuple[str, ...]) -> None:
     for doc in docs:
         if doc["apiVersion"].startswith("monitoring.coreos.com"):
             # A CRD kind outside the core schemas: check its shape by hand.
-            assert doc["spec"]["endpoints"][0]["port"] == "metrics"
+            endpoints = doc["spec"].get("endpoints") or doc["spec"]["podMetricsEndpoints"]
+            assert all(e["path"] == "/metrics" for e in endpoints)
             continue
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
@@ -183,6 +186,59 @@ def test_operator_pod_is_hardened() -> None:
     assert c["resources"]["limits"]["memory"]
 
 
+def test_grafana_dashboard_configmap_holds_the_chart_dashboard_with_the_sidecar_label() -> None:
+    assert not kinds(template(), "ConfigMap"), "no dashboard unless enabled"
+    docs = template(
+        "grafana.dashboard.enabled=true",
+        "grafana.dashboard.namespace=monitoring",
+        "grafana.dashboard.annotations.grafana_folder=DistServe",
+    )
+    (cm,) = kinds(docs, "ConfigMap")
+    assert cm["metadata"]["namespace"] == "monitoring"
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "DistServe"}
+    (text,) = cm["data"].values()
+    rendered = json.loads(text)
+    assert rendered == json.loads((CHART / "dashboards" / "distserve.json").read_text())
+    assert rendered["schemaVersion"] >= 39
+    (default_ns,) = kinds(template("grafana.dashboard.enabled=true"), "ConfigMap")
+    assert default_ns["metadata"]["namespace"] == "ml-serving"
+    custom = template("grafana.dashboard.enabled=true", "grafana.dashboard.labels.team=ml")
+    assert kinds(custom, "ConfigMap")[0]["metadata"]["labels"]["team"] == "ml"
+
+
+def test_podmonitor_scrapes_every_watched_deployment_with_its_name_as_the_deployment_label() -> None:
+    assert not kinds(template(), "PodMonitor")
+    (pm,) = kinds(template("metrics.podMonitor.enabled=true", "metrics.podMonitor.interval=5s"), "PodMonitor")
+    assert pm["spec"]["namespaceSelector"] == {"any": True}
+    # Worker and router pods, not the operator's own (operator/distserve_operator/labels.py).
+    assert pm["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "distserve",
+        "app.kubernetes.io/managed-by": "distserve-operator",
+    }
+    endpoints = pm["spec"]["podMetricsEndpoints"]
+    assert {e["port"] for e in endpoints} == {
+        "http",
+        "metrics-prefill",
+        "metrics-decode",
+        "metrics-colocated",
+    }
+    for e in endpoints:
+        assert e["interval"] == "5s"
+        assert {
+            "sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"],
+            "targetLabel": "deployment",
+        } in e["relabelings"]
+    (scoped,) = kinds(
+        template("metrics.podMonitor.enabled=true", "watch.scope=Namespaces", "watch.namespaces={a,b}"),
+        "PodMonitor",
+    )
+    assert scoped["spec"]["namespaceSelector"] == {"matchNames": ["a", "b"]}
+    # The operator's per-deployment series keep their own namespace label.
+    (sm,) = kinds(template("metrics.serviceMonitor.enabled=true"), "ServiceMonitor")
+    assert sm["spec"]["endpoints"][0]["honorLabels"] is True
+
+
 @pytest.mark.parametrize(
     ("bad", "needle"),
     [
@@ -190,6 +246,9 @@ def test_operator_pod_is_hardened() -> None:
         ("watch.scope=Everywhere", "scope"),
         ("metrics.port=80", "port"),
         ("metrics.serviceMonitor.interval=soon", "interval"),
+        ("metrics.podMonitor.interval=soon", "interval"),
+        ("grafana.dashboard.enable=true", "enable"),
+        ("grafana.dashboard.labels.grafana_dashboard=1", "grafana_dashboard"),
     ],
 )
 def test_schema_rejects_unknown_keys_and_bad_values(bad: str, needle: str) -> None:

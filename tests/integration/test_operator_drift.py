@@ -3,6 +3,7 @@ router (Prometheus text), and the real planner. Intervals are the 5 s minimum th
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,15 @@ async def _started(env: OperatorEnv, router: FakeRouter, **spec: Any) -> dict[st
     return _replicas(env, "llm")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 async def test_doubled_traffic_scales_up_within_two_intervals() -> None:
-    async with FakeRouter(Traffic(RATE)) as router, operator_env(plan_fn=plan_fn()) as env:
+    port = _free_port()
+    async with FakeRouter(Traffic(RATE)) as router, operator_env(plan_fn=plan_fn(), metrics_port=port) as env:
         before = await _started(env, router)
         first = _plan(env, "llm")
         router.set(Traffic(2 * RATE))
@@ -74,6 +82,13 @@ async def test_doubled_traffic_scales_up_within_two_intervals() -> None:
             ):
                 assert plan[role]["replicas"] == getattr(expected, role).replicas
         assert any(e.get("reason") == "Replanned" for e in env.events())
+        # What the dashboard shows: one applied re-plan (its annotation), the rate now planned for.
+        async with env.session.get(f"http://127.0.0.1:{port}/metrics") as r:
+            text = await r.text()
+        key = f'deployment="llm",namespace="{NS}"'
+        assert f'distserve_operator_plan_changes_total{{{key},reason="RateDrift"}} 1.0' in text
+        planned = float(text.split(f"distserve_operator_planned_requests_per_second{{{key}}} ")[1].split()[0])
+        assert abs(planned - 2 * RATE) / (2 * RATE) < 0.15
 
 
 async def test_noise_within_ten_percent_changes_nothing() -> None:

@@ -227,11 +227,36 @@ async def test_operator_metrics_are_served() -> None:
         async def scrape() -> str | None:
             async with env.session.get(f"http://127.0.0.1:{port}/metrics") as r:
                 text = await r.text()
-            return text if 'distserve_operator_replans_total{reason="Created"} 1.0' in text else None
+            created = (
+                'distserve_operator_replans_total{deployment="llm",namespace="serving",reason="Created"} 1.0'
+            )
+            return text if created in text else None
 
         text = await eventually(scrape, what="operator metrics")
         assert "distserve_operator_reconcile_seconds_count" in text
         assert "distserve_operator_plan_seconds_count 1.0" in text
+        changes = (
+            'distserve_operator_plan_changes_total{deployment="llm",namespace="serving",reason="Created"} 1.0'
+        )
+        assert changes in text
+        # The lines the dashboard draws: the spec's SLO, the plan's rate and replicas (manifests.py).
+        key = 'deployment="llm",namespace="serving"'
+        assert f"distserve_operator_slo_ttft_target_seconds{{{key}}} 0.2" in text
+        assert f"distserve_operator_slo_attainment_target_ratio{{{key}}} 0.9" in text
+        assert f"distserve_operator_planned_requests_per_second{{{key}}} 550.0" in text
+        assert f"distserve_operator_planned_goodput_requests_per_second{{{key}}}" in text
+        assert f'distserve_operator_replicas{{{key},role="router",stage="0"}}' in text
+        assert f'distserve_operator_ready_replicas{{{key},role="decode",stage="0"}}' in text
+
+        await env.delete("llm")
+
+        async def forgotten() -> str | None:
+            async with env.session.get(f"http://127.0.0.1:{port}/metrics") as r:
+                text = await r.text()
+            return text if "distserve_operator_replicas{" not in text else None
+
+        text = await eventually(forgotten, what="a deleted deployment's gauges to go")
+        assert f"distserve_operator_slo_ttft_target_seconds{{{key}}}" not in text
 
 
 async def test_gang_scheduling_creates_podgroups_and_ungates_pods() -> None:

@@ -169,20 +169,22 @@ def test_reconcile_plans_identical_inputs_once() -> None:
 
     async def main() -> None:
         many = await asyncio.gather(
-            *(R._run_planner(rt, spec(), "Created", namespace="ns") for _ in range(20))
+            *(R._run_planner(rt, spec(), "Created", namespace="ns", name="llm") for _ in range(20))
         )
         assert len(planner.calls) == 1 and all(s is many[0] for s in many)
-        await R._run_planner(rt, spec(router={"replicas": 4}), "Created", namespace="ns")
+        await R._run_planner(rt, spec(router={"replicas": 4}), "Created", namespace="ns", name="llm")
         assert len(planner.calls) == 1  # not a planning field
-        await R._run_planner(rt, spec(workload={"requestsPerSecond": "600"}), "Created", namespace="ns")
+        await R._run_planner(
+            rt, spec(workload={"requestsPerSecond": "600"}), "Created", namespace="ns", name="llm"
+        )
         assert len(planner.calls) == 2
-        await R._run_planner(rt, with_profile, "Created", namespace="ns")
-        await R._run_planner(rt, with_profile, "Created", namespace="ns")
+        await R._run_planner(rt, with_profile, "Created", namespace="ns", name="llm")
+        await R._run_planner(rt, with_profile, "Created", namespace="ns", name="llm")
         assert len(planner.calls) == 3
         kube.profile = CPU_PROFILE.read_text().replace(  # the ConfigMap changed: plan again
             '"source": "', '"source": "re-measured ', 1
         )
-        await R._run_planner(rt, with_profile, "Created", namespace="ns")
+        await R._run_planner(rt, with_profile, "Created", namespace="ns", name="llm")
         assert len(planner.calls) == 4
         assert planner.calls[2]["profile"] != planner.calls[3]["profile"]
 

@@ -72,11 +72,11 @@ def test_the_client_logs_in_with_the_kubeconfig_outside_a_cluster(
 
 def test_metrics_names() -> None:
     m = OperatorMetrics()
-    m.replans_total.labels(reason="RateDrift").inc()
+    m.replanned("ml", "llm", "RateDrift")
     m.reconcile_seconds.observe(0.1)
     m.plan_seconds.observe(0.2)
     text = m.render().decode()
-    assert 'distserve_operator_replans_total{reason="RateDrift"} 1.0' in text
+    assert 'distserve_operator_replans_total{deployment="llm",namespace="ml",reason="RateDrift"} 1.0' in text
     assert (
         "distserve_operator_reconcile_seconds_bucket" in text
         and "distserve_operator_plan_seconds_count" in text
