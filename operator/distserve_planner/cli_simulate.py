@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .core import simulate_one
+    from .core import simulate_configuration
     from .loaders.spec import plan_input
 
     if args.plot:
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         rate = args.rate if args.rate is not None else inp.workload.rate
         if rate <= 0:
             raise ValueError("--rate must be above 0")
-        simulated = simulate_one(
+        simulated = simulate_configuration(
             inp,
             rate,
             prefill=parse_choice(args.prefill) if args.prefill else None,

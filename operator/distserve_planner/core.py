@@ -452,19 +452,8 @@ def simulate_configuration(
     prefill: PhaseChoice | None = None,
     decode: PhaseChoice | None = None,
     colocated_choice: PhaseChoice | None = None,
-) -> dict[str, object]:
-    """`distserve simulate`'s figures: one configuration at one rate; ValueError when it cannot run."""
-    return simulate_one(inp, rate, prefill, decode, colocated_choice).summary(inp.slo)
-
-
-def simulate_one(
-    inp: PlanInput,
-    rate: float,
-    prefill: PhaseChoice | None = None,
-    decode: PhaseChoice | None = None,
-    colocated_choice: PhaseChoice | None = None,
 ) -> Simulated:
-    """One configuration at one rate; ValueError when it cannot run."""
+    """`distserve simulate`: one configuration at one rate; ValueError when it cannot run."""
     w = inp.workload
     reqs = generate(
         inp.n_requests, inp.seed, w.inputs, w.outputs, w.arrival, w.cv, list(w.trace) if w.trace else None

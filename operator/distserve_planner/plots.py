@@ -136,9 +136,13 @@ def draw_attainment(curves: Curves, path: str | Path) -> Path:
     ax.set_xlim(left=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7.5, loc="lower left")
-    gpus = f"the chosen plan on {curves.chosen_gpus} of" if curves.chosen_gpus else "no plan within"
+    gpus = (
+        f"the chosen plan uses {curves.chosen_gpus} of the {curves.budget_gpus} GPUs budgeted"
+        if curves.chosen_gpus
+        else f"no plan within the {curves.budget_gpus} GPUs budgeted"
+    )
     figure.suptitle(
-        f"{curves.model}: {gpus} {curves.budget_gpus} × {curves.device} GPUs\n"
+        f"{curves.model} on {curves.device}: {gpus}\n"
         f"{_slo_text(curves.ttft_ms, curves.tpot_ms, goal)}; curves: each plan simulated whole",
         fontsize=10,
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -42,6 +44,20 @@ def test_simulate_plot_png_and_svg(tmp_path: Path, capsys: pytest.CaptureFixture
     root = ET.parse(svg).getroot()
     assert root.tag == "{http://www.w3.org/2000/svg}svg"
     assert root.get("width") == f"{plots.SIZE[0] * 72:g}pt"  # SVG sizes in points: 72 per inch
+
+
+def test_importing_the_planner_loads_no_matplotlib() -> None:
+    """The operator image lacks the plot extra: only drawing may load it."""
+    code = (
+        "import sys, distserve_planner.plots, distserve_planner.curves, distserve_planner.cli_plan, "
+        "distserve_planner.cli_simulate; print(sorted(m for m in sys.modules if m.startswith('matplotlib')))"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(str(ROOT / r) for r in ("operator", "worker", "protos")),
+    }
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr
 
 
 def test_unknown_suffix_names_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
