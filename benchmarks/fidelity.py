@@ -10,6 +10,8 @@ the planner's own seeded generator, so both sides see the same list, scaled to e
 default to 0.5x, 1.0x and 1.5x the goodput the simulator predicts for these requests. Per rate:
 TTFT p90, TPOT p90 and SLO attainment, predicted and measured; then the goodput both ways
 (measured: where attainment crosses the target between measured rates, linearly).
+A PNG of predicted and measured attainment against the rate is drawn beside the JSON
+(`plot_fidelity.py`, which redraws it from the JSON alone; needs the plot extra).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fidelity_model import ModelSide, Predicted, goodput, interpolated_goodput
 from fidelity_stack import measure_rates
+from plot_fidelity import draw_next_to
 
 from distserve_operator import api
 from distserve_planner import simulator as sim
@@ -240,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    draw_next_to(args.json)  # the PNG beside it (plot_fidelity.py redraws it from the JSON alone)
     print(table(result))
     return 0
 

@@ -8,6 +8,8 @@ Per workload and configuration: the simulator's goodput (bisection) and SLO atta
 rates around it, measured on the real stack with the same requests; measured goodput is where
 attainment crosses the target between them (or a bound when it does not cross). The verdict is
 the configuration with the higher goodput on the same 2 cores.
+A PNG of predicted and measured attainment against the rate is drawn beside the JSON
+(`plot_fidelity.py`, which redraws it from the JSON alone; needs the plot extra).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fidelity_model import ModelSide, Predicted, goodput, interpolated_goodput
 from fidelity_stack import RateRun, measure_rates
+from plot_fidelity import draw_next_to
 
 from distserve_operator import api
 from distserve_planner import simulator as sim
@@ -191,6 +194,7 @@ def main() -> int:
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    draw_next_to(args.json)  # the PNG beside it (plot_fidelity.py redraws it from the JSON alone)
     print(json.dumps([w["verdict"] for w in out], indent=2))
     return 0
 

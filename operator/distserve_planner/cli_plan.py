@@ -1,8 +1,9 @@
-"""`distserve plan -f MANIFEST [--profile FILE|NAME] [--trace CSV] [-o table|json]`.
+"""`distserve plan -f MANIFEST [--profile FILE|NAME] [--trace CSV] [-o table|json] [--plot FILE]`.
 
 Exit status: 0 when a report is printed, including an infeasible SLO (the report says so, with the
 closest candidate and the fix: it is an answer, not a failure); 2 when the input is bad (invalid
-manifest, unknown model, unreadable profile or trace), with one line per problem on stderr.
+manifest, unknown model, unreadable profile or trace, a --plot that cannot be drawn), with one
+line per problem on stderr.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, help="plan for this many requests/s instead of the manifest's")
     parser.add_argument("-o", "--output", choices=["table", "json"], default="table", help="output format")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="also draw SLO attainment against request rate for the top plans and the colocated "
+        "alternative, into FILE.png or FILE.svg (needs the plot extra: pip install 'distserve[plot]')",
+    )
 
 
 def progress_printer(quiet: bool) -> Callable[[str], None] | None:
@@ -43,18 +50,27 @@ def progress_printer(quiet: bool) -> Callable[[str], None] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import plan_deployment
+    from .core import plan
+    from .loaders.spec import plan_input
 
+    if args.plot:
+        from .plots import PlotError, check_target
+
+        try:
+            check_target(args.plot)  # before planning: a bad --plot fails at once
+        except PlotError as exc:
+            print(exc, file=sys.stderr)
+            return 2
     try:
         dsd = api.load_manifest(args.filename)
-        report = plan_deployment(
-            dsd,
+        inp = plan_input(
+            dsd.spec,
             profile=args.profile,
             trace=args.trace,
-            progress=progress_printer(args.quiet),
             rate_override=args.rate,
             colocated_profile=args.colocated_profile,
         )
+        report = plan(inp, progress=progress_printer(args.quiet))
     except api.SpecError as exc:
         print(exc.report(args.filename), file=sys.stderr)
         return 2
@@ -65,4 +81,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
     else:
         print(report.table())
+    if args.plot:
+        from .curves import attainment_curves
+        from .plots import draw_attainment
+
+        written = draw_attainment(attainment_curves(inp, report), args.plot)
+        if not args.quiet:
+            print(f"  plot: {written}", file=sys.stderr)
     return 0

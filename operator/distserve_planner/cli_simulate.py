@@ -1,6 +1,8 @@
-"""`distserve simulate -f MANIFEST --prefill 2x1 --decode 1x1 [--rate R]`: one configuration, one rate.
+"""`distserve simulate -f MANIFEST --prefill 2x1 --decode 1x1 [--rate R] [--plot FILE]`: one
+configuration, one rate.
 
-`--prefill TPxPP[:REPLICAS]`, `--decode TPxPP[:REPLICAS]`, or `--colocated TPxPP[:REPLICAS]`.
+`--prefill TPxPP[:REPLICAS]`, `--decode TPxPP[:REPLICAS]`, or `--colocated TPxPP[:REPLICAS]`;
+`--plot` draws the TTFT and TPOT distributions against the SLO into a .png or .svg file.
 Exit 0 with the figures, 2 on bad input.
 """
 
@@ -36,19 +38,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--trace", help="CSV with input_tokens,output_tokens columns")
     parser.add_argument("-o", "--output", choices=["table", "json"], default="table", help="output format")
+    parser.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="also draw the TTFT and TPOT distributions against the SLO into FILE.png or FILE.svg "
+        "(needs the plot extra: pip install 'distserve[plot]')",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from .core import simulate_configuration
     from .loaders.spec import plan_input
 
+    if args.plot:
+        from .plots import PlotError, check_target
+
+        try:
+            check_target(args.plot)
+        except PlotError as exc:
+            print(exc, file=sys.stderr)
+            return 2
     try:
         dsd = api.load_manifest(args.filename)
         inp = plan_input(dsd.spec, profile=args.profile, trace=args.trace)
         rate = args.rate if args.rate is not None else inp.workload.rate
         if rate <= 0:
             raise ValueError("--rate must be above 0")
-        result = simulate_configuration(
+        simulated = simulate_configuration(
             inp,
             rate,
             prefill=parse_choice(args.prefill) if args.prefill else None,
@@ -61,9 +77,15 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"cannot simulate: {exc}", file=sys.stderr)
         return 2
+    result = simulated.summary(inp.slo)
     if args.output == "json":
         print(json.dumps(result, indent=2))
     else:
         for key, value in result.items():
             print(f"{key:>24}: {value}")
+    if args.plot:
+        from .plots import draw_latencies
+
+        written = draw_latencies(simulated, inp.slo, inp.architecture.name, inp.device.name, args.plot)
+        print(f"  plot: {written}", file=sys.stderr)
     return 0

@@ -79,20 +79,7 @@ def plan(
 ) -> PlanReport:
     started = clock()
     w = inp.workload
-    requests = generate(
-        inp.n_requests, inp.seed, w.inputs, w.outputs, w.arrival, w.cv, list(w.trace) if w.trace else None
-    )
-    ctx = Context(
-        inp.architecture,
-        inp.device,
-        inp.links,
-        inp.latency,
-        inp.slo,
-        requests,
-        inp.token_budget,
-        progress,
-        max_batch=decode_max_batch(inp),
-    )
+    ctx = context(inp, progress)
     shape = inp.cluster
     if inp.pin is not None:
         pinning.check(inp.pin, ctx, shape.gpus_per_node)  # before any search: refuse it at once
@@ -162,6 +149,25 @@ def plan(
         attainments=attainments,
         choice_reason=choice.reason,
         colocated_estimate=_colocated_estimate(inp, ctx, decision, rate),
+    )
+
+
+def context(inp: PlanInput, progress: Progress | None = None) -> Context:
+    """The search's context: the workload's requests (seeded) and the engine limits simulated."""
+    w = inp.workload
+    requests = generate(
+        inp.n_requests, inp.seed, w.inputs, w.outputs, w.arrival, w.cv, list(w.trace) if w.trace else None
+    )
+    return Context(
+        inp.architecture,
+        inp.device,
+        inp.links,
+        inp.latency,
+        inp.slo,
+        requests,
+        inp.token_budget,
+        progress,
+        max_batch=decode_max_batch(inp),
     )
 
 
@@ -406,13 +412,47 @@ def _colocated_context(inp: PlanInput, ctx: Context) -> Context:
     return other
 
 
+@dataclass(frozen=True)
+class Simulated:
+    """One configuration simulated at one rate (`distserve simulate`): the per-request latencies."""
+
+    configuration: str
+    gpus: int
+    rate: float
+    outcome: sim.Outcome
+    profile: str
+
+    def summary(self, slo: SloTargets) -> dict[str, object]:
+        """The figures `distserve simulate` prints."""
+        outcome = self.outcome
+        return {
+            "configuration": self.configuration,
+            "gpus": self.gpus,
+            "requestsPerSecond": self.rate,
+            "requests": len(outcome.ttft),
+            "attainmentPercent": round(100 * outcome.attainment(slo.ttft_ms, slo.tpot_ms), 2),
+            "ttftAttainmentPercent": round(100 * sim.attainment(outcome.ttft, slo.ttft_ms), 2),
+            "tpotAttainmentPercent": round(100 * sim.attainment(outcome.tpot, slo.tpot_ms), 2),
+            "ttftMillis": {
+                p: round(sim.percentile(outcome.ttft, q), 2)
+                for p, q in (("p50", 50), ("p90", 90), ("p99", 99))
+            },
+            "tpotMillis": {
+                p: round(sim.percentile(outcome.tpot, q), 2)
+                for p, q in (("p50", 50), ("p90", 90), ("p99", 99))
+            },
+            "waitedForDecodeMemory": outcome.memory_bound,
+            "profile": self.profile,
+        }
+
+
 def simulate_configuration(
     inp: PlanInput,
     rate: float,
     prefill: PhaseChoice | None = None,
     decode: PhaseChoice | None = None,
     colocated_choice: PhaseChoice | None = None,
-) -> dict[str, object]:
+) -> Simulated:
     """`distserve simulate`: one configuration at one rate; ValueError when it cannot run."""
     w = inp.workload
     reqs = generate(
@@ -421,7 +461,6 @@ def simulate_configuration(
     budget, max_batch = inp.token_budget, decode_max_batch(inp)
     arch, links = inp.architecture, inp.links
     arrivals = [t * 1e3 for t in reqs.arrivals(rate)]
-    slo = inp.slo
     longest = max(i + o for i, o in zip(reqs.inputs, reqs.outputs, strict=True))
 
     def instance(c: PhaseChoice, model: LatencyModel) -> tuple[InstanceTiming, Fit]:
@@ -468,22 +507,5 @@ def simulate_configuration(
             f"prefill TP{prefill.tp}xPP{prefill.pp} ×{prefill.replicas} | "
             f"decode TP{decode.tp}xPP{decode.pp} ×{decode.replicas}"
         )
-    return {
-        "configuration": config,
-        "gpus": gpus,
-        "requestsPerSecond": rate,
-        "requests": len(reqs),
-        "attainmentPercent": round(100 * outcome.attainment(slo.ttft_ms, slo.tpot_ms), 2),
-        "ttftAttainmentPercent": round(100 * sim.attainment(outcome.ttft, slo.ttft_ms), 2),
-        "tpotAttainmentPercent": round(100 * sim.attainment(outcome.tpot, slo.tpot_ms), 2),
-        "ttftMillis": {
-            p: round(sim.percentile(outcome.ttft, q), 2) for p, q in (("p50", 50), ("p90", 90), ("p99", 99))
-        },
-        "tpotMillis": {
-            p: round(sim.percentile(outcome.tpot, q), 2) for p, q in (("p50", 50), ("p90", 90), ("p99", 99))
-        },
-        "waitedForDecodeMemory": outcome.memory_bound,
-        "profile": (inp.colocated_latency or inp.latency).describe
-        if colocated_choice
-        else inp.latency.describe,
-    }
+    profile = (inp.colocated_latency or inp.latency) if colocated_choice else inp.latency
+    return Simulated(config, gpus, rate, outcome, profile.describe)

@@ -28,6 +28,9 @@ class PlanReport:
     skipped: list[str] = field(default_factory=list)  # "TP3 does not divide ...": never scored
     phase_results: list[PhaseResult] = field(default_factory=list)
     probes: int = 0
+    # The plans behind status.candidates, in that order (the first is the plan): what
+    # `distserve plan --plot` simulates again at other rates.
+    placements: list[Placement] = field(default_factory=list)
 
     @property
     def plan(self) -> api.PlanStatus:
@@ -206,7 +209,7 @@ def build_report(
         "kvBytesPerToken": inp.architecture.kv_bytes_per_token,
         "weightBytes": inp.architecture.weight_bytes,
     }
-    return PlanReport(status, search_seconds, assumptions, rejected, skipped, seen, ctx.probes)
+    return PlanReport(status, search_seconds, assumptions, rejected, skipped, seen, ctx.probes, shown)
 
 
 def with_mode(

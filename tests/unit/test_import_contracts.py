@@ -58,6 +58,13 @@ PLANTED = {
             "distserve_planner.latency -> distserve_worker.engine",
         ),
     ],
+    "plot-extra-only-here": [
+        (
+            "operator/distserve_planner/curves.py",
+            "import matplotlib.pyplot",
+            "distserve_planner.curves -> matplotlib",
+        ),
+    ],
     "engine-no-grpc": [
         (
             "worker/distserve_worker/engine/sequence.py",
