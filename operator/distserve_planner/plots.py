@@ -68,7 +68,8 @@ def _slo_text(ttft_ms: float, tpot_ms: float, target_percent: float) -> str:
 
 def draw_attainment(curves: Curves, path: str | Path) -> Path:
     """SLO attainment against the request rate per GPU, one curve per plan; the attainment target,
-    the workload's rate on the chosen plan, and each plan's goodput per GPU marked on the target."""
+    the workload's rate on the chosen plan, and a marker where each curve crosses the target (its
+    goodput per GPU, the plan simulated whole; the legend also gives the report's per-phase figure)."""
     target = check_target(path)
     figure, ax = new_figure()
     goal = curves.target_percent
@@ -76,7 +77,9 @@ def draw_attainment(curves: Curves, path: str | Path) -> Path:
     for i, c in enumerate(curves.curves):
         color = f"C{i % 10}"
         xs, ys = [x for x, _ in c.points], [y for _, y in c.points]
-        label = f"{c.label} ({c.gpus} GPUs): {c.goodput_per_gpu:.2f} per GPU" + (
+        crossing = c.crossing
+        whole = f"{crossing:.2f}" if crossing is not None else "n/a"
+        label = f"{c.label} ({c.gpus} GPUs): {whole} per GPU (report {c.goodput_per_gpu:.2f})" + (
             ", chosen" if c.chosen else ""
         )
         ax.plot(
@@ -89,13 +92,13 @@ def draw_attainment(curves: Curves, path: str | Path) -> Path:
             label=label,
             zorder=3 if c.chosen else 2,
         )
-        if c.goodput_per_gpu > 0:
-            group = next((g for g in marked if abs(g[0] / c.goodput_per_gpu - 1) <= MARKER_GROUP), None)
+        if crossing is not None and crossing > 0:
+            group = next((g for g in marked if abs(g[0] / crossing - 1) <= MARKER_GROUP), None)
             if group is None:
-                marked.append((c.goodput_per_gpu, color, [c.goodput_per_gpu]))
+                marked.append((crossing, color, [crossing]))
             else:
-                group[2].append(c.goodput_per_gpu)
-    # One marker per goodput: plans rated alike (ties within 1%) would hide each other's.
+                group[2].append(crossing)
+    # One marker per crossing: plans that cross alike (within 1%) would hide each other's.
     for n, (x, color, same) in enumerate(sorted(marked)):
         ax.plot([x], [goal], marker="o", color=color, markeredgecolor="black", markersize=8, zorder=4)
         plans = f" ({len(same)} plans)" if len(same) > 1 else ""
@@ -116,7 +119,8 @@ def draw_attainment(curves: Curves, path: str | Path) -> Path:
         linestyle="none",
         color="white",
         markeredgecolor="black",
-        label="goodput per GPU (req/s) the report prints: each phase sized alone to the target",
+        label="goodput per GPU (req/s): where the plan, simulated whole, crosses the target "
+        "(the report's figure sizes each phase alone)",
     )
     per_gpu = curves.workload_per_gpu
     if per_gpu is not None:

@@ -88,7 +88,18 @@ def planned() -> tuple[PlanReport, Curves]:
     return report, attainment_curves(inp, report)
 
 
-def test_markers_are_the_goodputs_the_report_prints(planned: tuple[PlanReport, Curves]) -> None:
+def test_markers_are_where_curves_cross_the_target(planned: tuple[PlanReport, Curves]) -> None:
+    """Each marker sits between the last point at or above the target and the first below it."""
+    _, curves = planned
+    for c in curves.curves:
+        x = c.crossing
+        assert x is not None, c.label
+        above = max(r for r, y in c.points if r <= x)
+        below = min(r for r, y in c.points if r >= x)
+        assert dict(c.points)[above] >= curves.target_percent > dict(c.points)[below], c.label
+
+
+def test_curves_carry_the_goodputs_the_report_prints(planned: tuple[PlanReport, Curves]) -> None:
     report, curves = planned
     s = report.status
     chosen = next(c for c in curves.curves if c.chosen)
