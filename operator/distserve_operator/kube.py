@@ -39,6 +39,8 @@ PLURALS: dict[tuple[str, str], str] = {
     ("v1", "Event"): "events",
     ("apps/v1", "StatefulSet"): "statefulsets",
     ("apps/v1", "Deployment"): "deployments",
+    # Profiling Jobs (profile_jobs.py): shared by deployments of one model, so never pruned.
+    ("batch/v1", "Job"): "jobs",
     ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
     ("scheduling.x-k8s.io/v1alpha1", "PodGroup"): "podgroups",
     ("distserve.io/v1alpha1", "DistServeDeployment"): "distservedeployments",

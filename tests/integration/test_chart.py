@@ -91,6 +91,8 @@ EXPECTED_RULES = {
     ("apps", "deployments"): CHILD_VERBS,
     ("networking.k8s.io", "networkpolicies"): CHILD_VERBS,
     ("", "events"): {"create"},
+    # Profiling Jobs (planner.profiling Auto): no patch (Jobs are immutable), no watch (the resync reads them).
+    ("batch", "jobs"): {"get", "list", "create", "delete"},
     # Pods waiting for GPUs, and what other pods and quotas leave: read-only.
     ("", "pods"): {"get", "list"},
     ("", "resourcequotas"): {"get", "list"},
