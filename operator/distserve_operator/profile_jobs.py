@@ -159,9 +159,13 @@ async def _ensure(
             Phase.FAILED,
             f"{failure}; attempt {attempt + 1} at {due.strftime('%Y-%m-%dT%H:%M:%SZ')}; {meanwhile}",
         )
-    where = f"; {state.message}" if state.message else ""
-    verb = "running" if state.phase is Phase.RUNNING else "waiting for a node"
-    return Outcome(state.phase, f"profiling Job {job_name} {verb} (attempt {attempt}){where}; {meanwhile}")
+    why = f": {state.message}" if state.message else ""
+    before = (job["metadata"].get("annotations") or {}).get(profiling.PREVIOUS_FAILURE)
+    after = f" after {before}" if before else ""
+    verb = "running" if state.phase is Phase.RUNNING else "pending"
+    return Outcome(
+        state.phase, f"profiling Job {job_name} {verb} (attempt {attempt}{why}){after}; {meanwhile}"
+    )
 
 
 async def _start(
@@ -175,19 +179,20 @@ async def _start(
     previous: str,
 ) -> Outcome:
     job = profiling.render_job(
-        spec, key, attempt=attempt, deadline_seconds=settings.profile_job_deadline_seconds
+        spec,
+        key,
+        attempt=attempt,
+        deadline_seconds=settings.profile_job_deadline_seconds,
+        previous_failure=previous,
     )
     job["metadata"]["namespace"] = namespace
     name = job["metadata"]["name"]
-    # Deterministic names: a deployment of the same model racing us created it already (409), or
-    # `apply` finds it. Jobs are immutable, so an existing one is left as it is.
+    # Deterministic names: the first deployment of this model to get here creates the Job, the
+    # others find it and leave it as it is (Jobs are immutable; theirs may differ in image or
+    # placement). Two racing at once apply the same Job: the second finds it unchanged.
     if await kube.get(*JOB, namespace, name) is None:
-        try:
-            await kube.create(job)
-        except Exception:
-            if await kube.get(*JOB, namespace, name) is None:
-                raise  # not a lost race: a real failure
-    for old in older:  # the failed attempts: their message is carried in the new outcome
+        await kube.apply(job)
+    for old in older:  # the failed attempts: their message is in the new Job's annotation
         if old["metadata"]["name"] != name:
             await kube.delete(*JOB, namespace, old["metadata"]["name"])
     after = f" after {previous}" if previous else ""

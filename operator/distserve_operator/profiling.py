@@ -206,7 +206,17 @@ def render_config_map(key: ProfileKey, text: str, job_name: str) -> Obj:
     }
 
 
-def render_job(spec: DistServeDeploymentSpec, key: ProfileKey, *, attempt: int, deadline_seconds: int) -> Obj:
+PREVIOUS_FAILURE = "distserve.io/profile-previous-failure"
+
+
+def render_job(
+    spec: DistServeDeploymentSpec,
+    key: ProfileKey,
+    *,
+    attempt: int,
+    deadline_seconds: int,
+    previous_failure: str = "",
+) -> Obj:
     """The profiling Job: the worker pods' image, placement, model volumes and GPU resource.
     No owner reference (deployments of the same model share it; the operator deletes it once the
     profile is stored). backoffLimit 0: the operator retries with its own backoff, and one pod's
@@ -259,6 +269,8 @@ def render_job(spec: DistServeDeploymentSpec, key: ProfileKey, *, attempt: int, 
                 **key.annotations(),
                 L.PROFILE_ATTEMPT: str(attempt),
                 "distserve.io/profile-tp": ",".join(map(str, tps)),
+                # The failed attempt is deleted with its pod: its story stays with its successor.
+                **({PREVIOUS_FAILURE: previous_failure[:2000]} if previous_failure else {}),
             },
         },
         "spec": {
@@ -350,11 +362,18 @@ def job_state(job: Obj, pods: list[Obj]) -> JobState:
     )
     if running:
         return JobState(Phase.RUNNING)
+    # Why it waits: no node yet (the scheduler's message), or a container not started (a bad image
+    # waits in ImagePullBackOff until activeDeadlineSeconds: say so now).
     waiting = [
         c.get("message") or c.get("reason") or ""
         for p in pods
         for c in (p.get("status") or {}).get("conditions") or []
         if c.get("type") == "PodScheduled" and c.get("status") == "False"
+    ] + [
+        ": ".join(x for x in (w.get("reason"), w.get("message")) if x)
+        for p in pods
+        for cs in (p.get("status") or {}).get("containerStatuses") or []
+        if (w := (cs.get("state") or {}).get("waiting") or {})
     ]
     return JobState(Phase.PENDING, "; ".join(w for w in waiting if w))
 
@@ -380,8 +399,10 @@ def retry_due(state: JobState, attempt: int, *, base: float, cap: float, now: da
 
 
 def plan_uses(plan_profile: str, namespace: str, config_map: str) -> bool:
-    """Whether a plan (status.plan.profile) was made with the stored profile in this ConfigMap."""
-    return plan_profile.startswith(f"ConfigMap {namespace}/{config_map}")
+    """Whether a plan (status.plan.profile) was made with the stored profile in this ConfigMap: its
+    description starts `ConfigMap <ns>/<name>: <source>` or `ConfigMap <ns>/<name> (<model> on ...)`."""
+    where = f"ConfigMap {namespace}/{config_map}"
+    return plan_profile.startswith((f"{where}:", f"{where} (")) or plan_profile == where
 
 
 def replan_with(outcome: Outcome, plan_profile: str, namespace: str) -> bool:

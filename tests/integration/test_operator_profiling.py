@@ -115,6 +115,13 @@ async def test_profiling_job_lifecycle_retry_store_and_reuse() -> None:
             what="the retry Job",
         )
         await eventually(lambda: len(env.api.items(JOBS, NS)) == 1, what="the failed Job deleted")
+        cond = await eventually(
+            lambda: (c := env.condition("a2", "Profiled")) and c["reason"] == "Pending" and c,
+            what="Profiled on attempt 2",
+        )
+        assert (
+            "(attempt 2)" in cond["message"] and "CUDA out of memory" in cond["message"]
+        )  # the last failure
 
         # It succeeds with a real profile (the bundled OPT-13B one, compacted as the command writes it).
         text = json.dumps(
@@ -147,3 +154,5 @@ async def test_profiling_job_lifecycle_retry_store_and_reuse() -> None:
         plan = await eventually(lambda: env.status("b").get("plan"), what="b's plan")
         assert plan["profile"].startswith(stored)
         assert env.condition("b", "Profiled")["reason"] == "Succeeded" and env.api.items(JOBS, NS) == []
+        await eventually(lambda: env.condition("b", "Ready"), what="b's children applied")
+        assert env.children("apps/v1/statefulsets", "b")

@@ -88,7 +88,8 @@ def test_the_job_runs_the_profile_cli_where_the_workers_run() -> None:
         }
     )
     key = profiling.key_of(spec)
-    job = profiling.render_job(spec, key, attempt=3, deadline_seconds=600)
+    job = profiling.render_job(spec, key, attempt=3, deadline_seconds=600, previous_failure="OOM")
+    assert job["metadata"]["annotations"]["distserve.io/profile-previous-failure"] == "OOM"
     assert job["metadata"]["name"] == key.job_name(3)
     assert "ownerReferences" not in job["metadata"]  # shared by deployments: owned by none
     assert job["spec"]["backoffLimit"] == 0 and job["spec"]["activeDeadlineSeconds"] == 600
@@ -162,6 +163,18 @@ def test_job_state_from_the_job_and_its_pod() -> None:
     }
     pending = profiling.job_state(job, [unscheduled])
     assert pending.phase is Phase.PENDING and "insufficient nvidia.com/gpu" in pending.message
+    pulling = {
+        "status": {
+            "phase": "Pending",
+            "containerStatuses": [
+                {
+                    "name": "profile",
+                    "state": {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}},
+                }
+            ],
+        }
+    }
+    assert profiling.job_state(job, [pulling]).message == "ImagePullBackOff: no such image"
     assert profiling.job_state({**job, "status": {"active": 1, "ready": 1}}, []).phase is Phase.RUNNING
     done = {**job, "status": {"succeeded": 1, "completionTime": "2026-01-01T00:10:00Z"}}
     ok = profiling.job_state(done, [_pod("Succeeded", exitCode=0, message='{"format":"x"}')])
@@ -199,6 +212,8 @@ def test_a_rejected_profile_stays_rejected_while_its_configmap_does() -> None:
     )
     assert profiling.replan_with(ok, "analytical (A100-80GB roofline)", "ns")
     assert not profiling.replan_with(ok, "ConfigMap ns/distserve-profile-abc: distserve profile (...)", "ns")
+    assert not profiling.replan_with(ok, "ConfigMap ns/distserve-profile-abc (opt on H100)", "ns")
+    assert profiling.replan_with(ok, "ConfigMap ns/distserve-profile-abcd: another", "ns")
     rejected = profiling.rejected(ok, "no candidate meets the SLO")
     cond = Condition(
         type="Profiled", status="False", reason="Rejected", message=rejected.message, last_transition_time="t"
