@@ -207,6 +207,8 @@ def render_config_map(key: ProfileKey, text: str, job_name: str) -> Obj:
 
 
 PREVIOUS_FAILURE = "distserve.io/profile-previous-failure"
+# Longer than the backoff cap's default (6 h): a failed Job waiting for its retry is still there.
+ABANDONED_JOB_TTL_SECONDS = 24 * 3600
 
 
 def render_job(
@@ -276,6 +278,9 @@ def render_job(
         "spec": {
             "backoffLimit": 0,
             "activeDeadlineSeconds": deadline_seconds,
+            # A Job no deployment comes back for (all deleted meanwhile) goes away on its own; one
+            # that some deployment wants is read within a resync and deleted by the operator.
+            "ttlSecondsAfterFinished": ABANDONED_JOB_TTL_SECONDS,
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
     }
@@ -433,6 +438,15 @@ def keep_rejection(previous: Condition | None, outcome: Outcome | None) -> Outco
     ):
         return Outcome(Phase.REJECTED, previous.message, config_map=outcome.config_map)
     return outcome
+
+
+def newly_failed(previous: Condition | None, outcome: Outcome | None) -> bool:
+    """A failure to announce (a Warning Event): Failed now, and not for the same Job before."""
+    if outcome is None or outcome.phase is not Phase.FAILED:
+        return False
+    if previous is None or previous.reason != Phase.FAILED.value:
+        return True
+    return previous.message.split(" failed ", 1)[0] != outcome.message.split(" failed ", 1)[0]
 
 
 def with_condition(

@@ -243,11 +243,13 @@ async def _reconcile_locked(
 
     spec, notices = effective_spec(rt.settings, spec)
     # planner.profiling Auto: the profiling Job's next step; Profiled says where it is.
+    was_profiled = conditions.get_condition(status.conditions, ConditionType.PROFILED)
     profiled = profiling.keep_rejection(
-        conditions.get_condition(status.conditions, ConditionType.PROFILED),
-        await profile_jobs.ensure(rt.kube, rt.settings, namespace, spec, _now()),
+        was_profiled, await profile_jobs.ensure(rt.kube, rt.settings, namespace, spec, _now())
     )
     status = profiling.with_condition(status, profiled, now, generation)
+    if profiled is not None and profiling.newly_failed(was_profiled, profiled):
+        await _event(rt, live, "Warning", "ProfilingFailed", profiled.message)
     plan = status.plan
     previous = plan
     first_plan = plan is None  # nothing of ours can exist yet: no need to look for stale children

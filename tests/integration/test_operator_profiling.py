@@ -107,6 +107,10 @@ async def test_profiling_job_lifecycle_retry_store_and_reuse() -> None:
         assert "BackoffLimitExceeded" in cond["message"] and "CUDA out of memory" in cond["message"]
         assert "attempt 2 at" in cond["message"] and "analytical" in cond["message"]
         assert env.condition("a", "Planned")["status"] == "True"
+        warned = await eventually(
+            lambda: [e for e in env.events() if e.get("reason") == "ProfilingFailed"], what="a Warning Event"
+        )
+        assert warned[0]["type"] == "Warning" and "CUDA out of memory" in warned[0]["message"]
         assert env.status("a")["plan"]["profile"].startswith("analytical")
 
         # After the backoff: attempt 2 replaces it.

@@ -93,6 +93,7 @@ def test_the_job_runs_the_profile_cli_where_the_workers_run() -> None:
     assert job["metadata"]["name"] == key.job_name(3)
     assert "ownerReferences" not in job["metadata"]  # shared by deployments: owned by none
     assert job["spec"]["backoffLimit"] == 0 and job["spec"]["activeDeadlineSeconds"] == 600
+    assert job["spec"]["ttlSecondsAfterFinished"] >= 6 * 3600  # outlives the backoff's default cap
     pod = job["spec"]["template"]["spec"]
     assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "H100"}
@@ -226,6 +227,21 @@ def test_a_rejected_profile_stays_rejected_while_its_configmap_does() -> None:
     )
     other = profiling.Outcome(Phase.SUCCEEDED, "m", config_map="distserve-profile-def")
     assert profiling.keep_rejection(cond, other) is other  # another stored profile: planned with again
+
+
+def test_a_failure_is_announced_once_per_job() -> None:
+    from distserve_operator.api import Condition
+
+    failed = profiling.Outcome(Phase.FAILED, "profiling Job j-1 failed (attempt 1): OOM; attempt 2 at T")
+    assert profiling.newly_failed(None, failed)
+    seen = Condition(
+        type="Profiled", status="False", reason="Failed", message=failed.message, last_transition_time="t"
+    )
+    assert not profiling.newly_failed(seen, failed)
+    assert profiling.newly_failed(
+        seen, profiling.Outcome(Phase.FAILED, "profiling Job j-2 failed (attempt 2): OOM")
+    )
+    assert not profiling.newly_failed(None, profiling.Outcome(Phase.PENDING, "x"))
 
 
 def test_the_jobs_command_writes_a_compact_profile_as_its_termination_message(tmp_path: Path) -> None:
