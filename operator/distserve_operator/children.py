@@ -249,7 +249,7 @@ def render_plan_configmap(
 # ---------------------------------------------------------------------------- pods
 
 
-def _security_context() -> Obj:
+def container_security_context() -> Obj:
     return {
         "runAsNonRoot": True,
         "readOnlyRootFilesystem": True,
@@ -258,7 +258,7 @@ def _security_context() -> Obj:
     }
 
 
-def _pod_security_context() -> Obj:
+def pod_security_context() -> Obj:
     return {
         "runAsNonRoot": True,
         "runAsUser": RUN_AS_USER,
@@ -268,7 +268,7 @@ def _pod_security_context() -> Obj:
     }
 
 
-def _model_volumes(spec: DistServeDeploymentSpec) -> tuple[list[Obj], list[Obj], list[Obj]]:
+def model_volumes(spec: DistServeDeploymentSpec) -> tuple[list[Obj], list[Obj], list[Obj]]:
     """(volumes, mounts, env) for the model weights."""
     source = spec.model.source
     if source.kind is SourceKind.PVC:
@@ -287,7 +287,7 @@ def _model_volumes(spec: DistServeDeploymentSpec) -> tuple[list[Obj], list[Obj],
     return [], [], []
 
 
-def _resources(spec: DistServeDeploymentSpec, gpus: int) -> Obj:
+def worker_resources(spec: DistServeDeploymentSpec, gpus: int) -> Obj:
     requests = dict(spec.worker.resources.requests)
     limits = dict(spec.worker.resources.limits)
     if spec.cluster.gpu.type is not GpuType.CPU:
@@ -311,7 +311,7 @@ def _worker_container(
     spec: DistServeDeploymentSpec, role: str, phase: PhasePlan, stage: int, shared: bool
 ) -> Obj:
     grpc_port, metrics_port = ports(spec, role, shared)
-    _, mounts, model_env = _model_volumes(spec)
+    _, mounts, model_env = model_volumes(spec)
     # Follower ranks serve gRPC in this pod too: decode ranks pull their KV heads from them.
     followers = [
         {"name": f"{role}-rank{r}", "containerPort": port, "protocol": "TCP"}
@@ -357,7 +357,7 @@ def _worker_container(
             *model_env,
             *({"name": e.name, "value": e.value} for e in spec.worker.env),
         ],
-        "resources": _resources(spec, phase.tp),
+        "resources": worker_resources(spec, phase.tp),
         "readinessProbe": {
             # /readyz: model loaded and serving; /healthz only says the process is alive.
             "httpGet": {"path": "/readyz", "port": metrics_port},
@@ -375,7 +375,7 @@ def _worker_container(
             "periodSeconds": 10,
             "failureThreshold": 180,
         },
-        "securityContext": _security_context(),
+        "securityContext": container_security_context(),
         "volumeMounts": [
             {"name": "plan", "mountPath": PLAN_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
@@ -475,13 +475,25 @@ def _group_selector(name: str, group: WorkerGroup) -> dict[str, str]:
     }
 
 
+def pod_placement(spec: DistServeDeploymentSpec) -> Obj:
+    """nodeSelector, tolerations and service account of every worker pod (and the profiling Job's)."""
+    out: Obj = {}
+    if spec.cluster.node_selector:
+        out["nodeSelector"] = dict(spec.cluster.node_selector)
+    if spec.cluster.tolerations:
+        out["tolerations"] = [t.to_wire() for t in spec.cluster.tolerations]
+    if spec.worker.service_account_name:
+        out["serviceAccountName"] = spec.worker.service_account_name
+    return out
+
+
 def render_statefulset(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus, group: WorkerGroup) -> Obj:
     shared = group.role == L.ROLE_PAIRED
     selector = _group_selector(name, group)
     pod_labels = _group_labels(name, group)
-    volumes, _, _ = _model_volumes(spec)
+    volumes, _, _ = model_volumes(spec)
     pod_spec: Obj = {
-        "securityContext": _pod_security_context(),
+        "securityContext": pod_security_context(),
         "containers": [
             _worker_container(spec, role, phase, group.stage, shared) for role, phase in group.segments
         ],
@@ -496,12 +508,7 @@ def render_statefulset(name: str, spec: DistServeDeploymentSpec, plan: PlanStatu
         "terminationGracePeriodSeconds": spec.worker.termination_grace_period_seconds,
         "enableServiceLinks": False,
     }
-    if spec.cluster.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.cluster.node_selector)
-    if spec.cluster.tolerations:
-        pod_spec["tolerations"] = [t.to_wire() for t in spec.cluster.tolerations]
-    if spec.worker.service_account_name:
-        pod_spec["serviceAccountName"] = spec.worker.service_account_name
+    pod_spec.update(pod_placement(spec))
     affinity = _affinity(name, spec, plan, group)
     if affinity:
         pod_spec["affinity"] = affinity
@@ -712,7 +719,7 @@ def render_router(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus) ->
         "resources": ROUTER_RESOURCES,
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": port}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": port}, "periodSeconds": 10},
-        "securityContext": _security_context(),
+        "securityContext": container_security_context(),
         "volumeMounts": [
             {"name": "plan", "mountPath": PLAN_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
@@ -746,7 +753,7 @@ def render_router(name: str, spec: DistServeDeploymentSpec, plan: PlanStatus) ->
             "template": {
                 "metadata": {"labels": pod_labels},
                 "spec": {
-                    "securityContext": _pod_security_context(),
+                    "securityContext": pod_security_context(),
                     "containers": [container],
                     "volumes": volumes,
                     "enableServiceLinks": False,

@@ -25,6 +25,7 @@ ORDER = [
     ConditionType.DEGRADED,
     ConditionType.PLAN_DRIFT,
     ConditionType.SCHEDULABLE,
+    ConditionType.PROFILED,
 ]
 
 

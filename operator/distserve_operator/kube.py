@@ -49,6 +49,8 @@ PLURALS: dict[tuple[str, str], str] = {
     ("v1", "Event"): "events",
     ("apps/v1", "StatefulSet"): "statefulsets",
     ("apps/v1", "Deployment"): "deployments",
+    # Profiling Jobs (profile_jobs.py): shared by deployments of one model, so never pruned.
+    ("batch/v1", "Job"): "jobs",
     ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
     ("scheduling.x-k8s.io/v1alpha1", "PodGroup"): "podgroups",
     ("distserve.io/v1alpha1", "DistServeDeployment"): "distservedeployments",
@@ -312,8 +314,10 @@ class Kube:
             raise self._map(exc, f"apply {kind} {name}") from exc
         return Applied("created" if status == 201 else "applied", result)
 
-    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """POST a new object (an Event); children go through `apply`."""
+    async def create(self, obj: dict[str, Any], *, exist_ok: bool = False) -> dict[str, Any] | None:
+        """POST a new object that is never changed afterwards (a profiling Job: its spec is
+        immutable, and RBAC grants no patch on Jobs); children go through `apply`.
+        `exist_ok`: None, not an error, when it exists already (another reconcile made it)."""
         meta = obj["metadata"]
         try:
             _, result = await self.request(
@@ -323,6 +327,8 @@ class Kube:
                 params={"fieldManager": self.field_manager},
             )
         except ApiError as exc:
+            if exc.status == 409 and exist_ok:
+                return None
             raise self._map(exc, f"create {obj['kind']} {meta.get('name', '')}") from exc
         return result  # type: ignore[no-any-return]
 

@@ -18,6 +18,13 @@ POD_GROUP = "scheduling.x-k8s.io/pod-group"
 REVISION = "distserve.io/revision"
 
 PLAN_HASH_ANNOTATION = "distserve.io/parallelism-hash"
+# Stored latency profiles and the Jobs measuring them (profiling.py): shared by every deployment of
+# one model, GPU type and dtype in a namespace, so they carry no instance label and no owner.
+PROFILE_KEY = "distserve.io/profile-key"  # hash of (model, GPU type, dtype): selects Jobs and pods
+PROFILE_MODEL = "distserve.io/profile-model"  # label: sanitised; annotation: the full value
+PROFILE_GPU = "distserve.io/profile-gpu"
+PROFILE_DTYPE = "distserve.io/profile-dtype"
+PROFILE_ATTEMPT = "distserve.io/profile-attempt"
 KOPF_PREFIX = "distserve.io"
 
 NAME_VALUE = "distserve"
@@ -26,6 +33,7 @@ MANAGER_VALUE = "distserve-operator"
 COMPONENT_WORKER = "worker"
 COMPONENT_ROUTER = "router"
 COMPONENT_PLAN = "plan"
+COMPONENT_PROFILE = "profile"
 
 ROLE_PREFILL = "prefill"
 ROLE_DECODE = "decode"

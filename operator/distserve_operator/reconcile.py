@@ -21,7 +21,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 import kopf
 from pydantic import ValidationError
 
-from . import capacity, children, conditions, drift, observe, plan_cache, rollout, scaling
+from . import (
+    capacity,
+    children,
+    conditions,
+    drift,
+    observe,
+    plan_cache,
+    profile_jobs,
+    profiling,
+    rollout,
+    scaling,
+)
 from . import labels as L
 from .api import (
     AutoscalingMode,
@@ -125,11 +136,12 @@ class ProfileConfigMapError(ValueError):
 
 
 async def _configmap_profile(rt: Runtime, namespace: str, spec: DistServeDeploymentSpec) -> Profile | None:
-    """spec.planner.profileConfigMap's `profile.json`, parsed into the planner's `Profile`. (A
-    bundled spec.planner.profile the planner finds itself, in its package data.)"""
+    """spec.planner.profileConfigMap's `profile.json`, parsed into the planner's `Profile`; without
+    one, the profile measured on the cluster (planner.profiling Auto) once stored. (A bundled
+    spec.planner.profile the planner finds itself, in its package data.)"""
     name = spec.planner.profile_config_map
     if not name:
-        return None
+        return await profile_jobs.stored_profile(rt.kube, namespace, spec)
     cm = await rt.kube.get("v1", "ConfigMap", namespace, name)
     text = ((cm or {}).get("data") or {}).get("profile.json")
     if not text:
@@ -138,18 +150,15 @@ async def _configmap_profile(rt: Runtime, namespace: str, spec: DistServeDeploym
             "create it (distserve profile writes the file) or remove the field",
             delay=30,
         )
-    from distserve_planner import profiles  # imported on first use, as the planner itself
-
+    where = f"ConfigMap {namespace}/{name}"
     try:
-        profile = profiles.parse(text, spec.model.name)
+        return profile_jobs.parse_profile(text, spec.model.name, where)
     except ValueError as exc:
         detail = "; ".join(format_errors(exc, root="")) if isinstance(exc, ValidationError) else str(exc)
         raise ProfileConfigMapError(
             f"spec.planner.profileConfigMap: ConfigMap {namespace}/{name} key profile.json is not a latency "
             f"profile ({detail}); fix: put a file written by `distserve profile` there, or remove the field"
         ) from exc
-    where = f"ConfigMap {namespace}/{name}"
-    return profile.model_copy(update={"source": f"{where}: {profile.source}" if profile.source else where})
 
 
 async def _run_planner(
@@ -233,6 +242,14 @@ async def _reconcile_locked(
         return  # nothing created, nothing retried: the user's next edit triggers us again
 
     spec, notices = effective_spec(rt.settings, spec)
+    # planner.profiling Auto: the profiling Job's next step; Profiled says where it is.
+    was_profiled = conditions.get_condition(status.conditions, ConditionType.PROFILED)
+    profiled = profiling.keep_rejection(
+        was_profiled, await profile_jobs.ensure(rt.kube, rt.settings, namespace, spec, _now())
+    )
+    status = profiling.with_condition(status, profiled, now, generation)
+    if profiled is not None and profiling.newly_failed(was_profiled, profiled):
+        await _event(rt, live, "Warning", "ProfilingFailed", profiled.message)
     plan = status.plan
     previous = plan
     first_plan = plan is None  # nothing of ours can exist yet: no need to look for stale children
@@ -248,6 +265,8 @@ async def _reconcile_locked(
     reason = ""
     if plan is None or not same_generation or planned is None or planned.status != T:
         reason = "Created" if plan is None else "SpecChanged"
+    elif profiled and profiling.replan_with(profiled, plan.profile, namespace):
+        reason = PROFILE_ARRIVED  # the measured profile is stored: plan with it
     elif _stuck_for_gpus(rt, plan, waiting, found):
         reason = "InsufficientGPUs"
     if reason:
@@ -260,6 +279,14 @@ async def _reconcile_locked(
             await _not_planned(rt, live, status, "ProfileInvalid", str(exc), now, logger)
             return  # not sticky: the resync reads the ConfigMap again
         except (SpecError, ValueError) as exc:
+            if reason == PROFILE_ARRIVED and profiled is not None:
+                # The measured profile gives no plan: the running plan stays (the next resync
+                # converges on it, Profiled remembers the rejection); Planned is left alone.
+                status = profiling.with_condition(
+                    status, profiling.rejected(profiled, str(exc)), now, generation
+                )
+                await _write_status(rt, namespace, name, old_raw, status)
+                return
             if budget.planned_within < budget.nominal:
                 # Not the spec's fault: the cluster is full now. Not sticky: the resync retries.
                 message = f"no plan fits the GPUs the cluster can allocate now ({budget.message}): {exc}"
@@ -334,6 +361,9 @@ async def _reconcile_locked(
     await _write_status(rt, namespace, name, old_raw, new)
     rt.metrics.record(namespace, name, spec.slo, new)
     await _finish(rt, live, converged, logger)
+
+
+PROFILE_ARRIVED = "Profiled"
 
 
 async def _not_planned(

@@ -123,6 +123,25 @@ class OperatorSettings(BaseModel):
             "scheduling.x-k8s.io podgroups (chart value podGroups.enabled=true sets both)."
         ),
     )
+    profile_backoff_seconds: float = Field(
+        300.0,
+        gt=0,
+        description=(
+            "spec.planner.profiling Auto: after a failed profiling Job, how long until the next attempt; "
+            "doubles with each failure of the same model, GPU type and dtype, up to profileBackoffMaxSeconds."
+        ),
+    )
+    profile_backoff_max_seconds: float = Field(
+        6 * 3600.0, gt=0, description="The cap on the wait between profiling attempts."
+    )
+    profile_job_deadline_seconds: int = Field(
+        7200,
+        ge=60,
+        description=(
+            "activeDeadlineSeconds of a profiling Job: waiting for a node, loading the model and measuring; "
+            "past it the Job fails and is retried after the backoff."
+        ),
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> OperatorSettings:

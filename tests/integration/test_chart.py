@@ -96,6 +96,8 @@ EXPECTED_RULES = {
     ("apps", "deployments"): CHILD_VERBS,
     ("networking.k8s.io", "networkpolicies"): CHILD_VERBS,
     ("", "events"): {"create"},
+    # Profiling Jobs (planner.profiling Auto): no patch (Jobs are immutable), no watch (the resync reads them).
+    ("batch", "jobs"): {"get", "list", "create", "delete"},
     # Pods waiting for GPUs, and what other pods and quotas leave: read-only.
     ("", "pods"): {"get", "list"},
     ("", "resourcequotas"): {"get", "list"},
@@ -299,8 +301,10 @@ async def test_the_default_role_allows_every_request_the_operator_makes() -> Non
     allowed = _rules(role)
     async with operator_env(plan_fn=plan_fn()) as env:
         await env.start_operator()
-        await env.create(dsd("llm"))
+        # Profiling on: its Job is created, listed and read too.
+        await env.create(dsd("llm", planner={"profiling": {"mode": "Auto"}}))
         await eventually(lambda: env.condition("llm", "Ready"), what="first reconcile")
+        await eventually(lambda: env.api.items("batch/v1/jobs", "serving"), what="a profiling Job")
         await env.patch_spec("llm", {"slo": {"ttftMillis": 30, "tpotMillis": 5, "attainmentPercent": 90}})
         await eventually(lambda: env.status("llm").get("observedGeneration") == 2, what="a re-plan")
         await env.delete("llm")
@@ -308,5 +312,6 @@ async def test_the_default_role_allows_every_request_the_operator_makes() -> Non
         await env.stop_operator()
         made = env.api.rbac_requests()
     assert {("apps", "statefulsets", "patch"), ("apps", "statefulsets", "create")} <= made
+    assert ("batch", "jobs", "create") in made
     missing = sorted((g, r, v) for g, r, v in made if v not in allowed.get((g, r), set()))
     assert not missing, f"the chart's ClusterRole does not allow {missing}"

@@ -38,6 +38,7 @@ RESOURCES = [
     ("v1/resourcequotas", "ResourceQuota", True, True),
     ("apps/v1/statefulsets", "StatefulSet", True, True),
     ("apps/v1/deployments", "Deployment", True, True),
+    ("batch/v1/jobs", "Job", True, True),
     ("networking.k8s.io/v1/networkpolicies", "NetworkPolicy", True, False),
     ("scheduling.x-k8s.io/v1alpha1/podgroups", "PodGroup", True, True),
     ("events.k8s.io/v1/events", "Event", True, False),

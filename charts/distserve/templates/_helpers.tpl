@@ -77,6 +77,11 @@ Least privilege: exactly the calls the operator makes (operator/distserve_operat
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# spec.planner.profiling Auto: the profiling Jobs (their pods report through termination messages,
+# read with the pod rule below: the Jobs' pods get no token and no Role).
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "create", "delete"]
 # Worker pods that wait for GPUs, and the quota and other pods that leave fewer: plans that fit.
 - apiGroups: [""]
   resources: ["pods", "resourcequotas"]

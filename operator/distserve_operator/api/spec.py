@@ -747,6 +747,30 @@ def _bundled_name(value: Any) -> Any:
     return value
 
 
+class ProfilingMode(StrEnum):
+    AUTO = "Auto"
+    OFF = "Off"
+
+
+class ProfilingSpec(ApiModel):
+    """Measuring the latency profile on the cluster's own GPUs (a `distserve profile` Job)."""
+
+    mode: ProfilingMode = Field(
+        ProfilingMode.OFF,
+        description=(
+            "Auto: when neither planner.profile nor planner.profileConfigMap is set and no profile is stored "
+            "in this namespace for this model, GPU type and dtype, the operator runs `distserve profile` as a "
+            "Job on one node of cluster.gpu.type (cluster.nodeSelector and tolerations, worker.image), stores "
+            "the fitted profile in a labelled ConfigMap that every deployment of the same model, GPU type and "
+            "dtype reuses, and re-plans with it; until then the plan uses the analytical model, and the "
+            "Profiled condition says where the Job is. A failed Job is retried with a capped exponential "
+            "backoff and never blocks the deployment. Off (the default): no Job; the plan uses the given "
+            "profile or the analytical model. Off by default because a profiling Job occupies a GPU for "
+            "minutes and needs the worker image to load the model on the cluster: opt in per deployment."
+        ),
+    )
+
+
 class PlannerSpec(ApiModel):
     """Planner knobs; defaults suit most deployments."""
 
@@ -763,6 +787,10 @@ class PlannerSpec(ApiModel):
         description=(
             "ConfigMap with key profile.json: fitted latency coefficients (distserve profile). Not with profile."
         ),
+    )
+    profiling: ProfilingSpec = Field(
+        default_factory=ProfilingSpec,
+        description="Profile the model on the cluster's GPUs when no profile is given (mode Auto).",
     )
     simulated_requests: int = Field(
         300, ge=50, le=100_000, description="Requests simulated per rate probe (more: steadier, slower)."

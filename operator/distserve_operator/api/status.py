@@ -18,6 +18,7 @@ class ConditionType(StrEnum):
     DEGRADED = "Degraded"
     PLAN_DRIFT = "PlanDrift"
     SCHEDULABLE = "Schedulable"
+    PROFILED = "Profiled"
 
 
 class ConditionStatus(StrEnum):
@@ -29,7 +30,9 @@ class ConditionStatus(StrEnum):
 class Condition(ApiModel):
     """A Kubernetes-style condition."""
 
-    type: ConditionType = Field(..., description="Planned, Ready, Progressing, Degraded or PlanDrift.")
+    type: ConditionType = Field(
+        ..., description="Planned, Ready, Progressing, Degraded, PlanDrift, Schedulable or Profiled."
+    )
     status: ConditionStatus = Field(..., description="True, False or Unknown.")
     reason: str = Field(..., min_length=1, description="One CamelCase word for machines.")
     message: str = Field("", description="What happened and, on failure, the fix.")
