@@ -113,6 +113,9 @@ class ApiServerEmulator(KubernetesEmulator):
         except ssa.Conflict as exc:
             return _status(409, "Conflict", str(exc))
         patch = ssa.merge_patch(live, new)
+        if not patch and managers == self._managed.get(key):
+            # Nothing changes: like the API server, no write, no new resourceVersion, no event.
+            return aiohttp.web.json_response(live)
         patch.setdefault("metadata", {})["managedFields"] = ssa.managed_fields(managers, config["apiVersion"])
         self._managed[key] = managers
         request.data.clear()
@@ -131,6 +134,14 @@ class ApiServerEmulator(KubernetesEmulator):
         if (strict or request.namespace is not None) and namespace != request.namespace:
             return False
         return bool(resource == request.resource)
+
+    async def _serve_list(self, request: Any) -> Any:
+        # A real server filters a list by its label selector; kmock returns every object.
+        payload = await super()._serve_list(request)
+        selector = _selector(request.params.get("labelSelector", ""))
+        if selector:
+            payload["items"] = [i for i in payload["items"] if _matches(selector, i)]
+        return payload
 
     def _on_create(self, request: Any) -> None:
         meta = request.data.setdefault("metadata", {})
@@ -285,3 +296,34 @@ def _status(code: int, reason: str, message: str) -> Any:
         "code": code,
     }
     return aiohttp.web.json_response(body, status=code)
+
+
+def _selector(text: str) -> list[tuple[str, str, str | None]]:
+    """Equality-based label selector terms: (key, op, value), op one of = != exists !exists."""
+    terms: list[tuple[str, str, str | None]] = []
+    for term in filter(None, (t.strip() for t in text.split(","))):
+        if "!=" in term:
+            k, v = term.split("!=", 1)
+            terms.append((k.strip(), "!=", v.strip()))
+        elif "=" in term:
+            k, v = term.replace("==", "=").split("=", 1)
+            terms.append((k.strip(), "=", v.strip()))
+        elif term.startswith("!"):
+            terms.append((term[1:], "!exists", None))
+        else:
+            terms.append((term, "exists", None))
+    return terms
+
+
+def _matches(terms: list[tuple[str, str, str | None]], obj: dict[str, Any]) -> bool:
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    for key, op, value in terms:
+        if op == "=" and labels.get(key) != value:
+            return False
+        if op == "!=" and labels.get(key) == value:
+            return False
+        if op == "exists" and key not in labels:
+            return False
+        if op == "!exists" and key in labels:
+            return False
+    return True
