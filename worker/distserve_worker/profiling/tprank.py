@@ -7,6 +7,9 @@ the model and keep this rank's shard), then runs the same sweep as TP1 (`measure
 same order and their collectives line up, as the worker's ranks do in rank 0's order. Rank 0's
 timings are the instance's: it answers the request, and its forward ends only when the slowest
 rank's collectives do. Rank 0 writes its points (the `--samples` format) to the config's "out".
+
+Not timed: rank 0's gRPC fan-out of each forward to its followers (`tp/group.py`), which a worker
+starts before its own forward (`engine/decoder.py`, `prefill.py`) so that the two overlap.
 """
 
 from __future__ import annotations
@@ -14,11 +17,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
-
-# Rank 0 of the runtime sends its followers each forward over gRPC beside its own (tp/group.py,
-# engine/decoder.py), so that fan-out overlaps the forward and is not part of what is timed here.
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class RankConfig:
     progress: bool
 
     def to_json(self) -> str:
-        return json.dumps(self.__dict__)
+        return json.dumps(asdict(self))
 
 
 def _load(config: RankConfig, place: Any) -> Any:
