@@ -7,14 +7,17 @@ the same model on the same GPUs shares one Job and one stored profile:
   namespace, found by label selector (the sanitised model, GPU type and dtype; the full values are in
   annotations and checked, as sanitising may map two models onto one label value). A profile measured
   elsewhere becomes the stored one by carrying these labels and annotations.
-- The Job: `distserve-profile-<hash>-<attempt>` running `distserve profile` in the worker image, with
-  the worker pods' node selector, tolerations, model volumes and GPU resource.
+- The Job: `distserve-profile-<hash>-<attempt>` running `distserve profile --tp 1,2,...` in the
+  worker image, with the worker pods' node selector, tolerations, model volumes and GPU resource: it
+  measures every TP size the search considers (one node's GPUs) and asks for the largest's GPUs.
 
 How the result gets back (the design needing the least RBAC): the Job's pod writes the fitted profile,
 compacted, to its termination message, and the operator, which already reads pods, stores it in the
 ConfigMap itself. The pod gets no service-account token and no Role; the operator needs only
 get/list/create/delete on Jobs. A termination message holds 4096 bytes: a `distserve profile` file is
-one entry (TP1) of ~1 KB compacted; the pod fails with a clear message if a profile ever outgrows it.
+~0.5 KB compacted plus ~0.3 KB per measured TP size (TP sizes the model's heads do not divide are
+skipped, so an 8-GPU node gives at most TP 1, 2, 4, 8 for most models); the pod fails with a clear
+message if a profile ever outgrows it.
 
 Why the deployment's namespace (not one operator-wide): the Job needs the model where the workers
 find it (a PVC, a host cache, pull secrets through the worker's service account), all namespaced, and
@@ -51,11 +54,6 @@ CONTAINER = "profile"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 TERMINATION_MESSAGE_LIMIT = 4096  # bytes the kubelet keeps of one container's message
 PROFILE_FILE = "/tmp/profile.json"
-# `distserve profile` times the forwards on one device and writes a TP1 entry: it has no flag for
-# TP sizes. The planner models PP on top of TP1, so a TP1 profile plans TP1xPPn; TP>1 candidates
-# are rejected for want of an entry ("profile has no entry for this TP"). When the CLI learns to
-# measure TP sizes, list them here: the Job then asks for the largest as its GPUs.
-MEASURED_TP = (1,)
 
 # The Job's command: `distserve profile`, then the compacted profile into the termination message.
 # argv: the message path, the profile file, then the profile flags. Python, not a shell: no quoting
@@ -176,12 +174,16 @@ def searched_tp(spec: DistServeDeploymentSpec) -> tuple[int, ...]:
 
 
 def job_tp(spec: DistServeDeploymentSpec) -> tuple[int, ...]:
-    """TP sizes the Job measures: those the search considers that the profile CLI can time."""
-    return tuple(tp for tp in MEASURED_TP if tp in searched_tp(spec)) or (1,)
+    """TP sizes the Job measures (`distserve profile --tp`): every size the search considers, all
+    within one node, so the Job's pod holds the largest's GPUs. The planner models PP on top of
+    each TP entry; a TP size without one is not planned. Sizes the model's heads do not divide are
+    passed too: the CLI skips them with the reason, as the search does."""
+    return searched_tp(spec)
 
 
 def profile_flags(spec: DistServeDeploymentSpec) -> list[str]:
-    """`distserve profile` flags for this spec's model as the workers load it."""
+    """`distserve profile` flags for this spec's model as the workers load it, at every TP size
+    the Job measures."""
     source = spec.model.source
     flags = ["--model-name", spec.model.name, "--model-source", source.kind.value]
     if source.path:
@@ -189,7 +191,8 @@ def profile_flags(spec: DistServeDeploymentSpec) -> list[str]:
     if source.gguf_file:
         flags += ["--gguf-file", source.gguf_file]
     device = "cpu" if spec.cluster.gpu.type is GpuType.CPU else "cuda"
-    return [*flags, "--dtype", spec.model.dtype.value, "--device", device]
+    tp = ",".join(map(str, job_tp(spec)))
+    return [*flags, "--dtype", spec.model.dtype.value, "--device", device, "--tp", tp]
 
 
 def render_config_map(key: ProfileKey, text: str, job_name: str) -> Obj:

@@ -76,7 +76,9 @@ async def test_profiling_job_lifecycle_retry_store_and_reuse() -> None:
         assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "A100-SXM4-80GB"}
         assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
         assert c["image"] == env.cr("a")["spec"].get("worker", {}).get("image", c["image"])
-        assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"  # the CLI times TP1 on one GPU
+        # Every TP size the search considers on a node (gpusPerNode 4), on the largest's GPUs.
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
+        assert c["command"][c["command"].index("--tp") + 1] == "1,2,3,4"
         assert c["command"][c["command"].index("--model-name") + 1] == "facebook/opt-13b"
         assert c["command"][c["command"].index("--dtype") + 1] == "float16"
         for deployment in ("a", "a2"):

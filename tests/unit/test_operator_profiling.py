@@ -101,9 +101,10 @@ def test_the_job_runs_the_profile_cli_where_the_workers_run() -> None:
     assert job["spec"]["template"]["metadata"]["labels"]["distserve.io/profile-attempt"] == "3"
     (c,) = pod["containers"]
     assert c["image"] == "registry.example/distserve-worker:1.2"
-    # The CLI times one device (TP1): one GPU, though the search considers TP up to gpusPerNode.
-    assert profiling.searched_tp(spec) == (1, 2, 3, 4) and profiling.job_tp(spec) == (1,)
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1" == c["resources"]["requests"]["nvidia.com/gpu"]
+    # Every TP size the search considers (up to gpusPerNode) is measured, on the largest's GPUs.
+    assert profiling.searched_tp(spec) == (1, 2, 3, 4) == profiling.job_tp(spec)
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "4" == c["resources"]["requests"]["nvidia.com/gpu"]
+    assert job["metadata"]["annotations"]["distserve.io/profile-tp"] == "1,2,3,4"
     assert c["command"][:3] == ["python", "-c", profiling.RUNNER]
     flags = c["command"][5:]
     assert flags[flags.index("--model-name") + 1] == "facebook/opt-13b"
@@ -112,6 +113,7 @@ def test_the_job_runs_the_profile_cli_where_the_workers_run() -> None:
         and flags[flags.index("--model-path") + 1] == "opt-13b"
     )
     assert flags[flags.index("--dtype") + 1] == "float16" and flags[flags.index("--device") + 1] == "cuda"
+    assert flags[flags.index("--tp") + 1] == "1,2,3,4"
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert {"name": "DISTSERVE_MODEL_ROOT", "value": "/models"} in c["env"]
     assert any(v.get("persistentVolumeClaim", {}).get("claimName") == "weights" for v in pod["volumes"])
@@ -121,7 +123,7 @@ def test_the_job_runs_the_profile_cli_where_the_workers_run() -> None:
     )
     cpu = profiling.render_job(_spec(cluster={"gpu": {"type": "CPU"}}), key, attempt=1, deadline_seconds=60)
     cpu_c = cpu["spec"]["template"]["spec"]["containers"][0]
-    assert "--device" in cpu_c["command"] and cpu_c["command"][-1] == "cpu"
+    assert cpu_c["command"][cpu_c["command"].index("--device") + 1] == "cpu"
     assert "nvidia.com/gpu" not in json.dumps(cpu_c.get("resources", {}))
 
 
@@ -245,9 +247,12 @@ def test_a_failure_is_announced_once_per_job() -> None:
 
 
 def test_the_jobs_command_writes_a_compact_profile_as_its_termination_message(tmp_path: Path) -> None:
-    """The container's command as rendered, on a tiny random Llama on CPU (flags swapped for speed)."""
+    """The container's command as rendered, on a tiny random Llama on CPU (model flags swapped for
+    speed), at the TP sizes the Job measures on a 4-GPU node: the tiny model's 2 key/value heads
+    split over TP2 only, TP3 and TP4 are skipped."""
     message, out = tmp_path / "termination-log", tmp_path / "profile.json"
-    flags = ["--random-llama", "tiny", "--quick", "--repetitions", "1", "--quiet"]
+    tp = ",".join(map(str, profiling.job_tp(_spec())))
+    flags = ["--random-llama", "tiny", "--quick", "--repetitions", "1", "--quiet", "--tp", tp]
     done = subprocess.run(
         [sys.executable, "-c", profiling.RUNNER, str(message), str(out), *flags],
         capture_output=True,
@@ -260,4 +265,4 @@ def test_the_jobs_command_writes_a_compact_profile_as_its_termination_message(tm
     from distserve_planner import profiles
 
     profile = profiles.parse(text)
-    assert profile.model == "random-llama-tiny" and [e.tp for e in profile.entries] == [1]
+    assert profile.model == "random-llama-tiny" and [e.tp for e in profile.entries] == [1, 2]

@@ -155,3 +155,68 @@ def test_profile_on_cuda(tmp_path: Path) -> None:
     assert code == 0
     profile = profile_files.load(out)
     assert profile.dtype == "bfloat16" and profile.device == torch.cuda.get_device_name(0)
+
+
+def test_each_tp_size_gets_its_own_entry(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    # TP2 runs two CPU rank processes over gloo, sharded by the workers' own TP code; TP3 cannot
+    # split the tiny model's 4 heads and is skipped with the reason, the rest is still written.
+    code, out, samples = _profile(tmp_path, "--tp", "1,2,3", "--repetitions", "2")
+    assert code == 0
+    stdout, stderr = capfd.readouterr()
+    assert "TP1;" in stdout and "TP2;" in stdout
+    assert "[profile] TP2 (2 ranks on cpu, gloo): prefill" in stderr
+    assert "[profile] TP2 (2 ranks on cpu, gloo): decode" in stderr
+    assert "skipping TP3 (--tp 1,2,3): TP3 does not divide the model's 4 attention heads" in stderr
+    profile = profiles.parse(out.read_text(), source=str(out))
+    assert sorted((e.tp, e.pp) for e in profile.entries) == [(1, 1), (2, 1)]
+    tp2, tp2_raw = profile.entry(2, 1), json.loads(samples.read_text())["tensorParallel"]["2"]
+    assert tp2 is not None and tp2.samples == len(tp2_raw["prefill"]) + len(tp2_raw["decode"])
+    model = profiles.latency_model(profile)
+    for tp in (1, 2):
+        coefficients = model.coefficients(tp, 1)
+        assert coefficients is not None
+        # Sane: a 64-token prefill and a decode step of 8 rows take a positive time well under a
+        # second on a 2-layer model, whatever else runs on the machine.
+        assert 0 < coefficients.prefill_ms(64, 64 * 64) < 1000
+        assert 0 < coefficients.decode_ms(8 * 64, 8) < 1000
+
+
+def test_no_runnable_tp_size_is_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _profile(tmp_path, "--tp", "3,4")
+    assert code == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert "skipping TP3 (--tp 3,4): TP3 does not divide the model's 4 attention heads" in err
+    assert "skipping TP4 (--tp 3,4): TP4 does not divide the model's 2 key/value heads" in err
+    assert "no size in --tp 3,4 can run this model here" in err
+
+
+@pytest.mark.parametrize("text", ["0", "two", ""])
+def test_bad_tp_list_names_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str) -> None:
+    code, out, _ = _profile(tmp_path, "--tp", text)
+    assert code == 2 and not out.exists()
+    assert f"--tp {text!r}: give positive TP sizes separated by commas" in capsys.readouterr().err
+
+
+def test_tp_needs_a_cuda_device_per_rank() -> None:
+    from distserve_worker.profiling.randommodel import random_config
+    from distserve_worker.profiling.tpmeasure import refusal
+
+    config = random_config("llama-3-8b")
+    assert refusal(config, 4, "cuda", 1) == "TP4 needs 4 CUDA devices (one per rank), this machine has 1"
+    assert refusal(config, 4, "cuda", 8) == "" and refusal(config, 4, "cpu", 0) == ""
+
+
+@pytest.mark.gpu
+def test_tp_profile_on_cuda(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    # NCCL between cuda:0 and cuda:1 when there are two devices; on one, TP2 is skipped and said so.
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    code, out, _ = _profile(tmp_path, "--device", "cuda", "--dtype", "bfloat16", "--tp", "1,2")
+    assert code == 0
+    entries = sorted(e.tp for e in profile_files.load(out).entries)
+    if torch.cuda.device_count() >= 2:
+        assert entries == [1, 2] and "(2 ranks on cuda, nccl)" in capfd.readouterr().err
+    else:
+        assert entries == [1] and "TP2 needs 2 CUDA devices" in capfd.readouterr().err

@@ -760,13 +760,14 @@ class ProfilingSpec(ApiModel):
         description=(
             "Auto: when neither planner.profile nor planner.profileConfigMap is set and no profile is stored "
             "in this namespace for this model, GPU type and dtype, the operator runs `distserve profile` as a "
-            "Job on one node of cluster.gpu.type (cluster.nodeSelector and tolerations, worker.image), stores "
+            "Job on one node of cluster.gpu.type (cluster.nodeSelector and tolerations, worker.image) that "
+            "measures every TP size the search considers (1 to cluster.gpusPerNode) on that many GPUs, stores "
             "the fitted profile in a labelled ConfigMap that every deployment of the same model, GPU type and "
             "dtype reuses, and re-plans with it; until then the plan uses the analytical model, and the "
             "Profiled condition says where the Job is. A failed Job is retried with a capped exponential "
             "backoff and never blocks the deployment. Off (the default): no Job; the plan uses the given "
-            "profile or the analytical model. Off by default because a profiling Job occupies a GPU for "
-            "minutes and needs the worker image to load the model on the cluster: opt in per deployment."
+            "profile or the analytical model. Off by default because a profiling Job occupies a node's GPUs "
+            "for minutes and needs the worker image to load the model on the cluster: opt in per deployment."
         ),
     )
 

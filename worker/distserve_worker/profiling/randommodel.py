@@ -21,12 +21,12 @@ MODEL_NAMES = {
 }
 
 
-def random_llama(size: str, dtype: str, device: str, seed: int = 0) -> Any:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def random_config(size: str) -> Any:
+    """The transformers config of the named shape (what TP sizes are checked against, no weights)."""
+    from transformers import LlamaConfig
 
     hidden, inter, layers, heads, kv_heads, vocab = SHAPES[size]
-    config = LlamaConfig(
+    return LlamaConfig(
         hidden_size=hidden,
         intermediate_size=inter,
         num_hidden_layers=layers,
@@ -38,6 +38,13 @@ def random_llama(size: str, dtype: str, device: str, seed: int = 0) -> Any:
         eos_token_id=0,
         pad_token_id=0,
     )
+
+
+def random_llama(size: str, dtype: str, device: str, seed: int = 0) -> Any:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    config = random_config(size)
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, dtype))  # build in the target dtype: no fp32 copy of 8B
