@@ -173,7 +173,9 @@ async def test_a_killed_prefill_rank_takes_its_instance_out_and_requests_still_s
     request through the other instance, and the broken one says why."""
     with LocalStack(tp_config(tiny_path, 2, 1, prefill=2)) as stack:
         stack.wait_ready(180)
+        deadline = time.monotonic() + 60
         while not all(i["ready"] for i in instances(stack)):  # the router's view: polled every 2 s
+            assert time.monotonic() < deadline, instances(stack)
             await asyncio.sleep(0.2)
         victim = stack.proc("prefill-0")
         (follower,) = follower_pids(victim.popen.pid)

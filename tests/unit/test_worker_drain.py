@@ -126,3 +126,21 @@ async def test_a_refusal_while_draining_is_told_apart_from_a_failure(refusing_se
     assert refused.code() == failed.code() == grpc.StatusCode.UNAVAILABLE
     assert refused_draining(refused) and not refused_draining(failed)
     assert "is draining" in refused.details() and "another instance" in refused.details()
+
+
+async def test_a_worker_cannot_share_a_port_another_server_holds() -> None:
+    """gRPC's default SO_REUSEPORT would let a second server start on a taken port and split the
+    connections between the two; a worker's server refuses, naming the flag."""
+    from distserve_worker.serving import bind, new_server
+
+    first = grpc.aio.server()  # gRPC's defaults, as every worker's server had them
+    port = first.add_insecure_port("127.0.0.1:0")
+    await first.start()
+    try:
+        shared = grpc.aio.server()
+        assert shared.add_insecure_port(f"127.0.0.1:{port}") == port  # what happened to a router
+        await shared.stop(None)
+        with pytest.raises(SystemExit, match=rf"127.0.0.1:{port} \(--port\)"):
+            bind(new_server(), f"127.0.0.1:{port}")
+    finally:
+        await first.stop(None)

@@ -62,7 +62,6 @@ async def serve_colocated(
 ) -> None:
     """Serve both phases until cancelled or, after `drain` started (SIGTERM), drained: new
     requests refused at once, what it holds finished (drain.py)."""
-    import grpc
 
     from distserve_protos.generation.v1 import generation_pb2_grpc as gen_grpc
     from distserve_worker.decode import DecodeWorker
@@ -73,7 +72,7 @@ async def serve_colocated(
     from distserve_worker.kvtransfer.transport import add_to_server as add_kv_transfer
     from distserve_worker.model_source import eos_token_ids, load_model, max_context
     from distserve_worker.prefill import PrefillWorker
-    from distserve_worker.serving import serve_until_stopped
+    from distserve_worker.serving import new_server, serve_until_stopped
 
     p, d = settings.prefill, settings.decode
     instance = p.instance or p.address
@@ -83,7 +82,7 @@ async def serve_colocated(
     drain = drain or Drain(0)  # none given (a test): never drains
     metrics: Any = _BothMetrics(prefill_metrics, decode_metrics)
     http = await start_http(p.host, p.http_port, metrics, lambda: state["ready"] and not drain.draining)
-    server = grpc.aio.server(options=channel_options(p.max_chunk_bytes))
+    server = new_server(channel_options(p.max_chunk_bytes))
     puller = GrpcKVPuller(d.max_chunk_bytes)
     try:
         model, tokenizer = loaded or await asyncio.to_thread(load_model, p.model)

@@ -206,7 +206,7 @@ async def serve_decode(settings: DecodeSettings, loaded: Any = None, drain: Drai
     from distserve_worker.kvtransfer.transport import GrpcKVPuller
     from distserve_worker.model_source import eos_token_ids, max_context
     from distserve_worker.prefill import instance_label
-    from distserve_worker.serving import WorkerProcess, serve_until_stopped
+    from distserve_worker.serving import WorkerProcess, new_server, serve_until_stopped
     from distserve_worker.tp.launch import start_ranks
 
     if settings.stage > 0:  # a later pipeline stage: driven by stage 0, not by routers
@@ -214,7 +214,7 @@ async def serve_decode(settings: DecodeSettings, loaded: Any = None, drain: Drai
 
         await serve_stage("decode", settings, drain)
         return
-    server = grpc.aio.server()
+    server = new_server()
     puller = GrpcKVPuller(settings.max_chunk_bytes)
     async with WorkerProcess("decode", settings, drain=drain) as process:
         try:

@@ -353,7 +353,7 @@ async def serve_prefill(settings: PrefillSettings, loaded: Any = None, drain: Dr
     from distserve_worker.kvtransfer.transport import KVTransferServicer, channel_options
     from distserve_worker.kvtransfer.transport import add_to_server as add_kv_transfer
     from distserve_worker.model_source import max_context
-    from distserve_worker.serving import WorkerProcess, serve_until_stopped
+    from distserve_worker.serving import WorkerProcess, new_server, serve_until_stopped
     from distserve_worker.tp.launch import start_ranks
 
     if settings.stage > 0:  # a later pipeline stage: driven by stage 0, not by routers
@@ -361,7 +361,7 @@ async def serve_prefill(settings: PrefillSettings, loaded: Any = None, drain: Dr
 
         await serve_stage("prefill", settings, drain)
         return
-    server = grpc.aio.server(options=channel_options(settings.max_chunk_bytes))
+    server = new_server(channel_options(settings.max_chunk_bytes))
     async with WorkerProcess("prefill", settings, drain=drain) as process:
         process.group, model, _, kv_heads = await start_ranks("prefill", settings, loaded)
         runner = ModelRunner(model, settings.threads or None)

@@ -23,6 +23,26 @@ from distserve_worker.tp.group import RankGroup
 from distserve_worker.tp.topology import broken_reason
 
 
+def new_server(options: Sequence[tuple[str, int]] = ()) -> grpc.aio.Server:
+    """A worker's gRPC server. gRPC binds with SO_REUSEPORT by default, so a second server on a
+    port already taken would start too and the kernel would split connections between the two (a
+    tensor-parallel rank that took a free port a router was told to call): off, so that it fails."""
+    return grpc.aio.server(options=[*options, ("grpc.so_reuseport", 0)])
+
+
+def bind(server: grpc.aio.Server, address: str, flag: str = "--port") -> int:
+    """Bind `address`; a port in use is a clear error naming the flag, not a traceback."""
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise SystemExit(
+            f"[distserve] cannot serve gRPC on {address} ({flag}): {exc}; is the port in use?"
+        ) from exc
+    if not port:
+        raise SystemExit(f"[distserve] cannot serve gRPC on {address} ({flag}): is the port in use?")
+    return int(port)
+
+
 async def serve_until_stopped(
     server: grpc.aio.Server,
     address: str,
@@ -37,7 +57,7 @@ async def serve_until_stopped(
     """Serve `address` and run `loops` until one fails, this is cancelled, or (with `drain` and
     `work`) the drain after SIGTERM is done; `state["ready"]` turns True once both are up (what
     /readyz reports, with the drain: until SIGTERM)."""
-    server.add_insecure_port(address)
+    bind(server, address)
     await server.start()
     tasks = [asyncio.create_task(loop()) for loop in loops]
     everything = asyncio.gather(*tasks)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -42,8 +43,30 @@ PLAN_FILE_NAME = "plan.json"
 PLAN_FLAGS = ("--tp", "--decode-tp", "--token-budget", "--max-batch", "--max-kv-tokens")
 
 
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; elsewhere a guess
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A free port for a process this stack starts later, below the kernel's ephemeral range.
+
+    Sockets that bind port 0 (tensor-parallel follower ranks, every client connection) get ports
+    from that range, so they never take a port handed out here but not bound yet; a port the OS
+    picked for us from the same range could be, and two servers would then share it."""
+    floor = _ephemeral_floor()
+    low, high = max(1024, floor - 16384), floor - 1
+    for _ in range(100 if high - low > 1000 else 0):
+        port = random.randint(low, high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # no room below the range
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

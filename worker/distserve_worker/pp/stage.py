@@ -345,10 +345,10 @@ async def serve_stage(
     from distserve_worker.engine.runner import probe_kv_layout
     from distserve_worker.kvtransfer.transport import KVTransferServicer, channel_options
     from distserve_worker.kvtransfer.transport import add_to_server as add_kv_transfer
-    from distserve_worker.serving import WorkerProcess, serve_until_stopped
+    from distserve_worker.serving import WorkerProcess, new_server, serve_until_stopped
     from distserve_worker.tp.launch import start_ranks
 
-    server = grpc.aio.server(options=channel_options(settings.max_chunk_bytes))
+    server = new_server(channel_options(settings.max_chunk_bytes))
     stage: StageServer | None = None
     # Stage 0 drives this stage; it has no chain of its own.
     async with WorkerProcess(role, settings, chain=False, drain=drain) as process:

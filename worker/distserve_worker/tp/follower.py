@@ -267,7 +267,9 @@ async def serve(role: str, settings: PrefillSettings | DecodeSettings, place: Ra
     runner = ModelRunner(model, settings.threads or None)
     layout = await asyncio.to_thread(probe_kv_layout, runner)  # the same start-up forward as rank 0
     follower = Follower(role, settings, place, runner, layout, kv_heads_of(model))
-    server = grpc.aio.server(options=channel_options(settings.max_chunk_bytes))
+    from distserve_worker.serving import bind, new_server  # here: serving starts rank groups
+
+    server = new_server(channel_options(settings.max_chunk_bytes))
     pb_grpc.add_RankServiceServicer_to_server(follower, server)
     if role == "prefill":
         add_kv_transfer(
@@ -277,7 +279,7 @@ async def serve(role: str, settings: PrefillSettings | DecodeSettings, place: Ra
             server,
         )
     port = settings.rank_port_base + place.rank if settings.rank_port_base else 0
-    bound = server.add_insecure_port(f"{settings.host}:{port}")
+    bound = bind(server, f"{settings.host}:{port}", "--rank-port-base")
     await server.start()
     follower.address = advertised(settings, bound)
     store.set(f"rank/{place.rank}", follower.address)
