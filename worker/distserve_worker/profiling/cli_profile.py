@@ -268,13 +268,8 @@ def _measure_tp1(
     except (OSError, RuntimeError) as exc:
         raise ValueError(str(exc)) from exc
     runner = ModelRunner(model)  # threads set by run(); ModelRunner only sets them when given
-    vocab = measure.vocab_size(model)
-    if progress:
-        print(f"[profile] TP1 (1 rank on {device.type}): prefill", file=sys.stderr, flush=True)
-    prefill_points = measure.measure_prefill(runner, sweep, vocab, args.seed, progress)
-    if progress:
-        print(f"[profile] TP1 (1 rank on {device.type}): decode", file=sys.stderr, flush=True)
-    decode_points = measure.measure_decode(runner, sweep, vocab, args.seed, progress)
+    tag = f"TP1 (1 rank on {device.type})"
+    prefill_points, decode_points = measure.measure_both(runner, sweep, args.seed, tag, progress)
     # Free the device for the TP > 1 ranks that may follow (they use cuda:0 too).
     del runner, model
     if device.type == "cuda":

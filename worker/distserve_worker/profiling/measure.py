@@ -169,3 +169,17 @@ def _say(progress: bool, line: str) -> None:
 def vocab_size(model: torch.nn.Module) -> int:
     config = getattr(model, "config", None)
     return int(getattr(config, "vocab_size", 256) or 256)
+
+
+def measure_both(
+    runner: ModelRunner, sweep: Sweep, seed: int, tag: str, progress: bool
+) -> tuple[list[PrefillPoint], list[DecodePoint]]:
+    """Prefill then decode points of one runner (one rank), saying which on stderr with `tag`
+    (e.g. "TP2 (2 ranks on cuda, nccl)")."""
+    vocab = vocab_size(runner.model)
+    if progress:
+        print(f"[profile] {tag}: prefill", file=sys.stderr, flush=True)
+    prefill = measure_prefill(runner, sweep, vocab, seed, progress)
+    if progress:
+        print(f"[profile] {tag}: decode", file=sys.stderr, flush=True)
+    return prefill, measure_decode(runner, sweep, vocab, seed, progress)

@@ -76,15 +76,9 @@ def run(config: RankConfig) -> None:
         tuple(s["decode_contexts"]),
         s["repetitions"],
     )
-    vocab = measure.vocab_size(runner.model)
     say = config.progress and config.rank == 0  # one voice: the followers' points are not timed
     tag = f"TP{config.world} ({config.world} ranks on {place.device.type}, {place.backend})"
-    if say:
-        print(f"[profile] {tag}: prefill", file=sys.stderr, flush=True)
-    prefill = measure.measure_prefill(runner, sweep, vocab, config.seed, say)
-    if say:
-        print(f"[profile] {tag}: decode", file=sys.stderr, flush=True)
-    decode = measure.measure_decode(runner, sweep, vocab, config.seed, say)
+    prefill, decode = measure.measure_both(runner, sweep, config.seed, tag, say)
     if config.rank == 0:
         with open(config.out, "w") as f:
             json.dump(

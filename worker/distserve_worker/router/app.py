@@ -56,6 +56,11 @@ from distserve_worker.router.topology import apply_status, instances_document
 from distserve_worker.settings import RouterSettings
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+# A prefill that failed before answering changed nothing a client sees (its KV cache is never
+# pulled), so these go to another instance too. CANCELLED reaches the router only from the
+# instance's side (a call the router cancels raises CancelledError here): a server stopping with
+# the call in flight, e.g. right after a drain that ended before the router saw it draining.
+RETRYABLE_PREFILL = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 # json.loads (or a check of what it gave) past Python's recursion limit: the client's doing, a 400.
 TOO_DEEP = (
     "the request body nests too deeply (arrays or objects within each other, about 1000 levels or more)"
@@ -377,7 +382,7 @@ class Router:
                 if refused_draining(exc):  # it did nothing: any other will do
                     inst.ready = False  # out of rotation now, not at its next poll
                     continue
-                if exc.code() in RETRYABLE and len(tried) < 2:
+                if exc.code() in RETRYABLE_PREFILL and len(tried) < 2:
                     inst.healthy = False
                     continue
                 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
