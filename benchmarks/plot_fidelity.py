@@ -111,24 +111,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     source = Path(args.results)
     try:
-        written = draw(json.loads(source.read_text()), args.output or source.with_suffix(".png"))
-    except (PlotError, ValueError, OSError, KeyError) as exc:
+        written = draw_file(source, args.output)
+    except CANNOT_PLOT as exc:
         print(f"{source}: cannot plot: {exc}", file=sys.stderr)
         return 2
     print(written)
     return 0
 
 
+# A plot that cannot be drawn: no extra, a bad suffix, a JSON of another shape, an unwritable path.
+CANNOT_PLOT = (PlotError, ValueError, OSError, KeyError)
+
+
+def draw_file(source: Path, output: str | Path | None = None) -> Path:
+    """The figure of one results JSON, by default beside it as .png."""
+    return draw(json.loads(source.read_text()), output or source.with_suffix(".png"))
+
+
 def draw_next_to(json_path: str | Path) -> None:
     """What a benchmark calls when it has written its JSON: the PNG beside it, or why not (a long
     measurement must not fail for want of the plot extra)."""
-    source = Path(json_path)
     try:
-        print(
-            f"[bench] plot: {draw(json.loads(source.read_text()), source.with_suffix('.png'))}",
-            file=sys.stderr,
-        )
-    except PlotError as exc:
+        print(f"[bench] plot: {draw_file(Path(json_path))}", file=sys.stderr)
+    except CANNOT_PLOT as exc:
         print(f"[bench] no plot: {exc}", file=sys.stderr)
 
 

@@ -22,6 +22,7 @@ import asyncio
 import functools
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -135,24 +136,29 @@ class Kube:
         self._threads = threads
         self._executor: ThreadPoolExecutor | None = None
         self._client: k8s.ApiClient | None = None
+        self._client_lock = threading.Lock()
         self._closed = False
         self._plain_session: aiohttp.ClientSession | None = None
 
     # ------------------------------------------------------------------ transport
 
     def _api(self) -> k8s.ApiClient:
-        if self._client is None:
-            configuration = self._configure(self._api_server)
-            # One pooled connection per thread, so no request waits for a connection.
-            configuration.connection_pool_maxsize = self._threads
-            self._client = k8s.ApiClient(configuration)
-        return self._client
+        # Worker threads race here on the first requests: one client, made once.
+        with self._client_lock:
+            if self._client is None:
+                configuration = self._configure(self._api_server)
+                # One pooled connection per thread, so no request waits for a connection.
+                configuration.connection_pool_maxsize = self._threads
+                self._client = k8s.ApiClient(configuration)
+            return self._client
 
-    def _reload(self) -> None:
-        """New credentials after a 401 (an expired kubeconfig exec token, a replaced secret)."""
-        stale, self._client = self._client, None
-        if stale is not None:
-            stale.close()
+    def _reload(self, stale: k8s.ApiClient) -> None:
+        """New credentials after a 401 (an expired kubeconfig exec token, a replaced secret).
+        Only the client that got the 401 is replaced: a thread that already did so wins."""
+        with self._client_lock:
+            if self._client is stale:
+                self._client = None
+        stale.close()
 
     def _send(
         self, method: str, path: str, body: Any, query: list[tuple[str, str]], content_type: str
@@ -180,7 +186,7 @@ class Kube:
             except ValueError:
                 data = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
             if response.status == 401 and attempt == 0:
-                self._reload()
+                self._reload(api)
                 continue
             if response.status >= 400:
                 raise ApiError(response.status, data)

@@ -13,8 +13,8 @@ import logging
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from . import conditions, profiling
 from . import labels as L
-from . import profiling
 from .api import DistServeDeploymentSpec
 from .kube import Kube
 from .profiling import Outcome, Phase, ProfileKey
@@ -157,7 +157,7 @@ async def _ensure(
             return await _start(kube, settings, namespace, key, spec, attempt + 1, jobs, failure)
         return Outcome(
             Phase.FAILED,
-            f"{failure}; attempt {attempt + 1} at {due.strftime('%Y-%m-%dT%H:%M:%SZ')}; {meanwhile}",
+            f"{failure}; attempt {attempt + 1} at {conditions.rfc3339(due)}; {meanwhile}",
         )
     why = f": {state.message}" if state.message else ""
     before = (job["metadata"].get("annotations") or {}).get(profiling.PREVIOUS_FAILURE)
@@ -190,8 +190,7 @@ async def _start(
     # Deterministic names: the first deployment of this model to get here creates the Job, the
     # others find it and leave it as it is (Jobs are immutable; theirs may differ in image or
     # placement). Of two racing at once, the second's create finds the Job there (409).
-    if await kube.get(*JOB, namespace, name) is None:
-        await kube.create(job, exist_ok=True)
+    await kube.create(job, exist_ok=True)
     for old in older:  # the failed attempts: their message is in the new Job's annotation
         if old["metadata"]["name"] != name:
             await kube.delete(*JOB, namespace, old["metadata"]["name"])

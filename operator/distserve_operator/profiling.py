@@ -317,15 +317,6 @@ class JobState:
     result: str | None = None  # the profile text from the pod's termination message (Succeeded)
 
 
-def _time(text: Any) -> datetime | None:
-    if not isinstance(text, str) or not text:
-        return None
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
 def _terminated(pod: Obj) -> Obj:
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
         if status.get("name") == CONTAINER:
@@ -337,9 +328,9 @@ def job_state(job: Obj, pods: list[Obj]) -> JobState:
     """Where a profiling Job is, from its status and its pods'."""
     status = job.get("status") or {}
     conds = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
-    created = _time((job.get("metadata") or {}).get("creationTimestamp"))
+    created = conditions.parse_time((job.get("metadata") or {}).get("creationTimestamp"))
     if "Complete" in conds or int(status.get("succeeded") or 0) > 0:
-        finished = _time(status.get("completionTime")) or _time(
+        finished = conditions.parse_time(status.get("completionTime")) or conditions.parse_time(
             conds.get("Complete", {}).get("lastTransitionTime")
         )
         for pod in pods:
@@ -363,7 +354,9 @@ def job_state(job: Obj, pods: list[Obj]) -> JobState:
                     f"exit code {term.get('exitCode')} ({term.get('reason') or 'Error'})"
                     + (f": {' | '.join(detail[-5:])}" if detail else "")
                 )
-        finished = _time(cond.get("lastTransitionTime")) or _time(status.get("completionTime"))
+        finished = conditions.parse_time(cond.get("lastTransitionTime")) or conditions.parse_time(
+            status.get("completionTime")
+        )
         return JobState(Phase.FAILED, "; ".join(parts) or "the Job failed", finished=finished or created)
     running = int(status.get("ready") or 0) > 0 or any(
         (p.get("status") or {}).get("phase") == "Running" for p in pods

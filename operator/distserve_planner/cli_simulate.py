@@ -51,12 +51,9 @@ def run(args: argparse.Namespace) -> int:
     from .loaders.spec import plan_input
 
     if args.plot:
-        from .plots import PlotError, check_target
+        from .plots import plot_arg_ok
 
-        try:
-            check_target(args.plot)
-        except PlotError as exc:
-            print(exc, file=sys.stderr)
+        if not plot_arg_ok(args.plot):  # before any work: a bad --plot fails at once
             return 2
     try:
         dsd = api.load_manifest(args.filename)

@@ -20,7 +20,7 @@ from distserve_operator import api
 
 from .core import PlanInput, context, simulate_colocated_plan, simulate_plan
 from .placement import Placement
-from .report import PlanReport, colocated_replicas
+from .report import PlanReport
 from .search import PhaseResult
 
 POINTS = 14  # rates per curve (plus the workload's own)
@@ -76,11 +76,12 @@ def attainment_curves(inp: PlanInput, report: PlanReport) -> Curves:
     status = report.status
     rate = float(report.assumptions.get("requestsPerSecond", inp.workload.rate) or 1.0)
     colocated_mode = status.mode is api.PlanMode.COLOCATED
-    coloc = _colocated_result(report)
+    coloc, shown = _colocated_result(report), status.colocated
+    goal = round(100 * inp.slo.attainment, 2)
     chosen_gpus = status.gpus if status.feasible or status.pinned or colocated_mode else 0
     goodputs = [round(p.per_gpu, 4) for p in report.placements]
-    if coloc is not None and status.colocated is not None:
-        goodputs.append(status.colocated.goodput_per_gpu)
+    if coloc is not None and shown is not None:
+        goodputs.append(shown.goodput_per_gpu)
     top = max([*goodputs, rate / chosen_gpus if chosen_gpus else 0.0], default=0.0)
     top = top or rate / max(1, inp.cluster.budget)
     grid = [SPAN * top * k / POINTS for k in range(1, POINTS + 1)]
@@ -101,11 +102,11 @@ def attainment_curves(inp: PlanInput, report: PlanReport) -> Curves:
                 goodput_per_gpu=round(p.per_gpu, 4),
                 points=_points(attain, p.gpus, grid, rate),
                 chosen=i == 0 and not colocated_mode,
-                target_percent=round(100 * slo.attainment, 2),
+                target_percent=goal,
             )
         )
-    if coloc is not None and status.colocated is not None:
-        r, replicas = coloc, colocated_replicas(coloc, rate, inp.cluster.budget)
+    if coloc is not None and shown is not None:
+        r, replicas = coloc, shown.replicas
         gpus = replicas * r.gpus
 
         def attain_colocated(total: float) -> float:
@@ -116,11 +117,11 @@ def attainment_curves(inp: PlanInput, report: PlanReport) -> Curves:
             Curve(
                 label=f"colocated {r.label} ×{replicas}",
                 gpus=gpus,
-                goodput_per_gpu=status.colocated.goodput_per_gpu,
+                goodput_per_gpu=shown.goodput_per_gpu,
                 points=_points(attain_colocated, gpus, grid, rate),
                 chosen=colocated_mode,
                 colocated=True,
-                target_percent=round(100 * slo.attainment, 2),
+                target_percent=goal,
             )
         )
     return Curves(
@@ -130,7 +131,7 @@ def attainment_curves(inp: PlanInput, report: PlanReport) -> Curves:
         chosen_gpus=chosen_gpus,
         ttft_ms=slo.ttft_ms,
         tpot_ms=slo.tpot_ms,
-        target_percent=round(100 * slo.attainment, 2),
+        target_percent=goal,
         rate=rate,
         curves=tuple(curves),
     )

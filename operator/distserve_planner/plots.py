@@ -8,6 +8,7 @@ own, never through pyplot, so no display and no global backend are involved.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,16 @@ def check_target(path: str | Path) -> Path:
         )
     _figure_class()
     return target
+
+
+def plot_arg_ok(path: str | Path) -> bool:
+    """The CLIs' check of --plot before any work: False (the reason on stderr) when it cannot be drawn."""
+    try:
+        check_target(path)
+    except PlotError as exc:
+        print(exc, file=sys.stderr)
+        return False
+    return True
 
 
 def _figure_class() -> Any:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from distserve_operator import api
-from distserve_planner import PlanInput, WorkloadModel
+from distserve_planner import PlanInput, WorkloadModel, core
 from distserve_planner.architecture import CATALOGUE
 from distserve_planner.hardware import BUILTIN, Links
 from distserve_planner.latency import analytical
@@ -23,7 +23,7 @@ from distserve_planner.search import (
     prefill_rate,
     shardable_tps,
 )
-from distserve_planner.workload import Lengths, generate
+from distserve_planner.workload import Lengths
 
 
 def case_input(
@@ -48,17 +48,8 @@ def case_input(
 
 
 def context(inp: PlanInput) -> Context:
-    w = inp.workload
-    return Context(
-        inp.architecture,
-        inp.device,
-        inp.links,
-        inp.latency,
-        inp.slo,
-        generate(inp.n_requests, inp.seed, w.inputs, w.outputs),
-        inp.token_budget,
-        max_batch=inp.device.decode_max_batch,
-    )
+    """The search's own context (requests and engine limits): brute force differs in the search only."""
+    return core.context(inp)
 
 
 def brute_high(ctx: Context, shape: ClusterShape, rate: float) -> Iterator[Placement]:

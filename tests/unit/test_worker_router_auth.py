@@ -5,21 +5,18 @@ import os
 import sys
 from pathlib import Path
 
-import grpc
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from distserve_protos.generation.v1 import generation_pb2_grpc as gen_grpc
-from distserve_worker.metrics import RuntimeMetrics
 from distserve_worker.model_source import ModelSpec
 from distserve_worker.router import auth
-from distserve_worker.router.app import Router, build_app
+from distserve_worker.router.app import build_app
 from distserve_worker.router.auth import ApiKeys
 from distserve_worker.router.openai import BadRequest, parse_request
 from distserve_worker.settings import RouterSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for operator_support
-from operator_support.fake_workers import FakeDecode, FakePrefill
+from operator_support.fake_workers import FakeDecode, FakePrefill, Vocab, router_for, serving
 
 KEY, OTHER = "sk-test-0123456789", "sk-other-abcdef"
 
@@ -122,35 +119,18 @@ def test_a_chat_message_with_an_unknown_role_is_refused_naming_the_allowed_ones(
 # ---------------------------------------------------------------------------------- the router app
 
 
-class Vocab:
-    def __len__(self):
-        return 100
-
-
 @pytest.fixture
 async def client(tmp_path):
     """The router's app with a key file, in front of fake prefill and decode instances."""
-    server = grpc.aio.server()
-    gen_grpc.add_PrefillServiceServicer_to_server(FakePrefill(), server)
-    gen_grpc.add_DecodeServiceServicer_to_server(FakeDecode(), server)
-    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-    await server.start()
-    settings = RouterSettings(
-        model=ModelSpec(name="m"),
-        prefill=(address,),
-        decode=(address,),
-        api_key_file=str(key_file(tmp_path, KEY)),
-    )
-    router = Router(settings, tokenizer=Vocab(), metrics=RuntimeMetrics("router", "m"))
-    await router.prefill.refresh()
-    await router.decode.refresh()
-    try:
-        async with TestClient(TestServer(build_app(router))) as c:
+    async with serving(FakePrefill(), FakeDecode()) as address:
+        settings = RouterSettings(
+            model=ModelSpec(name="m"),
+            prefill=(address,),
+            decode=(address,),
+            api_key_file=str(key_file(tmp_path, KEY)),
+        )
+        async with router_for(settings, Vocab()) as router, TestClient(TestServer(build_app(router))) as c:
             yield c
-    finally:
-        await router.prefill.close()
-        await router.decode.close()
-        await server.stop(None)
 
 
 COMPLETION = {"model": "m", "prompt": [1, 2, 3], "max_tokens": 1}

@@ -10,18 +10,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for operator_support
 
-from operator_support.fake_workers import FakeDecode, FakePrefill
+from operator_support.fake_workers import FakeDecode, FakePrefill, Vocab, router_for, serving
 
-from distserve_protos.generation.v1 import generation_pb2_grpc as gen_grpc
-from distserve_worker.metrics import RuntimeMetrics
 from distserve_worker.model_source import ModelSpec
-from distserve_worker.router.app import Router, build_app
+from distserve_worker.router.app import build_app
 from distserve_worker.settings import RouterSettings
-
-
-class Vocab:
-    def __len__(self):
-        return 100
 
 
 class StoppingPrefill(FakePrefill):
@@ -39,31 +32,18 @@ class StoppingPrefill(FakePrefill):
 
 
 async def test_a_prefill_cancelled_by_its_instance_is_retried_on_another() -> None:
-    servers, prefills, addresses = [], [], []
-    for _ in range(2):
-        server, prefill = grpc.aio.server(), StoppingPrefill()
-        gen_grpc.add_PrefillServiceServicer_to_server(prefill, server)
-        gen_grpc.add_DecodeServiceServicer_to_server(FakeDecode(), server)
-        addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
-        await server.start()
-        servers.append(server)
-        prefills.append(prefill)
-    # The router breaks ties by address: the instance it tries first is the one that stops.
-    first = min(range(2), key=lambda i: addresses[i])
-    prefills[first].stopping = True
-    settings = RouterSettings(model=ModelSpec(name="m"), prefill=tuple(addresses), decode=(addresses[0],))
-    router = Router(settings, tokenizer=Vocab(), metrics=RuntimeMetrics("router", "m"))
-    await router.prefill.refresh()
-    await router.decode.refresh()
-    try:
-        async with TestClient(TestServer(build_app(router))) as client:
-            response = await client.post(
-                "/v1/completions", json={"model": "m", "prompt": [1, 2], "max_tokens": 1}
-            )
+    prefills = [StoppingPrefill(), StoppingPrefill()]
+    async with serving(prefills[0], FakeDecode()) as a, serving(prefills[1], FakeDecode()) as b:
+        addresses = [a, b]
+        # The router breaks ties by address: the instance it tries first is the one that stops.
+        first = min(range(2), key=lambda i: addresses[i])
+        prefills[first].stopping = True
+        settings = RouterSettings(model=ModelSpec(name="m"), prefill=(a, b), decode=(a,))
+        async with (
+            router_for(settings, Vocab()) as router,
+            TestClient(TestServer(build_app(router))) as client,
+        ):
+            body = {"model": "m", "prompt": [1, 2], "max_tokens": 1}
+            response = await client.post("/v1/completions", json=body)
             assert response.status == 200, await response.text()
         assert prefills[first].calls == 1 and prefills[1 - first].calls == 1
-    finally:
-        await router.prefill.close()
-        await router.decode.close()
-        for server in servers:
-            await server.stop(None)

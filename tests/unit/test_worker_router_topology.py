@@ -3,22 +3,25 @@ readiness (an older worker without topology counts as ready; a tensor-parallel o
 says so), parallelism, layer range and ranks; and what it passes on from prefill to decode."""
 
 import asyncio
+import sys
+from pathlib import Path
 
-import grpc
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from distserve_protos.generation.v1 import generation_pb2 as gen
 from distserve_protos.generation.v1 import generation_pb2_grpc as gen_grpc
 from distserve_worker.local.topology import format_topology, topology_rows
-from distserve_worker.metrics import RuntimeMetrics
 from distserve_worker.model_source import ModelSpec
-from distserve_worker.router.app import Router, Unavailable, build_app
+from distserve_worker.router.app import Unavailable, build_app
 from distserve_worker.router.discovery import StaticDiscovery
 from distserve_worker.router.openai import parse_request
 from distserve_worker.router.picker import Instance, pick_prefill
 from distserve_worker.router.topology import apply_status, instance_json, instances_document
 from distserve_worker.settings import RouterSettings
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for operator_support
+from operator_support import fake_workers
 
 
 def tp2_status(ready=True, dead_rank=None, role="prefill"):
@@ -170,7 +173,9 @@ def test_the_document_lists_every_instance_of_both_roles():
     assert rows[2][:6] == ("",) * 6 and rows[2][6] == "1"
 
 
-class FakePrefill(gen_grpc.PrefillServiceServicer):
+class TP2Prefill(fake_workers.FakePrefill):
+    """A prefill instance of two tensor-parallel ranks (its answers name both)."""
+
     def __init__(self):
         self.status = tp2_status()
 
@@ -178,13 +183,9 @@ class FakePrefill(gen_grpc.PrefillServiceServicer):
         return self.status
 
     async def Prefill(self, request, context):
-        return gen.PrefillResponse(
-            request_id=request.request_id,
-            first_token_id=7,
-            prompt_tokens=len(request.prompt_token_ids),
-            kv_address="127.0.0.1:1",
-            kv_rank_addresses=["127.0.0.1:1", "127.0.0.1:2"],
-        )
+        response = await super().Prefill(request, context)
+        response.kv_rank_addresses.extend(["127.0.0.1:1", "127.0.0.1:2"])
+        return response
 
 
 class FakeDecode(gen_grpc.DecodeServiceServicer):
@@ -203,25 +204,14 @@ class FakeDecode(gen_grpc.DecodeServiceServicer):
 
 @pytest.fixture
 async def fake_router():
-    server = grpc.aio.server()
-    prefill, decode = FakePrefill(), FakeDecode()
-    gen_grpc.add_PrefillServiceServicer_to_server(prefill, server)
-    gen_grpc.add_DecodeServiceServicer_to_server(decode, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    address = f"127.0.0.1:{port}"
-    # A request finding no ready instance waits this long for one before its 503.
-    settings = RouterSettings(
-        model=ModelSpec(name="m"), prefill=(address,), decode=(address,), queue_timeout_seconds=0.2
-    )
-    router = Router(settings, tokenizer=None, metrics=RuntimeMetrics("router", "m"))
-    await asyncio.gather(router.prefill.refresh(), router.decode.refresh())
-    try:
-        yield router, prefill, decode, address
-    finally:
-        await router.prefill.close()
-        await router.decode.close()
-        await server.stop(None)
+    prefill, decode = TP2Prefill(), FakeDecode()
+    async with fake_workers.serving(prefill, decode) as address:
+        # A request finding no ready instance waits this long for one before its 503.
+        settings = RouterSettings(
+            model=ModelSpec(name="m"), prefill=(address,), decode=(address,), queue_timeout_seconds=0.2
+        )
+        async with fake_workers.router_for(settings) as router:
+            yield router, prefill, decode, address
 
 
 async def test_the_endpoint_serves_what_the_status_polls_said(fake_router):
@@ -293,27 +283,17 @@ async def test_an_instance_gone_from_dns_keeps_the_streams_this_router_has_on_it
     """A draining pod leaves its headless Service's DNS records once not ready, while it finishes
     the streams it holds: the router drops it only after the last of its own streams on it ended,
     instead of closing the channel under them."""
-    server = grpc.aio.server()
     decode = HeldDecode()
-    gen_grpc.add_PrefillServiceServicer_to_server(FakePrefill(), server)
-    gen_grpc.add_DecodeServiceServicer_to_server(decode, server)
-    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-    await server.start()
-    settings = RouterSettings(model=ModelSpec(name="m"), prefill=(address,), decode=(address,))
-    router = Router(settings, tokenizer=None, metrics=RuntimeMetrics("router", "m"))
-    try:
-        await asyncio.gather(router.prefill.refresh(), router.decode.refresh())
-        req = parse_request({"model": "m", "prompt": [1, 2, 3], "max_tokens": 2}, False, "m")
-        events = router.generate(req, [1, 2, 3], 2)
-        first = await anext(events)
-        router.decode.discovery = StaticDiscovery(())  # its DNS record is gone
-        await router.decode.refresh()
-        assert not router.decode.instances[address].routable  # no new requests, streams go on
-        decode.release.set()
-        assert [first.token_id, *[e.token_id async for e in events]] == [7, 8]
-        await router.decode.refresh()
-        assert router.decode.instances == {}
-    finally:
-        await router.prefill.close()
-        await router.decode.close()
-        await server.stop(None)
+    async with fake_workers.serving(TP2Prefill(), decode) as address:
+        settings = RouterSettings(model=ModelSpec(name="m"), prefill=(address,), decode=(address,))
+        async with fake_workers.router_for(settings) as router:
+            req = parse_request({"model": "m", "prompt": [1, 2, 3], "max_tokens": 2}, False, "m")
+            events = router.generate(req, [1, 2, 3], 2)
+            first = await anext(events)
+            router.decode.discovery = StaticDiscovery(())  # its DNS record is gone
+            await router.decode.refresh()
+            assert not router.decode.instances[address].routable  # no new requests, streams go on
+            decode.release.set()
+            assert [first.token_id, *[e.token_id async for e in events]] == [7, 8]
+            await router.decode.refresh()
+            assert router.decode.instances == {}

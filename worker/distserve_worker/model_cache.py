@@ -80,17 +80,27 @@ def hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+_DIGESTS_SEEN: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> digest, this process
+
+
 def file_digest(path: Path, root: Path | None = None) -> str:
     """The file's content digest, remembered in `root`'s sidecar per (path, size, mtime)."""
     root = gguf_root() if root is None else root
     resolved = str(Path(path).resolve())
     stat = os.stat(resolved)
     stamp = [stat.st_size, stat.st_mtime_ns]
+    # A worker asks several times while it starts (config, tokenizer, weights): hash at most once
+    # per process even where the sidecar cannot be written (a read-only home).
+    seen = _DIGESTS_SEEN.get((resolved, *stamp))
+    if seen is not None:
+        return seen
     known = _read_digests(root)
     entry = known.get(resolved)
     if isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamp:
+        _DIGESTS_SEEN[(resolved, *stamp)] = str(entry[2])
         return str(entry[2])
     digest = hash_file(Path(resolved))
+    _DIGESTS_SEEN[(resolved, *stamp)] = digest
     # Forget files that are gone, so the sidecar stays as small as the set of files in use.
     known = {p: v for p, v in known.items() if os.path.exists(p)}
     known[resolved] = [*stamp, digest]

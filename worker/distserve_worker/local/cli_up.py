@@ -26,6 +26,7 @@ from typing import Any
 from distserve_worker.local.stack import LocalStack, StackConfig, write_plan
 from distserve_worker.local.topology import fetch_topology, format_topology
 from distserve_worker.model_source import ModelSpec
+from distserve_worker.router.auth import read_keys
 
 # The ports a pod uses (cli_worker's defaults); local processes get free ones with --port/--http-port.
 PREFILL_PORTS = (50051, 8081)
@@ -240,9 +241,9 @@ def print_topology(stack: LocalStack, timeout: float = 30.0, api_key_file: str =
     expect = stack.config.colocated or stack.config.prefill + stack.config.decode
     try:
         # The first key in the file, if the router asks for one.
-        lines = Path(api_key_file).read_text().splitlines() if api_key_file else []
-        keys = [line.strip() for line in lines if line.strip()]
-        doc = fetch_topology(stack.url, expect=expect, timeout=timeout, api_key=keys[0] if keys else "")
+        keys = read_keys(Path(api_key_file)) if api_key_file else ()
+        api_key = keys[0].decode() if keys else ""
+        doc = fetch_topology(stack.url, expect=expect, timeout=timeout, api_key=api_key)
         print(format_topology(doc))
     except OSError as exc:
         print(f"(topology unavailable: {exc})")

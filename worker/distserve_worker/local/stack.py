@@ -50,6 +50,9 @@ def _ephemeral_floor() -> int:
         return 32768  # Linux's default; elsewhere a guess
 
 
+_HANDED_OUT: set[int] = set()  # ports free_port returned in this process: never twice
+
+
 def free_port() -> int:
     """A free port for a process this stack starts later, below the kernel's ephemeral range.
 
@@ -60,11 +63,14 @@ def free_port() -> int:
     low, high = max(1024, floor - 16384), floor - 1
     for _ in range(100 if high - low > 1000 else 0):
         port = random.randint(low, high)
+        if port in _HANDED_OUT:  # free now, but promised to a process not started yet
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _HANDED_OUT.add(port)
             return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # no room below the range
         s.bind(("127.0.0.1", 0))
